@@ -1,0 +1,43 @@
+"""The ``timm-momentum`` command line. It only parses arguments and calls library functions.
+
+Each feature module that offers a subcommand defines ``register_cli(subparsers)``, which adds its
+parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Modules whose register_cli adds a subcommand, in the order they show in --help.
+_SUBCOMMAND_MODULES = ('example', 'convert', 'bench', 'finetune')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog='timm-momentum',
+        description='Invertible Momentum ResNets for timm (Sander et al., ICML 2021, arXiv:2102.07870).')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f'timm_momentum.{name}')
+        except ModuleNotFoundError as e:
+            if e.name == f'timm_momentum.{name}':
+                continue
+            raise
+        module.register_cli(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``timm-momentum`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

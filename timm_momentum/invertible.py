@@ -1,0 +1,365 @@
+"""Invertible momentum chains: the forward rule of Momentum ResNets and its exact backward.
+
+Sander, Ablin, Blondel, Peyré, "Momentum Residual Neural Networks", ICML 2021, arXiv:2102.07870.
+
+For a chain of blocks f_1 ... f_N and a momentum ``gamma``, starting from v_0 = 0::
+
+    v_n = gamma * v_{n-1} + (1 - gamma) * f_n(x_{n-1});   x_n = x_{n-1} + v_n
+
+The rule inverts in closed form::
+
+    x_{n-1} = x_n - v_n;   v_{n-1} = (v_n - (1 - gamma) * f_n(x_{n-1})) / gamma
+
+so in memory-efficient mode the backward rebuilds every activation from the chain's final state
+instead of storing it. This module knows nothing of ResNets or timm: it takes blocks, a function
+``block_fn(block, x)`` that gives f, gamma and a memory mode.
+
+Exactness. Every chain gets a plan (``plan_chain``): the dtype its state (x, v) is carried in and how
+many blocks the inverse may run between stored states. Short chains carry the state in the working
+dtype, where rounding in the inverse stays a few ulps. Long float32 chains carry it in float64, and
+bfloat16/float16 work in float32, so the inverse's rounding error, which grows like gamma^-K over K
+blocks, stays far below the working precision and each recomputed block input rounds to the very
+value the forward used. Where gamma^-K would outgrow even the carrier, the chain also stores its
+state every K blocks (``check_invertible`` warns and names the gamma that needs no extra storage).
+Standard mode runs the same arithmetic, so both modes compute bitwise the same forward, and the
+backward checks its own reconstruction instead of ever returning silently wrong gradients.
+"""
+import contextlib
+import math
+import warnings
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    'BlockFn', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
+    'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats',
+]
+
+_NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
+
+# Largest relative error tolerated in rebuilt activations, by the dtype blocks compute in.
+_RECONSTRUCTION_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+# Largest gamma^-K the inverse may amplify rounding by, per carrier dtype. float64 carrying float32
+# work leaves 2^-53 * 2^24 = 2^-29 relative error, 32x below float32's own rounding; float32 carrying
+# bfloat16/float16 work leaves 2^-24 * 2^8 = 2^-16, 32x below float16's.
+_AMPLIFICATION_LIMIT = {torch.float64: 2.0 ** 24, torch.float32: 2.0 ** 8}
+
+# A float32 chain may carry its state in float32 while N * gamma^-N, its error in ulps, stays below this.
+_SHORT_CHAIN_ULPS = 16.0
+
+
+def dropin_fn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f(x) = block(x) - x: with gamma = 0 the chain computes exactly what the plain blocks compute."""
+    return block(x) - x
+
+
+def validate_gamma(gamma: float) -> float:
+    """Return gamma as a float, or raise ValueError naming the value when it is outside [0, 1]."""
+    try:
+        value = float(gamma)
+    except (TypeError, ValueError):
+        raise ValueError(f'gamma must be a number in [0, 1], got {gamma!r}') from None
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f'gamma must be in [0, 1], got {gamma!r}')
+    return value
+
+
+def _amplification(gamma: float, num_blocks: int) -> float:
+    return math.inf if gamma == 0.0 else gamma ** -float(num_blocks)
+
+
+def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.float32) -> Tuple[torch.dtype, int]:
+    """How a chain runs memory-efficiently: (carrier dtype of its state, most blocks between stored states).
+
+    The span is 0 when gamma cannot be inverted at all (gamma = 0 or tiny).
+    """
+    gamma = validate_gamma(gamma)
+    if work_dtype in (torch.float16, torch.bfloat16):
+        carrier = torch.float32
+    elif work_dtype == torch.float32 and num_blocks * _amplification(gamma, num_blocks) <= _SHORT_CHAIN_ULPS:
+        return torch.float32, max(num_blocks, 1)
+    else:
+        carrier = torch.float64
+    if gamma == 0.0:
+        return carrier, 0
+    if gamma == 1.0:
+        return carrier, max(num_blocks, 1)
+    span = int(math.log(_AMPLIFICATION_LIMIT[carrier]) / -math.log(gamma) + 1e-9)
+    return carrier, min(span, max(num_blocks, 1))
+
+
+def min_safe_gamma(num_blocks: int, work_dtype: torch.dtype = torch.float32) -> float:
+    """The smallest gamma whose inverse runs ``num_blocks`` blocks without storing any extra state."""
+    carrier = torch.float32 if work_dtype in (torch.float16, torch.bfloat16) else torch.float64
+    return _AMPLIFICATION_LIMIT[carrier] ** (-1.0 / max(num_blocks, 1))
+
+
+def check_invertible(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.float32) -> None:
+    """Say whether a chain of ``num_blocks`` blocks can run memory-efficiently at this gamma.
+
+    Raises ValueError when gamma cannot be inverted at all; warns when the chain must store its state
+    more than once to stay exact, naming the gamma that would need no extra storage.
+    """
+    _, span = plan_chain(gamma, num_blocks, work_dtype)
+    safe = min_safe_gamma(num_blocks, work_dtype)
+    if span < 1:
+        raise ValueError(
+            f'gamma={gamma} cannot be inverted: rounding error grows like gamma^-N in the inverse; '
+            f'use memory_efficient=False, or gamma >= {safe:.3g} for a chain of {num_blocks} blocks')
+    if span < num_blocks:
+        warnings.warn(
+            f'gamma={gamma} amplifies rounding error in the inverse by gamma^-{num_blocks} = '
+            f'{gamma ** -num_blocks:.3g} over a chain of {num_blocks} blocks; to keep gradients exact '
+            f'the chain stores its state every {span} blocks, which costs memory. '
+            f'gamma >= {safe:.3g} needs no extra storage.', stacklevel=3)
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Keep norm layers' running statistics as they are while blocks are recomputed.
+
+    Inside, each norm layer in training mode updates scratch copies of running_mean, running_var and
+    num_batches_tracked, which are dropped on exit; outputs and the kernels that compute them are
+    exactly those of the forward, which updated the real statistics once.
+    """
+    stashed = []
+    for module in modules:
+        for norm in module.modules():
+            if isinstance(norm, _NormBase) and norm.training and norm.track_running_stats:
+                originals = {name: getattr(norm, name) for name in _NORM_STATS if getattr(norm, name) is not None}
+                stashed.append((norm, originals))
+                for name, tensor in originals.items():
+                    setattr(norm, name, tensor.clone())
+    try:
+        yield
+    finally:
+        for norm, originals in stashed:
+            for name, tensor in originals.items():
+                setattr(norm, name, tensor)
+
+
+def checkpoint_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      modules: Sequence[nn.Module]) -> torch.Tensor:
+    """Run ``fn(x)`` under activation checkpointing that restores RNG and autocast state on recompute
+    and does not update the norm statistics of ``modules`` a second time."""
+    return checkpoint(
+        fn, x, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), frozen_norm_stats(modules)),
+    )
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype blocks compute in: autocast's where autocast is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _ChainSpec:
+    """What the autograd Function needs besides tensors: the blocks, f and gamma."""
+
+    def __init__(self, blocks: Sequence[nn.Module], block_fn: BlockFn, gamma: float) -> None:
+        self.blocks = list(blocks)
+        self.block_fn = block_fn
+        self.gamma = gamma
+        self.params = [list(block.parameters()) for block in self.blocks]
+
+
+def _capture_rng(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    device_state = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+    return torch.get_rng_state(), device_state
+
+
+@contextlib.contextmanager
+def _replay(block: nn.Module, rng: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+            device: torch.device, autocast: Tuple[bool, torch.dtype]) -> Iterator[None]:
+    """Recompute a block as the forward ran it: same RNG draws, same autocast, no second norm update."""
+    devices = [device] if device.type == 'cuda' else []
+    with contextlib.ExitStack() as stack:
+        if rng is not None:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], device)
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]))
+        stack.enter_context(frozen_norm_stats([block]))
+        yield
+
+
+def _gap(rebuilt: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Relative distance between a rebuilt tensor and the exact one, as a 0-dim tensor."""
+    return (rebuilt - exact).norm() / exact.norm().clamp_min(torch.finfo(exact.dtype).tiny)
+
+
+def _scaled(fx: torch.Tensor, carrier: torch.dtype, gamma: float, inplace: bool = False) -> torch.Tensor:
+    """(1 - gamma) * f(x) in the carrier dtype, rounded the same way in every mode.
+
+    ``inplace`` reuses f(x)'s storage; only for an f(x) that nothing else needs (no autograd graph).
+    """
+    step = fx.to(carrier)
+    return step.mul_(1.0 - gamma) if inplace else step * (1.0 - gamma)
+
+
+class _InvertibleMomentum(torch.autograd.Function):
+    """One momentum chain as one autograd node that keeps only its final state for backward.
+
+    The backward checks its own reconstruction: against every stored state, against the norm of the
+    chain's input, and against v_0 = 0. Where rounding made the rebuilt activations drift past the
+    working precision, it raises instead of returning wrong gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: _ChainSpec, *params: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        work_dtype = _work_dtype(x)
+        carrier, span = plan_chain(spec.gamma, len(spec.blocks), work_dtype)
+        if span < 1:
+            raise ValueError(
+                f'gamma={spec.gamma} cannot be inverted; use memory_efficient=False '
+                f'or gamma >= {min_safe_gamma(len(spec.blocks), work_dtype):.3g}')
+        gamma = spec.gamma
+        stochastic = any(m.training for block in spec.blocks for m in block.modules())
+        rng_states: List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = []
+        x_state = x.to(carrier, copy=True)
+        v_state = None
+        ctx.input_norm = x_state.norm()
+        stored = []
+        for n, block in enumerate(spec.blocks):
+            if n and n % span == 0:
+                stored += [x_state.clone(), v_state.clone()]
+            rng_states.append(_capture_rng(x.device) if stochastic else None)
+            step = _scaled(spec.block_fn(block, x_state.to(x.dtype)), carrier, gamma, inplace=True)
+            if v_state is None:
+                v_state = step
+            else:
+                v_state.mul_(gamma).add_(step)
+            if v_state.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
+                v_state = v_state.clone()  # a block_fn that returned its input
+            x_state.add_(v_state)
+        ctx.spec = spec
+        ctx.rng_states = rng_states
+        ctx.autocast = autocast
+        ctx.span = span
+        ctx.in_dtype = x.dtype
+        ctx.work_dtype = work_dtype
+        out = x_state.to(x.dtype)
+        if out.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
+            # The backward rebuilds x in the saved state's storage; the caller's output must not move.
+            # The copy costs memory only until the next stage's backward, not at this one's peak.
+            out = out.clone()
+        ctx.save_for_backward(x_state, v_state, *stored)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        spec: _ChainSpec = ctx.spec
+        gamma = spec.gamma
+        # The saved state is rebuilt in place, so a second backward through this node fails loudly
+        # (autograd's "modified by an inplace operation") instead of using stale activations.
+        x_state, v_state, *stored = ctx.saved_tensors
+        grad_dtype = torch.promote_types(grad_out.dtype, torch.float32)
+        grad_x = grad_out.to(grad_dtype, copy=True)
+        grad_v = None
+        param_grads: List[List[Optional[torch.Tensor]]] = []
+        gaps = []
+        for n in range(len(spec.blocks) - 1, -1, -1):
+            if n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
+                # start each span from the exact state stored at its end, not the rebuilt one
+                k = 2 * ((n + 1) // ctx.span - 1)
+                gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
+                x_state, v_state = stored[k], stored[k + 1]
+            block = spec.blocks[n]
+            grad_v = grad_x.clone() if grad_v is None else grad_v.add_(grad_x)  # dL/dv_n
+            x_state.sub_(v_state)
+            with _replay(block, ctx.rng_states[n], grad_out.device, ctx.autocast):
+                x_in = x_state.to(ctx.in_dtype).detach().requires_grad_(True)
+                fx = spec.block_fn(block, x_in)
+            trainable = [p for p in spec.params[n] if p.requires_grad]
+            grads = torch.autograd.grad(fx, [x_in] + trainable, grad_v.to(fx.dtype), allow_unused=True)
+            step = _scaled(fx.detach(), v_state.dtype, gamma, inplace=True)
+            del fx, x_in
+            v_state.sub_(step).div_(gamma)
+            if n == 0:  # the rebuilt v_0 must be 0, and x_0 must have the input's norm
+                gaps += [v_state.norm() * gamma / step.norm().clamp_min(torch.finfo(step.dtype).tiny),
+                         (x_state.norm() - ctx.input_norm).abs() / ctx.input_norm.clamp_min(1e-30)]
+            del step
+            if grads[0] is not None:
+                grad_x.add_(grads[0].to(grad_dtype), alpha=1.0 - gamma)
+            grad_v.mul_(gamma)
+            by_param = iter(grads[1:])
+            param_grads.append([_times(next(by_param), 1.0 - gamma) if p.requires_grad else None
+                                for p in spec.params[n]])
+            del grads
+        _check_reconstruction(torch.stack(gaps).max().item(), ctx.work_dtype, gamma, len(spec.blocks))
+        flat = [g for block_grads in reversed(param_grads) for g in block_grads]
+        return (grad_x.to(ctx.in_dtype), None, *flat)
+
+
+def _times(grad: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
+    return None if grad is None else grad.mul_(scale)
+
+
+def _check_reconstruction(worst_gap: float, work_dtype: torch.dtype, gamma: float, num_blocks: int) -> None:
+    tol = _RECONSTRUCTION_TOL.get(work_dtype, 1e-5)
+    if not worst_gap <= tol:  # also catches NaN
+        raise RuntimeError(
+            f'memory-efficient backward could not rebuild the activations of a {num_blocks}-block momentum '
+            f'chain at gamma={gamma}: relative error {worst_gap:.3g} exceeds {tol:g} for {work_dtype}. '
+            f'The blocks amplify rounding too much to invert; gradients would be wrong. '
+            f'Use a larger gamma, or memory_efficient=False.')
+
+
+def momentum_chain(
+        x: torch.Tensor,
+        blocks: Sequence[nn.Module],
+        gamma: float,
+        block_fn: BlockFn = dropin_fn,
+        memory_efficient: bool = False,
+        grad_checkpointing: bool = False,
+) -> torch.Tensor:
+    """Run ``x`` through a momentum chain, with v = 0 at its start.
+
+    Args:
+        x: Input of the first block.
+        blocks: The chain's blocks f_1 ... f_N, applied through ``block_fn``.
+        gamma: Momentum in [0, 1]; 0 gives a plain residual chain.
+        block_fn: ``block_fn(block, x)`` returns f(x).
+        memory_efficient: When gradients are needed, rebuild activations in backward from the final
+            state instead of storing them.
+        grad_checkpointing: In standard mode, recompute each block in backward from its stored input.
+
+    Returns:
+        x_N, the chain's final position.
+    """
+    gamma = validate_gamma(gamma)
+    if not blocks:
+        return x
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for block in blocks for p in block.parameters()))
+    if memory_efficient and needs_grad:
+        spec = _ChainSpec(blocks, block_fn, gamma)
+        return _InvertibleMomentum.apply(x, spec, *[p for ps in spec.params for p in ps])
+    # The same arithmetic as the invertible forward, so both modes compute bitwise the same outputs.
+    carrier, _ = plan_chain(gamma, len(blocks), _work_dtype(x))
+    x_state, v_state = x.to(carrier), None
+    for block in blocks:
+        x_in = x_state.to(x.dtype)
+        if grad_checkpointing and needs_grad:
+            fx = checkpoint_blocks(lambda inp, b=block: block_fn(b, inp), x_in, [block])
+        else:
+            fx = block_fn(block, x_in)
+        step = _scaled(fx, carrier, gamma)
+        v_state = step if v_state is None else v_state * gamma + step
+        x_state = x_state + v_state
+    return x_state.to(x.dtype)

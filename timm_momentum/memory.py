@@ -1,0 +1,125 @@
+"""Measure what a training step costs in memory, as described in the project's MEASURE.md.
+
+Two measures:
+  * bytes saved for backward (unique storages, through saved-tensor hooks): deterministic;
+  * peak memory of one training step: CUDA's max_memory_allocated, or on CPU the peak RSS of a
+    fresh subprocess above what it held before the step.
+"""
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ['saved_tensor_bytes', 'build_model', 'train_step', 'peak_step_memory', 'MiB']
+
+MiB = 2 ** 20
+
+
+def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward during one training forward of ``model`` on ``x``.
+
+    Counts unique storages, so aliases count once. Checkpointed regions hide their inputs from these
+    hooks; compare checkpointing by peak memory instead.
+    """
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).logsumexp(-1).sum()
+    return sum(seen.values())
+
+
+def build_model(name: str, mode: str = 'plain', **kwargs: Any) -> nn.Module:
+    """Build a model for a memory or speed measurement.
+
+    Args:
+        name: A timm model name (``resnet101``, ``momentum_resnet101``, ...).
+        mode: ``plain`` (standard backprop), ``checkpoint`` (timm's ``set_grad_checkpointing``)
+            or ``memory_efficient`` (momentum models only).
+        **kwargs: Passed to ``timm.create_model``.
+    """
+    import timm
+    import timm_momentum  # noqa: F401  (registers the momentum models)
+
+    if mode == 'memory_efficient':
+        kwargs['memory_efficient'] = True
+    elif mode not in ('plain', 'checkpoint'):
+        raise ValueError(f"mode must be 'plain', 'checkpoint' or 'memory_efficient', got {mode!r}")
+    model = timm.create_model(name, **kwargs)
+    if mode == 'checkpoint':
+        model.set_grad_checkpointing(True)
+    return model.train()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+               optimizer: Optional[torch.optim.Optimizer] = None) -> float:
+    """One training step: forward, cross-entropy backward and, if given, an optimizer step."""
+    loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def _vm_hwm_bytes() -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('VmHWM not found in /proc/self/status; peak RSS needs Linux')
+
+
+def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    device = torch.device(spec.get('device', 'cpu'))
+    torch.set_num_threads(spec.get('threads', torch.get_num_threads()))
+    model = build_model(spec['model'], spec.get('mode', 'plain'), **spec.get('model_kwargs', {})).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    size = spec['img_size']
+    x = torch.randn(spec['batch_size'], 3, size, size, device=device)
+    target = torch.randint(0, model.num_classes, (spec['batch_size'],), device=device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train_step(model, x, target, optimizer)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        before = _vm_hwm_bytes()
+        train_step(model, x, target, optimizer)
+        peak = _vm_hwm_bytes() - before
+    return {**spec, 'peak_bytes': peak}
+
+
+def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_size: int = 224,
+                     device: str = 'cpu', model_kwargs: Optional[Dict[str, Any]] = None,
+                     timeout: float = 1800) -> int:
+    """Peak memory of one training step above what the process held before it, in bytes.
+
+    Runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the
+    OS and RSS follows live memory; ``VmHWM`` is read before and after the step (not ``ru_maxrss``,
+    which Linux carries over from the parent).
+    """
+    spec = dict(model=model, mode=mode, batch_size=batch_size, img_size=img_size, device=device,
+                model_kwargs=model_kwargs or {})
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_momentum.memory', json.dumps(spec)],
+        capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f'peak-memory subprocess for {model} ({mode}) failed:\n{proc.stderr[-4000:]}')
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])['peak_bytes'])
+
+
+if __name__ == '__main__':
+    print(json.dumps(_measure_here(json.loads(sys.argv[1]))))

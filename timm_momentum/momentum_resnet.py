@@ -1,0 +1,392 @@
+"""Momentum ResNets for timm.
+
+Sander, Ablin, Blondel, Peyré, "Momentum Residual Neural Networks", ICML 2021, arXiv:2102.07870.
+
+Each stage keeps its first block (which changes width and stride) as an ordinary block and runs the
+remaining blocks as a momentum chain, with the velocity reset to 0 at every stage::
+
+    v <- gamma * v + (1 - gamma) * f(x);   x <- x + v
+
+Two block functions f:
+  * ``'dropin'``: f(x) = block(x) - x, the whole timm block with its final activation. With
+    gamma = 0 the network is the source ResNet, so pretrained ResNet weights load unchanged.
+  * ``'paper'``: f is the residual branch only (no identity, no final activation), as in the
+    paper's MResNet models trained from scratch.
+
+The models are timm's own ``ResNet`` with only the stage rule changed: every timm ResNet option
+works and every parameter and buffer keeps its timm name, so ResNet state dicts load with strict=True.
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, list_pretrained
+from timm.models import register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain, validate_gamma
+
+__all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS']
+
+PAPER = 'arXiv:2102.07870'
+
+
+def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f(x) for the paper's block function: a timm block's forward without identity and final activation."""
+    if isinstance(block, Bottleneck):
+        x = block.act1(block.bn1(block.conv1(x)))
+        x = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(x)))))
+        x = block.bn3(block.conv3(x))
+    elif isinstance(block, BasicBlock):
+        x = block.aa(block.act1(block.drop_block(block.bn1(block.conv1(x)))))
+        x = block.bn2(block.conv2(x))
+    else:
+        raise TypeError(f'the paper block function needs a timm BasicBlock or Bottleneck, got {type(block).__name__}')
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    return x
+
+
+BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
+
+
+def _block_fn(name: str) -> BlockFn:
+    if name not in BLOCK_FNS:
+        raise ValueError(f'block_fn must be one of {sorted(BLOCK_FNS)}, got {name!r}')
+    return BLOCK_FNS[name]
+
+
+class MomentumStage(nn.Sequential):
+    """A ResNet stage: an ordinary first block, then a momentum chain over the remaining blocks.
+
+    The blocks stay direct children ('0', '1', ...), so state-dict keys are those of a plain stage.
+    """
+
+    def __init__(self, *blocks: nn.Module, gamma: float = 0.9, block_fn: str = 'dropin',
+                 memory_efficient: bool = False) -> None:
+        super().__init__(*blocks)
+        self.gamma = 0.9
+        self.block_fn = 'dropin'
+        self.memory_efficient = False
+        self.grad_checkpointing = False
+        self.set_momentum(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
+
+    def set_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
+                     memory_efficient: Optional[bool] = None) -> None:
+        """Change gamma, the block function or the memory mode; None keeps the current value."""
+        gamma = self.gamma if gamma is None else validate_gamma(gamma)
+        block_fn = self.block_fn if block_fn is None else block_fn
+        _block_fn(block_fn)
+        memory_efficient = self.memory_efficient if memory_efficient is None else bool(memory_efficient)
+        if memory_efficient and len(self) > 1:
+            check_invertible(gamma, len(self) - 1)
+        self.gamma, self.block_fn, self.memory_efficient = gamma, block_fn, memory_efficient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the first block, then the momentum chain."""
+        blocks = list(self)
+        if not blocks:
+            return x
+        first = blocks[0]
+        if (self.memory_efficient or self.grad_checkpointing) and torch.is_grad_enabled() and self.training:
+            x = checkpoint_blocks(first, x, [first])
+        else:
+            x = first(x)
+        return momentum_chain(
+            x, blocks[1:], self.gamma, _block_fn(self.block_fn),
+            memory_efficient=self.memory_efficient, grad_checkpointing=self.grad_checkpointing)
+
+    def extra_repr(self) -> str:
+        return f'gamma={self.gamma}, block_fn={self.block_fn!r}, memory_efficient={self.memory_efficient}'
+
+
+class MomentumResNet(ResNet):
+    """timm's ResNet whose stages run the momentum rule of Sander et al. (2021, arXiv:2102.07870).
+
+    Accepts every ``timm.models.resnet.ResNet`` argument, plus the momentum ones below.
+    """
+
+    def __init__(
+            self,
+            *args: Any,
+            gamma: float = 0.9,
+            block_fn: str = 'dropin',
+            memory_efficient: bool = False,
+            cifar_stem: bool = False,
+            **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            *args: Positional ResNet arguments (block, layers).
+            gamma: Momentum in [0, 1]; 0 with block_fn='dropin' gives the plain ResNet.
+            block_fn: 'dropin' (f = block(x) - x) or 'paper' (f = residual branch).
+            memory_efficient: Train with invertible chains and checkpointed stem and stage transitions,
+                so stored activations do not grow with depth.
+            cifar_stem: The paper's CIFAR stem: one 3x3 stride-1 conv, no max-pool.
+            **kwargs: Keyword ResNet arguments (num_classes, stem_type, drop_path_rate, ...).
+        """
+        gamma = validate_gamma(gamma)
+        _block_fn(block_fn)
+        super().__init__(*args, **kwargs)
+        if cifar_stem:
+            self._make_cifar_stem()
+        for name in ('layer1', 'layer2', 'layer3', 'layer4'):
+            stage = getattr(self, name)
+            setattr(self, name, MomentumStage(*stage, gamma=gamma, block_fn=block_fn,
+                                              memory_efficient=memory_efficient))
+        self.momentum_cfg = dict(gamma=gamma, block_fn=block_fn, memory_efficient=bool(memory_efficient))
+
+    def _make_cifar_stem(self) -> None:
+        conv = self.conv1
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError('cifar_stem replaces the single-conv stem; it cannot combine with a deep stem_type')
+        self.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False,
+                               device=conv.weight.device, dtype=conv.weight.dtype)
+        nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+        self.maxpool = nn.Identity()
+        for info in self.feature_info:
+            info['reduction'] = max(1, info['reduction'] // 4)
+
+    @property
+    def stages(self) -> List[MomentumStage]:
+        """The four stages, in order."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    @torch.jit.ignore
+    def set_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
+                     memory_efficient: Optional[bool] = None) -> None:
+        """Change gamma, the block function or the memory mode of every stage; None keeps a value."""
+        for stage in self.stages:
+            if isinstance(stage, MomentumStage):
+                stage.set_momentum(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
+        updates = dict(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
+        self.momentum_cfg.update({k: v for k, v in updates.items() if v is not None})
+        self.momentum_cfg['gamma'] = float(self.momentum_cfg['gamma'])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the stem and every block (standard mode); memory-efficient chains need none."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            if isinstance(stage, MomentumStage):
+                stage.grad_checkpointing = enable
+
+    def _stem_modules(self) -> List[nn.Module]:
+        return [self.conv1, self.bn1, self.act1, self.maxpool]
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that also returns intermediates (stem activation and each stage's output).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n features if int, all if None, those listed if a sequence.
+            norm: Unused (ResNets have no final norm); kept for the timm API.
+            stop_early: Stop after the last requested intermediate.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The final features and the intermediates, or only the intermediates.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(5, indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = self.stages[:max_index] if stop_early else self.stages
+        for feat_idx, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four momentum stages."""
+        checkpoint_stem = (self.layer1.memory_efficient if isinstance(self.layer1, MomentumStage) else False)
+        if (checkpoint_stem or self.grad_checkpointing) and self.training and torch.is_grad_enabled():
+            x = checkpoint_blocks(self._stem, x, self._stem_modules())
+        else:
+            x = self._stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def _create_momentum_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    return build_model_with_cfg(MomentumResNet, variant, pretrained, **kwargs)
+
+
+_SOURCE_ARCHS = {
+    'momentum_resnet18': 'resnet18',
+    'momentum_resnet34': 'resnet34',
+    'momentum_resnet50': 'resnet50',
+    'momentum_resnet101': 'resnet101',
+    'momentum_resnet152': 'resnet152',
+}
+
+
+def _momentum_cfgs_from_timm(arch: str, source_arch: str) -> Dict[str, Dict[str, Any]]:
+    """One momentum tag per pretrained timm tag of ``source_arch``, default tag first, pointing at
+    the source weights on the Hub (the drop-in models load them unchanged)."""
+    default_tag = get_pretrained_cfg(source_arch).tag
+    tags = [default_tag] + sorted(
+        name.split('.', 1)[1] for name in list_pretrained(f'{source_arch}.*')
+        if name.split('.', 1)[1] != default_tag)
+    cfgs = {}
+    for tag in tags:
+        cfg = get_pretrained_cfg(f'{source_arch}.{tag}').to_dict()
+        cfg.pop('architecture', None)
+        cfg.pop('tag', None)
+        cfg['paper_ids'] = ', '.join(filter(None, [cfg.get('paper_ids'), PAPER]))
+        cfg['notes'] = (
+            f'Weights of {source_arch}.{tag} (hf_hub_id {cfg.get("hf_hub_id")}) loaded unchanged into the '
+            f'drop-in Momentum ResNet; exact at gamma=0, to be fine-tuned at gamma>0.')
+        cfgs[f'{arch}.{tag}'] = cfg
+    return cfgs
+
+
+def _paper_cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'mit', 'paper_ids': PAPER,
+        'origin_url': 'https://github.com/michaelsdr/momentumnet',
+        **kwargs,
+    }
+
+
+def _cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
+    return _paper_cfg(**dict(
+        num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), **kwargs))
+
+
+default_cfgs = generate_default_cfgs({
+    **{k: v for arch, src in _SOURCE_ARCHS.items() for k, v in _momentum_cfgs_from_timm(arch, src).items()},
+    **{f'momentum_mresnet{depth}': _paper_cfg() for depth in (18, 34, 50, 101, 152)},
+    **{f'momentum_mresnet{depth}_cifar': _cifar_cfg() for depth in (18, 34, 50, 101, 152)},
+})
+
+
+@register_model
+def momentum_resnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-18, drop-in block function (loads timm/torchvision ResNet-18 weights)."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    return _create_momentum_resnet('momentum_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_resnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-34, drop-in block function (loads timm/torchvision ResNet-34 weights)."""
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3))
+    return _create_momentum_resnet('momentum_resnet34', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_resnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-50, drop-in block function (loads timm/torchvision ResNet-50 weights)."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+    return _create_momentum_resnet('momentum_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_resnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-101, drop-in block function (loads timm/torchvision ResNet-101 weights)."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3))
+    return _create_momentum_resnet('momentum_resnet101', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_resnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """Momentum ResNet-152, drop-in block function (loads timm/torchvision ResNet-152 weights)."""
+    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3))
+    return _create_momentum_resnet('momentum_resnet152', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's Momentum ResNet-18 (f = residual branch), ImageNet stem."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), block_fn='paper')
+    return _create_momentum_resnet('momentum_mresnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's Momentum ResNet-34 (f = residual branch), ImageNet stem."""
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), block_fn='paper')
+    return _create_momentum_resnet('momentum_mresnet34', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's Momentum ResNet-50 (f = residual branch), ImageNet stem."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), block_fn='paper')
+    return _create_momentum_resnet('momentum_mresnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's Momentum ResNet-101 (f = residual branch), ImageNet stem."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), block_fn='paper')
+    return _create_momentum_resnet('momentum_mresnet101', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's Momentum ResNet-152 (f = residual branch), ImageNet stem."""
+    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), block_fn='paper')
+    return _create_momentum_resnet('momentum_mresnet152', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet18_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's CIFAR Momentum ResNet-18: residual-branch f, 3x3 stride-1 stem, no max-pool."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), block_fn='paper', cifar_stem=True, num_classes=10)
+    return _create_momentum_resnet('momentum_mresnet18_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet34_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's CIFAR Momentum ResNet-34: residual-branch f, 3x3 stride-1 stem, no max-pool."""
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    return _create_momentum_resnet('momentum_mresnet34_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet50_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's CIFAR Momentum ResNet-50: residual-branch f, 3x3 stride-1 stem, no max-pool."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    return _create_momentum_resnet('momentum_mresnet50_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet101_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's CIFAR Momentum ResNet-101: residual-branch f, 3x3 stride-1 stem, no max-pool."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    return _create_momentum_resnet('momentum_mresnet101_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def momentum_mresnet152_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
+    """The paper's CIFAR Momentum ResNet-152: residual-branch f, 3x3 stride-1 stem, no max-pool."""
+    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    return _create_momentum_resnet('momentum_mresnet152_cifar', pretrained, **dict(model_args, **kwargs))
