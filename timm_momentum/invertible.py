@@ -14,20 +14,20 @@ so in memory-efficient mode the backward rebuilds every activation from the chai
 instead of storing it. This module knows nothing of ResNets or timm: it takes blocks, a function
 ``block_fn(block, x)`` that gives f, gamma and a memory mode.
 
-Exactness. Every chain gets a plan (``plan_chain``): the dtype its state (x, v) is carried in and how
-many blocks the inverse may run between stored states. Short chains carry the state in the working
-dtype, where rounding in the inverse stays a few ulps. Long float32 chains carry it in float64, and
-bfloat16/float16 work in float32, so the inverse's rounding error, which grows like gamma^-K over K
-blocks, stays far below the working precision and each recomputed block input rounds to the very
-value the forward used. Where gamma^-K would outgrow even the carrier, the chain also stores its
-state every K blocks (``check_invertible`` warns and names the gamma that needs no extra storage).
-Standard mode runs the same arithmetic, so both modes compute bitwise the same forward, and the
-backward checks its own reconstruction instead of ever returning silently wrong gradients.
+Exactness. Every chain gets a plan (``plan_chain``). A short chain (at most 4 blocks in float32) keeps
+each block's input, which costs no more than the inverse's state and needs no inverse. A longer chain
+inverts, with its state (x, v) carried in float64 for float32 work (float32 for bfloat16/float16 work),
+so the inverse's rounding error, which grows like gamma^-K over K blocks, stays far below the working
+precision and each recomputed block input rounds to the very value the forward used. Where gamma^-K
+would outgrow even the carrier, the chain also stores its state every K blocks (``check_invertible``
+warns and names the gamma that needs no extra storage). Standard mode runs the same arithmetic, so
+both modes compute bitwise the same forward, and the backward checks its own reconstruction instead
+of ever returning silently wrong gradients.
 """
 import contextlib
 import math
 import warnings
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    'BlockFn', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
+    'BlockFn', 'ChainPlan', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
     'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats',
 ]
 
@@ -51,10 +51,6 @@ BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 # work leaves 2^-53 * 2^24 = 2^-29 relative error, 32x below float32's own rounding; float32 carrying
 # bfloat16/float16 work leaves 2^-24 * 2^8 = 2^-16, 32x below float16's.
 _AMPLIFICATION_LIMIT = {torch.float64: 2.0 ** 24, torch.float32: 2.0 ** 8}
-
-# A float32 chain may carry its state in float32 while N * gamma^-N, its error in ulps, stays below this.
-_SHORT_CHAIN_ULPS = 16.0
-
 
 def dropin_fn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """f(x) = block(x) - x: with gamma = 0 the chain computes exactly what the plain blocks compute."""
@@ -72,28 +68,32 @@ def validate_gamma(gamma: float) -> float:
     return value
 
 
-def _amplification(gamma: float, num_blocks: int) -> float:
-    return math.inf if gamma == 0.0 else gamma ** -float(num_blocks)
+class ChainPlan(NamedTuple):
+    """How a chain runs: the dtype of its state (x, v), and what its memory-efficient backward keeps."""
+    carrier: torch.dtype
+    span: int            # most blocks the inverse runs between stored states; 0: cannot invert
+    store_inputs: bool   # keep each block's input instead of inverting (cheaper for short chains)
 
 
-def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.float32) -> Tuple[torch.dtype, int]:
-    """How a chain runs memory-efficiently: (carrier dtype of its state, most blocks between stored states).
+def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.float32,
+               input_dtype: Optional[torch.dtype] = None) -> ChainPlan:
+    """Plan a chain of ``num_blocks`` blocks computing in ``work_dtype`` on inputs of ``input_dtype``.
 
-    The span is 0 when gamma cannot be inverted at all (gamma = 0 or tiny).
+    Inverting keeps two tensors of the carrier dtype; storing inputs keeps ``num_blocks`` tensors of the
+    input dtype and needs no inverse at all. Short chains take the cheaper, exact one.
     """
     gamma = validate_gamma(gamma)
-    if work_dtype in (torch.float16, torch.bfloat16):
-        carrier = torch.float32
-    elif work_dtype == torch.float32 and num_blocks * _amplification(gamma, num_blocks) <= _SHORT_CHAIN_ULPS:
-        return torch.float32, max(num_blocks, 1)
-    else:
-        carrier = torch.float64
-    if gamma == 0.0:
-        return carrier, 0
+    input_dtype = input_dtype or work_dtype
+    carrier = torch.float32 if work_dtype in (torch.float16, torch.bfloat16) else torch.float64
+    input_size = torch.empty((), dtype=input_dtype).element_size()
+    if num_blocks * input_size <= 2 * torch.empty((), dtype=carrier).element_size():
+        return ChainPlan(input_dtype, num_blocks, True)
+    if gamma == 0.0:  # a plain residual chain, computed exactly as the source network computes it
+        return ChainPlan(input_dtype, 0, False)
     if gamma == 1.0:
-        return carrier, max(num_blocks, 1)
+        return ChainPlan(carrier, num_blocks, False)
     span = int(math.log(_AMPLIFICATION_LIMIT[carrier]) / -math.log(gamma) + 1e-9)
-    return carrier, min(span, max(num_blocks, 1))
+    return ChainPlan(carrier, min(span, num_blocks), False)
 
 
 def min_safe_gamma(num_blocks: int, work_dtype: torch.dtype = torch.float32) -> float:
@@ -108,7 +108,9 @@ def check_invertible(gamma: float, num_blocks: int, work_dtype: torch.dtype = to
     Raises ValueError when gamma cannot be inverted at all; warns when the chain must store its state
     more than once to stay exact, naming the gamma that would need no extra storage.
     """
-    _, span = plan_chain(gamma, num_blocks, work_dtype)
+    _, span, store_inputs = plan_chain(gamma, num_blocks, work_dtype)
+    if store_inputs:
+        return
     safe = min_safe_gamma(num_blocks, work_dtype)
     if span < 1:
         raise ValueError(
@@ -122,28 +124,33 @@ def check_invertible(gamma: float, num_blocks: int, work_dtype: torch.dtype = to
             f'gamma >= {safe:.3g} needs no extra storage.', stacklevel=3)
 
 
-@contextlib.contextmanager
-def frozen_norm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+class frozen_norm_stats:
     """Keep norm layers' running statistics as they are while blocks are recomputed.
 
     Inside, each norm layer in training mode updates scratch copies of running_mean, running_var and
     num_batches_tracked, which are dropped on exit; outputs and the kernels that compute them are
-    exactly those of the forward, which updated the real statistics once.
+    exactly those of the forward, which updated the real statistics once. Re-enterable, since a
+    checkpoint recomputes once per backward.
     """
-    stashed = []
-    for module in modules:
-        for norm in module.modules():
-            if isinstance(norm, _NormBase) and norm.training and norm.track_running_stats:
-                originals = {name: getattr(norm, name) for name in _NORM_STATS if getattr(norm, name) is not None}
-                stashed.append((norm, originals))
-                for name, tensor in originals.items():
-                    setattr(norm, name, tensor.clone())
-    try:
-        yield
-    finally:
-        for norm, originals in stashed:
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.modules = list(modules)
+        self.stashed: List[Tuple[nn.Module, dict]] = []
+
+    def __enter__(self) -> None:
+        for module in self.modules:
+            for norm in module.modules():
+                if isinstance(norm, _NormBase) and norm.training and norm.track_running_stats:
+                    originals = {name: getattr(norm, name) for name in _NORM_STATS if getattr(norm, name) is not None}
+                    self.stashed.append((norm, originals))
+                    for name, tensor in originals.items():
+                        setattr(norm, name, tensor.clone())
+
+    def __exit__(self, *exc_info: object) -> None:
+        for norm, originals in self.stashed:
             for name, tensor in originals.items():
                 setattr(norm, name, tensor)
+        self.stashed = []
 
 
 def checkpoint_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -222,7 +229,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         device_type = x.device.type
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         work_dtype = _work_dtype(x)
-        carrier, span = plan_chain(spec.gamma, len(spec.blocks), work_dtype)
+        carrier, span, store_inputs = plan_chain(spec.gamma, len(spec.blocks), work_dtype, x.dtype)
         if span < 1:
             raise ValueError(
                 f'gamma={spec.gamma} cannot be inverted; use memory_efficient=False '
@@ -235,7 +242,9 @@ class _InvertibleMomentum(torch.autograd.Function):
         ctx.input_norm = x_state.norm()
         stored = []
         for n, block in enumerate(spec.blocks):
-            if n and n % span == 0:
+            if store_inputs:
+                stored.append(x_state.to(x.dtype, copy=True))
+            elif n and n % span == 0:
                 stored += [x_state.clone(), v_state.clone()]
             rng_states.append(_capture_rng(x.device) if stochastic else None)
             step = _scaled(spec.block_fn(block, x_state.to(x.dtype)), carrier, gamma, inplace=True)
@@ -246,6 +255,7 @@ class _InvertibleMomentum(torch.autograd.Function):
             if v_state.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
                 v_state = v_state.clone()  # a block_fn that returned its input
             x_state.add_(v_state)
+        ctx.store_inputs = store_inputs
         ctx.spec = spec
         ctx.rng_states = rng_states
         ctx.autocast = autocast
@@ -253,6 +263,9 @@ class _InvertibleMomentum(torch.autograd.Function):
         ctx.in_dtype = x.dtype
         ctx.work_dtype = work_dtype
         out = x_state.to(x.dtype)
+        if store_inputs:
+            ctx.save_for_backward(*stored)
+            return out
         if out.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
             # The backward rebuilds x in the saved state's storage; the caller's output must not move.
             # The copy costs memory only until the next stage's backward, not at this one's peak.
@@ -267,33 +280,41 @@ class _InvertibleMomentum(torch.autograd.Function):
         gamma = spec.gamma
         # The saved state is rebuilt in place, so a second backward through this node fails loudly
         # (autograd's "modified by an inplace operation") instead of using stale activations.
-        x_state, v_state, *stored = ctx.saved_tensors
+        if ctx.store_inputs:
+            inputs, x_state, v_state, stored = ctx.saved_tensors, None, None, []
+        else:
+            inputs = None
+            x_state, v_state, *stored = ctx.saved_tensors
         grad_dtype = torch.promote_types(grad_out.dtype, torch.float32)
         grad_x = grad_out.to(grad_dtype, copy=True)
         grad_v = None
         param_grads: List[List[Optional[torch.Tensor]]] = []
         gaps = []
         for n in range(len(spec.blocks) - 1, -1, -1):
-            if n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
+            if inputs is None and n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
                 # start each span from the exact state stored at its end, not the rebuilt one
                 k = 2 * ((n + 1) // ctx.span - 1)
                 gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
                 x_state, v_state = stored[k], stored[k + 1]
             block = spec.blocks[n]
             grad_v = grad_x.clone() if grad_v is None else grad_v.add_(grad_x)  # dL/dv_n
-            x_state.sub_(v_state)
+            if inputs is None:
+                x_state.sub_(v_state)
             with _replay(block, ctx.rng_states[n], grad_out.device, ctx.autocast):
-                x_in = x_state.to(ctx.in_dtype).detach().requires_grad_(True)
+                x_in = (inputs[n] if inputs is not None else x_state.to(ctx.in_dtype)).detach().requires_grad_(True)
                 fx = spec.block_fn(block, x_in)
             trainable = [p for p in spec.params[n] if p.requires_grad]
             grads = torch.autograd.grad(fx, [x_in] + trainable, grad_v.to(fx.dtype), allow_unused=True)
-            step = _scaled(fx.detach(), v_state.dtype, gamma, inplace=True)
-            del fx, x_in
-            v_state.sub_(step).div_(gamma)
-            if n == 0:  # the rebuilt v_0 must be 0, and x_0 must have the input's norm
-                gaps += [v_state.norm() * gamma / step.norm().clamp_min(torch.finfo(step.dtype).tiny),
-                         (x_state.norm() - ctx.input_norm).abs() / ctx.input_norm.clamp_min(1e-30)]
-            del step
+            if inputs is None:
+                step = _scaled(fx.detach(), v_state.dtype, gamma, inplace=True)
+                del fx, x_in
+                v_state.sub_(step).div_(gamma)
+                if n == 0:  # the rebuilt v_0 must be 0, and x_0 must have the input's norm
+                    gaps += [v_state.norm() * gamma / step.norm().clamp_min(torch.finfo(step.dtype).tiny),
+                             (x_state.norm() - ctx.input_norm).abs() / ctx.input_norm.clamp_min(1e-30)]
+                del step
+            else:
+                del fx, x_in
             if grads[0] is not None:
                 grad_x.add_(grads[0].to(grad_dtype), alpha=1.0 - gamma)
             grad_v.mul_(gamma)
@@ -301,7 +322,8 @@ class _InvertibleMomentum(torch.autograd.Function):
             param_grads.append([_times(next(by_param), 1.0 - gamma) if p.requires_grad else None
                                 for p in spec.params[n]])
             del grads
-        _check_reconstruction(torch.stack(gaps).max().item(), ctx.work_dtype, gamma, len(spec.blocks))
+        if gaps:
+            _check_reconstruction(torch.stack(gaps).max().item(), ctx.work_dtype, gamma, len(spec.blocks))
         flat = [g for block_grads in reversed(param_grads) for g in block_grads]
         return (grad_x.to(ctx.in_dtype), None, *flat)
 
@@ -351,7 +373,7 @@ def momentum_chain(
         spec = _ChainSpec(blocks, block_fn, gamma)
         return _InvertibleMomentum.apply(x, spec, *[p for ps in spec.params for p in ps])
     # The same arithmetic as the invertible forward, so both modes compute bitwise the same outputs.
-    carrier, _ = plan_chain(gamma, len(blocks), _work_dtype(x))
+    carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
     x_state, v_state = x.to(carrier), None
     for block in blocks:
         x_in = x_state.to(x.dtype)

@@ -67,7 +67,7 @@ def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _vm_hwm_bytes() -> int:

@@ -1,0 +1,227 @@
+"""Memory-efficient (invertible) training gives the gradients, statistics and RNG draws of standard backprop."""
+import copy
+import os
+import warnings
+from unittest import mock
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from timm_momentum import invertible
+from timm_momentum.invertible import min_safe_gamma, momentum_chain, plan_chain
+
+from conftest import relative_error
+
+
+def _grads(module: nn.Module, x: torch.Tensor, seed: int = 0):
+    """Output, input gradient and parameter gradients of a weighted sum of the output."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = module(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    return out.detach(), x.grad, [p.grad for p in module.parameters()]
+
+
+def _deepest_stage(gamma: float) -> nn.Module:
+    """layer3 of momentum_resnet152 (a 35-block chain), with trained-like small residual branches."""
+    model = timm.create_model('momentum_resnet152', gamma=gamma, zero_init_last=False)
+    with torch.no_grad():
+        for block in model.layer3:
+            block.bn3.weight.mul_(0.2)
+    return model.layer3
+
+
+@pytest.mark.parametrize('gamma', [0.5, 0.9, 0.99])
+def test_gradients_match_standard_backprop_on_deepest_stage(gamma):
+    standard = _deepest_stage(gamma)
+    efficient = copy.deepcopy(standard)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        efficient.set_momentum(memory_efficient=True)
+    # 0.5^-35 outgrows what float64 absorbs: the chain says so and stores its state once more
+    assert bool(caught) == (gamma < min_safe_gamma(35))
+    x = torch.randn(2, 512, 8, 8)
+    out_s, gx_s, gp_s = _grads(standard, x)
+    out_e, gx_e, gp_e = _grads(efficient, x)
+    assert torch.equal(out_s, out_e)  # both modes run the same arithmetic
+    errors = [relative_error(gx_e, gx_s)] + [relative_error(a, b) for a, b in zip(gp_e, gp_s)]
+    print(f'gamma={gamma}: input grad rel err {errors[0]:.2e}, worst parameter grad rel err {max(errors[1:]):.2e}')
+    assert max(errors) <= 1e-5
+    for buf_s, buf_e in zip(standard.buffers(), efficient.buffers()):
+        assert torch.equal(buf_s, buf_e)  # statistics updated once, from the same batch
+
+
+def _train(model: nn.Module, batches, lr: float = 0.05):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for step, (x, y) in enumerate(batches):
+        torch.manual_seed(100 + step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def test_batchnorm_statistics_match_after_several_steps():
+    base = timm.create_model('momentum_resnet18', num_classes=5, zero_init_last=False)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))) for _ in range(3)]
+    standard = _train(copy.deepcopy(base), batches)
+    efficient = copy.deepcopy(base)
+    efficient.set_momentum(memory_efficient=True)
+    _train(efficient, batches)
+    for (name, buf_s), buf_e in zip(standard.named_buffers(), efficient.buffers()):
+        if name.endswith('num_batches_tracked'):
+            assert int(buf_e) == int(buf_s) == 3, name
+        else:
+            torch.testing.assert_close(buf_e, buf_s, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_drop_path_masks_are_replayed():
+    standard = timm.create_model('momentum_resnet50', drop_path_rate=0.5, zero_init_last=False)
+    efficient = copy.deepcopy(standard)
+    efficient.set_momentum(memory_efficient=True)
+    x = torch.randn(2, 3, 32, 32)
+    out_s, gx_s, gp_s = _grads(standard, x, seed=7)
+    out_e, gx_e, gp_e = _grads(efficient, x, seed=7)
+    assert torch.equal(out_s, out_e)
+    assert relative_error(gx_e, gx_s) <= 1e-5
+    assert max(relative_error(a, b) for a, b in zip(gp_e, gp_s)) <= 1e-5
+    _, _, gp_other = _grads(efficient, x, seed=8)  # other masks really give other gradients
+    assert relative_error(gp_other[0], gp_s[0]) > 1e-3
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast(dtype):
+    tol = 4 * torch.finfo(dtype).eps  # the two modes round the backward's products differently
+    standard = timm.create_model('momentum_resnet18', num_classes=5, zero_init_last=False)
+    efficient = copy.deepcopy(standard)
+    efficient.set_momentum(memory_efficient=True)
+    x = 50 * torch.randn(2, 3, 32, 32)  # large activations: the official package overflows here
+    results = []
+    for model in (standard, efficient):
+        with torch.autocast('cpu', dtype=dtype):
+            results.append(_grads(model, x))
+    (out_s, gx_s, gp_s), (out_e, gx_e, gp_e) = results
+    assert out_e.dtype == dtype and torch.isfinite(out_e).all()
+    assert torch.equal(out_s, out_e)
+    assert relative_error(gx_e, gx_s) <= tol
+    assert max(relative_error(a, b) for a, b in zip(gp_e, gp_s)) <= tol
+
+
+def test_eval_and_no_grad_run_the_plain_forward():
+    model = timm.create_model('momentum_resnet18', memory_efficient=True)
+    x = torch.randn(2, 3, 32, 32)
+    with mock.patch.object(invertible._InvertibleMomentum, 'apply',
+                           wraps=invertible._InvertibleMomentum.apply) as apply, \
+            mock.patch.object(invertible, 'checkpoint', wraps=invertible.checkpoint) as checkpoint:
+        with torch.no_grad():
+            model.train()(x)
+            model.eval()(x)
+        model.eval()(x)  # eval with grad enabled: no recomputation machinery for the stem or transitions
+        assert checkpoint.call_count == 0
+        assert apply.call_count == 4  # the chains still run invertibly when gradients are wanted
+        apply.reset_mock()
+        model.train()(x).sum().backward()
+        assert apply.call_count == 4 and checkpoint.call_count == 5  # stem and the 4 first blocks
+
+
+def test_gamma_too_small_for_memory_efficient_mode():
+    with pytest.raises(ValueError, match=r'gamma=0\.0 cannot be inverted.*gamma >='):
+        timm.create_model('momentum_resnet50', gamma=0.0, memory_efficient=True)
+    with pytest.raises(ValueError, match='cannot be inverted'):
+        timm.create_model('momentum_resnet50', gamma=1e-9, memory_efficient=True)
+    with pytest.warns(UserWarning, match=r'gamma >= 0\.6\d+ needs no extra storage'):
+        timm.create_model('momentum_resnet152', gamma=0.5, memory_efficient=True)
+    assert plan_chain(0.9, 35) == (torch.float64, 35, False)
+    assert plan_chain(0.5, 35).span < 35
+    # short chains keep their block inputs: exact, and no costlier than an inverse's float64 state
+    assert plan_chain(0.9, 4) == (torch.float32, 4, True)
+    assert plan_chain(0.0, 2, torch.bfloat16) == (torch.bfloat16, 2, True)
+
+
+def test_backward_refuses_to_return_wrong_gradients():
+    blocks = [nn.Linear(16, 16) for _ in range(30)]
+    with torch.no_grad():
+        for block in blocks:  # each block triples the activations: the inverse cancels catastrophically
+            nn.init.orthogonal_(block.weight)
+            block.weight.mul_(3.0)
+    x = torch.randn(4, 16, requires_grad=True)
+    out = momentum_chain(x, blocks, gamma=0.6, memory_efficient=True)
+    with pytest.raises(RuntimeError, match='could not rebuild the activations'):
+        out.sum().backward()
+
+
+def test_second_backward():
+    # resnet18's chains are short and keep their inputs: a second backward is exact
+    model = timm.create_model('momentum_resnet18', memory_efficient=True, zero_init_last=False)
+    loss = model(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    loss.backward()
+    assert all(torch.allclose(p.grad, 2 * g, rtol=1e-5, atol=1e-7) for p, g in zip(model.parameters(), first))
+    # an inverted chain rebuilt its state in place: a second backward fails loudly, never silently
+    model = timm.create_model('momentum_resnet50', memory_efficient=True)
+    loss = model(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='inplace'):
+        loss.backward()
+
+
+def test_channels_last():
+    standard = timm.create_model('momentum_resnet18', zero_init_last=False).to(memory_format=torch.channels_last)
+    efficient = copy.deepcopy(standard)
+    efficient.set_momentum(memory_efficient=True)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    out_s, gx_s, gp_s = _grads(standard, x)
+    out_e, gx_e, gp_e = _grads(efficient, x)
+    assert torch.equal(out_s, out_e)
+    assert max(relative_error(a, b) for a, b in zip(gp_e + [gx_e], gp_s + [gx_s])) <= 1e-5
+
+
+def test_frozen_parameters_and_input_without_grad():
+    model = timm.create_model('momentum_resnet18', memory_efficient=True, zero_init_last=False)
+    for p in model.layer1.parameters():
+        p.requires_grad_(False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.layer1.parameters())
+    assert all(p.grad is not None for p in model.layer2.parameters())
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, state: dict, batches, results) -> None:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        efficient = timm.create_model('momentum_resnet18', num_classes=5, memory_efficient=True)
+        efficient.load_state_dict(state)
+        standard = copy.deepcopy(efficient)
+        standard.set_momentum(memory_efficient=False)
+        x, y = batches[rank]
+        ddp = nn.parallel.DistributedDataParallel(efficient)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        nn.functional.cross_entropy(standard(x), y).backward()
+        for p in standard.parameters():  # the average DDP should have produced
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+        results[rank] = (
+            [p.grad.clone() for p in efficient.parameters()],
+            max(relative_error(a.grad, b.grad) for a, b in zip(efficient.parameters(), standard.parameters())),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_gloo_two_processes():
+    state = timm.create_model('momentum_resnet18', num_classes=5, zero_init_last=False).state_dict()
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))) for _ in range(2)]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000, state, batches, results), nprocs=2)
+        results = dict(results)
+    for grad_0, grad_1 in zip(results[0][0], results[1][0]):
+        assert torch.equal(grad_0, grad_1)
+    assert results[0][1] <= 1e-5 and results[1][1] <= 1e-5

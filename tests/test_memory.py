@@ -1,0 +1,40 @@
+"""Memory targets of memory-efficient mode (measured as in shared/MEASURE.md)."""
+import torch
+
+from timm_momentum.memory import MiB, build_model, peak_step_memory, saved_tensor_bytes
+
+
+def _activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes saved for backward, less the classifier weight that autograd keeps by reference."""
+    return saved_tensor_bytes(model, x) - model.fc.weight.untyped_storage().nbytes()
+
+
+def test_saved_bytes_do_not_grow_with_depth():
+    x = torch.randn(2, 3, 64, 64)
+    saved = {depth: saved_tensor_bytes(build_model(f'momentum_resnet{depth}', 'memory_efficient'), x)
+             for depth in (50, 152)}
+    activations = {depth: _activation_bytes(build_model(f'momentum_resnet{depth}', 'memory_efficient'), x)
+                   for depth in (50, 152)}
+    plain = saved_tensor_bytes(build_model('resnet152', 'plain'), x)
+    print(f'saved MiB: momentum 50 {saved[50] / MiB:.2f}, 152 {saved[152] / MiB:.2f}; plain 152 {plain / MiB:.1f}')
+    assert saved[152] <= 1.1 * saved[50]
+    assert activations[152] <= 1.1 * activations[50]
+    assert saved[152] < 0.1 * plain
+
+
+def test_standard_mode_saves_what_resnet_saves():
+    x = torch.randn(2, 3, 64, 64)
+    momentum = saved_tensor_bytes(build_model('momentum_resnet50', 'plain'), x)
+    resnet = saved_tensor_bytes(build_model('resnet50', 'plain'), x)
+    assert resnet <= momentum <= 1.3 * resnet  # the rule adds only the velocity and position sums
+
+
+def test_peak_step_memory_against_plain_and_checkpointing():
+    # the issue's setting: one SGD training step at batch 16, 224x224, fresh subprocesses on CPU
+    plain = peak_step_memory('resnet101', 'plain', batch_size=16, img_size=224)
+    checkpointing = peak_step_memory('resnet101', 'checkpoint', batch_size=16, img_size=224)
+    momentum = peak_step_memory('momentum_resnet101', 'memory_efficient', batch_size=16, img_size=224)
+    print(f'peak MiB: plain {plain / MiB:.0f}, timm checkpointing {checkpointing / MiB:.0f}, '
+          f'momentum memory-efficient {momentum / MiB:.0f} ({momentum / plain:.3f}x plain)')
+    assert momentum <= 0.4 * plain
+    assert momentum < checkpointing
