@@ -207,13 +207,27 @@ def _gap(rebuilt: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (rebuilt - exact).norm() / exact.norm().clamp_min(torch.finfo(exact.dtype).tiny)
 
 
-def _scaled(fx: torch.Tensor, carrier: torch.dtype, gamma: float, inplace: bool = False) -> torch.Tensor:
-    """(1 - gamma) * f(x) in the carrier dtype, rounded the same way in every mode.
+def _velocity(v_state: Optional[torch.Tensor], fx: torch.Tensor, carrier: torch.dtype, gamma: float,
+              inplace: bool = False) -> torch.Tensor:
+    """v <- gamma * v + (1 - gamma) * f(x) in the carrier dtype, rounded the same way in every mode.
 
-    ``inplace`` reuses f(x)'s storage; only for an f(x) that nothing else needs (no autograd graph).
+    One fused lerp per block: f + gamma * (v - f). ``inplace`` writes into v, or into f(x)'s storage for
+    the first block; only for tensors that nothing else needs (no autograd graph).
     """
     step = fx.to(carrier)
-    return step.mul_(1.0 - gamma) if inplace else step * (1.0 - gamma)
+    if v_state is None:
+        return step.mul_(1.0 - gamma) if inplace else step * (1.0 - gamma)
+    if inplace:
+        return torch.lerp(step, v_state, gamma, out=v_state)
+    return torch.lerp(step, v_state, gamma)
+
+
+def _previous_velocity(v_state: torch.Tensor, fx: torch.Tensor, gamma: float, first: bool) -> torch.Tensor:
+    """Invert ``_velocity`` in place: v_{n-1} = (v_n - f) / gamma + f, or v_0 = (v_1 - (1 - gamma) f) / gamma."""
+    step = fx.to(v_state.dtype)
+    if first:
+        return v_state.sub_(step.mul_(1.0 - gamma)).div_(gamma)
+    return v_state.sub_(step).div_(gamma).add_(step)
 
 
 class _InvertibleMomentum(torch.autograd.Function):
@@ -247,11 +261,9 @@ class _InvertibleMomentum(torch.autograd.Function):
             elif n and n % span == 0:
                 stored += [x_state.clone(), v_state.clone()]
             rng_states.append(_capture_rng(x.device) if stochastic else None)
-            step = _scaled(spec.block_fn(block, x_state.to(x.dtype)), carrier, gamma, inplace=True)
-            if v_state is None:
-                v_state = step
-            else:
-                v_state.mul_(gamma).add_(step)
+            fx = spec.block_fn(block, x_state.to(x.dtype))
+            v_state = _velocity(v_state, fx, carrier, gamma, inplace=True)
+            del fx
             if v_state.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
                 v_state = v_state.clone()  # a block_fn that returned its input
             x_state.add_(v_state)
@@ -306,15 +318,12 @@ class _InvertibleMomentum(torch.autograd.Function):
             trainable = [p for p in spec.params[n] if p.requires_grad]
             grads = torch.autograd.grad(fx, [x_in] + trainable, grad_v.to(fx.dtype), allow_unused=True)
             if inputs is None:
-                step = _scaled(fx.detach(), v_state.dtype, gamma, inplace=True)
-                del fx, x_in
-                v_state.sub_(step).div_(gamma)
+                v_norm = v_state.norm() if n == 0 else None
+                v_state = _previous_velocity(v_state, fx.detach(), gamma, first=n == 0)
                 if n == 0:  # the rebuilt v_0 must be 0, and x_0 must have the input's norm
-                    gaps += [v_state.norm() * gamma / step.norm().clamp_min(torch.finfo(step.dtype).tiny),
+                    gaps += [v_state.norm() * gamma / v_norm.clamp_min(torch.finfo(v_norm.dtype).tiny),
                              (x_state.norm() - ctx.input_norm).abs() / ctx.input_norm.clamp_min(1e-30)]
-                del step
-            else:
-                del fx, x_in
+            del fx, x_in
             if grads[0] is not None:
                 grad_x.add_(grads[0].to(grad_dtype), alpha=1.0 - gamma)
             grad_v.mul_(gamma)
@@ -372,8 +381,11 @@ def momentum_chain(
     if memory_efficient and needs_grad:
         spec = _ChainSpec(blocks, block_fn, gamma)
         return _InvertibleMomentum.apply(x, spec, *[p for ps in spec.params for p in ps])
-    # The same arithmetic as the invertible forward, so both modes compute bitwise the same outputs.
-    carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
+    # With gradients, the same arithmetic as the invertible forward: both modes compute bitwise the same.
+    if needs_grad:
+        carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
+    else:  # eval and no_grad: the plain forward, in the input's dtype
+        carrier = x.dtype
     x_state, v_state = x.to(carrier), None
     for block in blocks:
         x_in = x_state.to(x.dtype)
@@ -381,7 +393,6 @@ def momentum_chain(
             fx = checkpoint_blocks(lambda inp, b=block: block_fn(b, inp), x_in, [block])
         else:
             fx = block_fn(block, x_in)
-        step = _scaled(fx, carrier, gamma)
-        v_state = step if v_state is None else v_state * gamma + step
+        v_state = _velocity(v_state, fx, carrier, gamma)
         x_state = x_state + v_state
     return x_state.to(x.dtype)
