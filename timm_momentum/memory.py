@@ -5,6 +5,7 @@ Two measures:
   * peak memory of one training step: CUDA's max_memory_allocated, or on CPU the peak RSS of a
     fresh subprocess above what it held before the step.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['saved_tensor_bytes', 'build_model', 'train_step', 'peak_step_memory', 'MiB']
+__all__ = ['saved_tensor_bytes', 'build_model', 'official_momentumnet', 'train_step', 'peak_step_memory', 'MiB', 'MODES']
+
+MODES = ('plain', 'checkpoint', 'memory_efficient', 'official')
 
 MiB = 2 ** 20
 
@@ -42,8 +45,8 @@ def build_model(name: str, mode: str = 'plain', **kwargs: Any) -> nn.Module:
 
     Args:
         name: A timm model name (``resnet101``, ``momentum_resnet101``, ...).
-        mode: ``plain`` (standard backprop), ``checkpoint`` (timm's ``set_grad_checkpointing``)
-            or ``memory_efficient`` (momentum models only).
+        mode: ``plain`` (standard backprop), ``checkpoint`` (timm's ``set_grad_checkpointing``),
+            ``memory_efficient`` (momentum models only) or ``official`` (the momentumnet package).
         **kwargs: Passed to ``timm.create_model``.
     """
     import timm
@@ -51,12 +54,27 @@ def build_model(name: str, mode: str = 'plain', **kwargs: Any) -> nn.Module:
 
     if mode == 'memory_efficient':
         kwargs['memory_efficient'] = True
+    elif mode == 'official':
+        return official_momentumnet(name, **kwargs).train()
     elif mode not in ('plain', 'checkpoint'):
-        raise ValueError(f"mode must be 'plain', 'checkpoint' or 'memory_efficient', got {mode!r}")
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     model = timm.create_model(name, **kwargs)
     if mode == 'checkpoint':
         model.set_grad_checkpointing(True)
     return model.train()
+
+
+def official_momentumnet(name: str, gamma: float = 0.9, **kwargs: Any) -> nn.Module:
+    """timm's resnet of ``name``'s depth turned into the official ``momentumnet`` 0.10 package's
+    Momentum ResNet with its own invertible backward (``use_backprop=False``), for comparison."""
+    import timm
+
+    try:
+        from momentumnet import transform_to_momentumnet
+    except ImportError as e:
+        raise RuntimeError('mode official needs the momentumnet package: pip install momentumnet==0.10') from e
+    source = name.replace('momentum_', '')
+    return transform_to_momentumnet(timm.create_model(source, **kwargs), gamma=gamma, use_backprop=False)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -87,23 +105,28 @@ def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
     size = spec['img_size']
     x = torch.randn(spec['batch_size'], 3, size, size, device=device)
     target = torch.randint(0, model.num_classes, (spec['batch_size'],), device=device)
+    amp = spec.get('amp')
+    autocast = torch.autocast(device.type, dtype=getattr(torch, {'bf16': 'bfloat16', 'fp16': 'float16'}[amp])) \
+        if amp else contextlib.nullcontext()
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        train_step(model, x, target, optimizer)
+        with autocast:
+            train_step(model, x, target, optimizer)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
         before = _vm_hwm_bytes()
-        train_step(model, x, target, optimizer)
+        with autocast:
+            train_step(model, x, target, optimizer)
         peak = _vm_hwm_bytes() - before
     return {**spec, 'peak_bytes': peak}
 
 
 def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_size: int = 224,
                      device: str = 'cpu', model_kwargs: Optional[Dict[str, Any]] = None,
-                     timeout: float = 1800) -> int:
+                     amp: Optional[str] = None, timeout: float = 1800) -> int:
     """Peak memory of one training step above what the process held before it, in bytes.
 
     Runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the
@@ -111,7 +134,7 @@ def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_
     which Linux carries over from the parent).
     """
     spec = dict(model=model, mode=mode, batch_size=batch_size, img_size=img_size, device=device,
-                model_kwargs=model_kwargs or {})
+                model_kwargs=model_kwargs or {}, amp=amp)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     proc = subprocess.run(
         [sys.executable, '-m', 'timm_momentum.memory', json.dumps(spec)],

@@ -1,0 +1,190 @@
+"""The converter, offline, on checkpoints the tests make in every source layout."""
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from timm_momentum.cli import main
+from timm_momentum.convert import ConversionError, convert, infer_architecture, plan_upload, push_to_hub
+
+from test_loading import _add_repo
+
+
+def _resnet(depth: int = 18, **kwargs) -> torch.nn.Module:
+    return timm.create_model(f'resnet{depth}', zero_init_last=False, **kwargs).eval()
+
+
+def _logits(model: torch.nn.Module, size: int = 64, in_chans: int = 3) -> torch.Tensor:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        return model.eval()(torch.randn(2, in_chans, size, size))
+
+
+def _no_leftovers(out: Path) -> bool:
+    return not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f'.{out.name}.')]
+
+
+def test_timm_safetensors_round_trip(tmp_path):
+    source = _resnet(18, num_classes=5)
+    save_file(source.state_dict(), tmp_path / 'r18.safetensors')
+    result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', gamma=0.9)
+    out = result.out_dir
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'verify.json']
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'momentum_resnet18' and config['model_args']['gamma'] == 0.9
+    assert config['model_args']['block_fn'] == 'dropin' and config['num_classes'] == 5
+    assert len(config['provenance']['sha256']) == 64
+    verify = json.loads((out / 'verify.json').read_text())
+    assert verify['equivalence']['passed'] and verify['equivalence']['max_abs_logit_diff_gamma0'] <= 1e-5
+    assert verify['drift_at_gamma']['max_abs_logit_diff'] > 0
+    assert verify['num_params'] == sum(p.numel() for p in source.parameters())
+    card = (out / 'README.md').read_text()
+    assert 'library_name: timm' in card and 'momentum_resnet18' in card and '{' + 'model_name}' not in card
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert model.momentum_cfg['gamma'] == 0.9
+    model.set_momentum(gamma=0.0)
+    assert (_logits(model) - _logits(source)).abs().max() <= 1e-5
+
+
+def test_torchvision_and_wrapped_checkpoints(tmp_path):
+    tv = torchvision.models.resnet50(num_classes=7)
+    torch.save(tv.state_dict(), tmp_path / 'tv.pth')
+    torch.save({'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in tv.state_dict().items()}}, tmp_path / 'w.bin')
+    for name in ('tv.pth', 'w.bin'):
+        result = convert(str(tmp_path / name), tmp_path / f'out-{name}')
+        assert result.arch == 'momentum_resnet50' and result.verify['equivalence']['passed']
+
+
+def test_official_transform_to_momentumnet_layout(tmp_path):
+    from momentumnet import transform_to_momentumnet
+    official = transform_to_momentumnet(_resnet(34), gamma=0.9, use_backprop=True).eval()
+    state = official.state_dict()
+    assert 'layer3.1.0.network.1.conv1.weight' in state
+    torch.save(state, tmp_path / 'official.pth')
+    result = convert(str(tmp_path / 'official.pth'), tmp_path / 'out', gamma=0.9)
+    assert result.arch == 'momentum_resnet34'
+    model = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True)
+    assert (_logits(model) - _logits(official)).abs().max() <= 1e-4
+
+
+def test_official_mresnet_cifar_layout(tmp_path):
+    from momentumnet.models import mResNet18
+    official = mResNet18(num_classes=10, gamma=0.9, use_backprop=True).eval()
+    with torch.no_grad():
+        for module in official.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    assert any(k.startswith('layer2.1.network.0.') for k in official.state_dict())
+    save_file({k: v.contiguous() for k, v in official.state_dict().items()}, tmp_path / 'm.safetensors')
+    result = convert(str(tmp_path / 'm.safetensors'), tmp_path / 'out', gamma=0.9)
+    assert result.arch == 'momentum_mresnet18_cifar' and 'skipped' in result.verify['equivalence']
+    model = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True)
+    assert model.momentum_cfg['block_fn'] == 'paper'
+    assert (_logits(model, 32) - _logits(official, 32)).abs().max() <= 1e-4
+
+
+def test_timm_tag_from_the_hub_cache_and_hf_hub_output(tmp_path, monkeypatch):
+    cache = tmp_path / 'hub'
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    state = _resnet(18).state_dict()
+    _add_repo(cache, 'timm/resnet18.a1_in1k', {'model.safetensors': lambda p: save_file(state, p)})
+    result = convert('resnet18.a1_in1k', tmp_path / 'out', gamma=0.5)
+    config = json.loads((result.out_dir / 'config.json').read_text())
+    assert config['provenance']['source'] == 'resnet18.a1_in1k' and config['provenance']['revision'] == 'a' * 40
+    assert config['pretrained_cfg']['interpolation'] == 'bicubic'  # the source tag's cfg
+    files = {p.name: p for p in result.out_dir.iterdir()}
+    _add_repo(cache, 'me/momentum-resnet18', {n: (lambda dst, src=p: dst.write_bytes(src.read_bytes()))
+                                               for n, p in files.items()})
+    model = timm.create_model('hf-hub:me/momentum-resnet18', pretrained=True)
+    assert model.momentum_cfg['gamma'] == 0.5
+    with pytest.raises(ConversionError, match='cannot fetch'):
+        convert('resnet34.a1_in1k', tmp_path / 'missing')
+
+
+def test_infer_architecture_reads_the_state_dict():
+    assert infer_architecture(_resnet(50, num_classes=3, in_chans=1).state_dict()) == \
+        ('momentum_resnet50', {'num_classes': 3, 'in_chans': 1})
+    arch, args = infer_architecture(timm.create_model('resnet50d').state_dict())
+    assert arch == 'momentum_resnet50' and args['stem_type'] == 'deep' and args['avg_down']
+
+
+@pytest.mark.parametrize('case', ['unsupported', 'mismatch', 'truncated', 'nan', 'not_empty', 'garbage'])
+def test_bad_input_is_a_clear_error_with_no_partial_output(tmp_path, case, capsys):
+    path = tmp_path / 'ckpt.safetensors'
+    state = _resnet(18).state_dict()
+    arch = None
+    if case == 'unsupported':
+        state = timm.create_model('resnet26').state_dict()
+        message = 'unsupported architecture'
+    elif case == 'mismatch':
+        arch = 'momentum_mresnet18_cifar'
+        message = 'shape mismatch for conv1.weight: checkpoint (64, 3, 7, 7), momentum_mresnet18_cifar (64, 3, 3, 3)'
+
+    elif case == 'nan':
+        state['layer2.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+        message = 'layer2.0.conv1.weight holds NaN'
+    elif case == 'not_empty':
+        (tmp_path / 'out').mkdir()
+        (tmp_path / 'out' / 'keep.txt').write_text('mine')
+        message = 'not empty'
+    save_file(state, path)
+    if case == 'truncated':
+        path.write_bytes(path.read_bytes()[:5000])
+        message = 'corrupt or truncated'
+    if case == 'garbage':
+        path = tmp_path / 'ckpt.pth'
+        path.write_bytes(b'not a checkpoint at all')
+        message = 'cannot read'
+    argv = ['convert', str(path), '--out', str(tmp_path / 'out')] + (['--arch', arch] if arch else [])
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    if case == 'not_empty':
+        assert (tmp_path / 'out' / 'keep.txt').read_text() == 'mine'
+    else:
+        assert _no_leftovers(tmp_path / 'out')
+
+
+def test_force_replaces_an_existing_folder(tmp_path):
+    save_file(_resnet(18).state_dict(), tmp_path / 'a.safetensors')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'old.txt').write_text('old')
+    convert(str(tmp_path / 'a.safetensors'), tmp_path / 'out', force=True)
+    assert not (tmp_path / 'out' / 'old.txt').exists() and (tmp_path / 'out' / 'model.safetensors').exists()
+
+
+def test_push_to_hub_plan_and_offline_failure(tmp_path):
+    save_file(_resnet(18).state_dict(), tmp_path / 'a.safetensors')
+    out = convert(str(tmp_path / 'a.safetensors'), tmp_path / 'out').out_dir
+    plan = plan_upload(out, 'someone/momentum-resnet18')
+    assert plan['repo_id'] == 'someone/momentum-resnet18'
+    assert plan['files'] == ['README.md', 'config.json', 'model.safetensors', 'verify.json']
+    with pytest.raises(ConversionError, match='ORG/NAME'):
+        plan_upload(out, 'no-slash')
+
+    class Offline:
+        def create_repo(self, *args, **kwargs):
+            raise OSError('network is unreachable')
+
+    class Recording:
+        calls = []
+
+        def create_repo(self, repo_id, exist_ok):
+            self.calls.append(('create_repo', repo_id))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            self.calls.append(('upload_folder', repo_id, folder_path))
+
+    with pytest.raises(ConversionError, match='upload to someone/momentum-resnet18 failed.*complete'):
+        push_to_hub(out, 'someone/momentum-resnet18', api=Offline())
+    assert (out / 'model.safetensors').exists()
+    api = Recording()
+    push_to_hub(out, 'someone/momentum-resnet18', api=api)
+    assert api.calls == [('create_repo', 'someone/momentum-resnet18'),
+                         ('upload_folder', 'someone/momentum-resnet18', str(out))]

@@ -1,0 +1,417 @@
+"""Convert pretrained ResNet checkpoints into Momentum ResNet model repos that timm loads.
+
+Sources: a timm model name or tag, an ``hf-hub:`` repo, a local ``.safetensors``/``.pth``/``.bin``
+file (timm or torchvision ResNet keys), or a checkpoint of the official ``momentumnet`` package in
+either of its layouts. The output folder holds ``config.json``, ``model.safetensors``, a model card
+``README.md`` and ``verify.json``; it is built in a temporary folder and renamed into place.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+
+__all__ = ['ConversionError', 'ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture',
+           'convert', 'plan_upload', 'push_to_hub']
+
+EQUIVALENCE_TOL = 1e-4
+_DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
+           ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
+_TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
+_MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MResNet
+_MODEL_CARD = Path(__file__).resolve().parent.parent / 'MODEL_CARD.md'
+
+
+class ConversionError(ValueError):
+    """A source that cannot be converted; the message names the problem."""
+
+
+@dataclass
+class SourceCheckpoint:
+    """A ResNet state dict in timm's key layout, with where it came from."""
+    state_dict: Dict[str, torch.Tensor]
+    source: str
+    block_fn: str = 'dropin'
+    layout: str = 'timm'
+    sha256: str = ''
+    revision: Optional[str] = None
+    pretrained_cfg: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` wrote."""
+    out_dir: Path
+    arch: str
+    model_args: Dict[str, Any]
+    verify: Dict[str, Any]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_tensors(state: Dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_file(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint file without running code from it."""
+    if not path.is_file():
+        raise ConversionError(f'{path}: no such file')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ConversionError(f'{path}: corrupt or truncated safetensors file ({e})') from None
+    try:
+        return torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ConversionError(f'{path}: cannot read as a weights-only PyTorch checkpoint '
+                              f'(corrupt, truncated, or it holds code): {str(e).splitlines()[0]}') from None
+
+
+def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
+    """The state dict inside common training-checkpoint wrappers, without 'module.' prefixes."""
+    for key in ('state_dict', 'model_state_dict', 'model', 'module', 'state_dict_ema'):
+        if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ConversionError(f'{where}: holds no state dict')
+    state = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f'{where}: entry {key!r} is a {type(value).__name__}, not a tensor')
+        state[key[len('module.'):] if key.startswith('module.') else key] = value
+    return state
+
+
+def _to_timm_layout(state: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """Map the official momentumnet layouts onto timm's keys; returns (state, layout, block_fn)."""
+    if any(_TRANSFORM_KEY.match(k) for k in state):
+        pattern, layout, block_fn = _TRANSFORM_KEY, 'momentumnet.transform_to_momentumnet', 'dropin'
+    elif any(_MRESNET_KEY.match(k) for k in state):
+        pattern, layout, block_fn = _MRESNET_KEY, 'momentumnet.MResNet', 'paper'
+    else:
+        return state, 'timm', 'dropin'
+    if any('.network.init.' in k or '.init_function.' in k for k in state):
+        raise ConversionError(f'{where}: checkpoints with an init_speed block are not supported')
+    out = {}
+    for key, value in state.items():
+        match = pattern.match(key)
+        if match:
+            key = f'{match.group(1)}.{int(match.group(2)) + 1}.{match.group(3)}'
+        out[key] = value
+    return out, layout, block_fn
+
+
+def _load_hub(repo_id: str, source: str) -> SourceCheckpoint:
+    from huggingface_hub import hf_hub_download
+    revision = None
+    if '@' in repo_id:
+        repo_id, revision = repo_id.split('@', 1)
+    try:
+        try:
+            path = Path(hf_hub_download(repo_id, 'model.safetensors', revision=revision))
+        except Exception:
+            path = Path(hf_hub_download(repo_id, 'pytorch_model.bin', revision=revision))
+    except Exception as e:
+        raise ConversionError(f'{source}: cannot fetch weights from the Hugging Face Hub '
+                              f'(offline, or no such repo?): {str(e).splitlines()[0]}') from None
+    config = {}
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, 'config.json', revision=revision)).read_text())
+    except Exception:
+        pass
+    state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(path), source), source)
+    return SourceCheckpoint(state, source, block_fn, layout, _sha256_file(path),
+                            revision or path.parent.name, dict(config.get('pretrained_cfg', {})))
+
+
+def load_source(source: str) -> SourceCheckpoint:
+    """Load SOURCE: a local file, ``hf-hub:ORG/NAME``, or a timm ResNet name/tag (``resnet50.a1_in1k``)."""
+    import timm
+
+    path = Path(source)
+    if path.suffix in ('.safetensors', '.pth', '.bin', '.pt') or path.exists():
+        state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(path), source), source)
+        return SourceCheckpoint(state, str(path), block_fn, layout, _sha256_file(path))
+    if source.startswith('hf-hub:'):
+        return _load_hub(source[len('hf-hub:'):], source)
+    name = source[len('timm/'):] if source.startswith('timm/') else source
+    if name.split('.')[0] not in timm.list_models('resnet*'):
+        raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet name')
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ConversionError(f'{source}: timm has no pretrained weights under this name')
+    checkpoint = _load_hub(cfg.hf_hub_id, source)
+    checkpoint.pretrained_cfg = {**cfg.to_dict(), **checkpoint.pretrained_cfg}
+    return checkpoint
+
+
+def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin') -> Tuple[str, Dict[str, Any]]:
+    """The momentum architecture and model kwargs that match a timm-layout ResNet state dict."""
+    if 'conv1.weight' not in state and 'conv1.0.weight' not in state:
+        raise ConversionError('unsupported architecture: no ResNet stem (conv1.weight or conv1.0.weight)')
+    if 'fc.weight' not in state:
+        raise ConversionError('unsupported architecture: no classifier fc.weight')
+    block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
+    layers = []
+    for stage in range(1, 5):
+        indices = {int(k.split('.')[1]) for k in state if k.startswith(f'layer{stage}.')}
+        if not indices or indices != set(range(len(indices))):
+            raise ConversionError(f'unsupported architecture: layer{stage} blocks {sorted(indices)}')
+        layers.append(len(indices))
+    depth = _DEPTHS.get((block, tuple(layers)))
+    if depth is None:
+        raise ConversionError(f'unsupported architecture: {block} blocks per stage {tuple(layers)} '
+                              f'is not a ResNet-18/34/50/101/152')
+    conv2 = state['layer1.0.conv2.weight']
+    if state['layer1.0.conv1.weight'].shape[0] != 64 or conv2.shape[1] != conv2.shape[0]:
+        raise ConversionError('unsupported architecture: grouped or widened blocks (ResNeXt/Wide ResNet)')
+    args: Dict[str, Any] = {'num_classes': int(state['fc.weight'].shape[0])}
+    if 'conv1.0.weight' in state:
+        first, second = state['conv1.0.weight'].shape[0], state['conv1.3.weight'].shape[0]
+        args.update(stem_type='deep_tiered' if first != second else 'deep', stem_width=int(second))
+        args['in_chans'] = int(state['conv1.0.weight'].shape[1])
+    else:
+        args['in_chans'] = int(state['conv1.weight'].shape[1])
+    cifar = 'conv1.weight' in state and state['conv1.weight'].shape[-1] == 3
+    if 'layer2.0.downsample.2.weight' in state:
+        args['avg_down'] = True
+    arch = f'momentum_resnet{depth}' if block_fn == 'dropin' else f'momentum_mresnet{depth}'
+    if cifar:
+        arch = f'momentum_mresnet{depth}_cifar'
+        args['cifar_stem'] = True
+        if block_fn == 'dropin':
+            args['block_fn'] = 'dropin'
+    if args['in_chans'] == 3:
+        del args['in_chans']
+    return arch, args
+
+
+def _check_finite(state: Dict[str, torch.Tensor]) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ConversionError(f'{key} holds NaN or inf values')
+
+
+def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], arch: str) -> None:
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ConversionError(f'shape mismatch for {key}: checkpoint {tuple(value.shape)}, '
+                                  f'{arch} {tuple(expected[key].shape)}')
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f'checkpoint does not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}')
+    model.load_state_dict(state, strict=True)
+
+
+def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_args: Dict[str, Any],
+            gamma: float, block_fn: str, input_size: Tuple[int, ...]) -> Dict[str, Any]:
+    """gamma = 0 equivalence with the plain ResNet, counts, and the drift at the target gamma."""
+    import timm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, *input_size)
+    report: Dict[str, Any] = {
+        'num_params': sum(p.numel() for p in model.parameters()),
+        'num_buffers': sum(b.numel() for b in model.buffers()),
+        'input_size': list(input_size), 'gamma': gamma,
+    }
+    model.eval().set_momentum(gamma=0.0)
+    with torch.no_grad():
+        at_zero = model(x)
+        model.set_momentum(gamma=gamma)
+        at_gamma = model(x)
+    if block_fn == 'dropin':
+        plain_args = {k: v for k, v in model_args.items() if k not in ('gamma', 'block_fn', 'memory_efficient')}
+        if not plain_args.get('cifar_stem'):
+            source = timm.create_model(arch.replace('momentum_', '').replace('mresnet', 'resnet'), **plain_args)
+            source.load_state_dict(state, strict=True)
+            with torch.no_grad():
+                reference = source.eval()(x)
+            diff = float((at_zero - reference).abs().max())
+            report['equivalence'] = {'max_abs_logit_diff_gamma0': diff, 'tolerance': EQUIVALENCE_TOL,
+                                     'passed': diff <= EQUIVALENCE_TOL}
+    if 'equivalence' not in report:
+        report['equivalence'] = {'skipped': 'no plain timm ResNet has this block function and stem'}
+    drift = (at_gamma - at_zero).abs()
+    report['drift_at_gamma'] = {
+        'max_abs_logit_diff': float(drift.max()),
+        'relative_logit_diff': float((at_gamma - at_zero).norm() / at_zero.norm().clamp_min(1e-12)),
+        'top1_agreement': float((at_gamma.argmax(-1) == at_zero.argmax(-1)).float().mean()),
+    }
+    return report
+
+
+def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: Dict[str, Any]) -> str:
+    template = _MODEL_CARD.read_text() if _MODEL_CARD.is_file() else '# {model_name}\n\nConverted from {source}.\n'
+    values = {
+        'model_name': arch, 'source': checkpoint.source, 'source_layout': checkpoint.layout,
+        'source_sha256': checkpoint.sha256, 'gamma': gamma, 'license': checkpoint.pretrained_cfg.get('license', 'other'),
+        'equivalence': json.dumps(report.get('equivalence')), 'drift': json.dumps(report.get('drift_at_gamma')),
+    }
+    for key, value in values.items():
+        template = template.replace('{' + key + '}', str(value))
+    return template
+
+
+def _write_atomically(out_dir: Path, force: bool, write) -> None:
+    """Build the folder in a temp dir beside OUT, then rename it into place."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.tmp-'))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.old-'))
+            os.replace(out_dir, old / 'previous')
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
+            force: bool = False, push_to_hub_repo: Optional[str] = None) -> ConvertResult:
+    """Convert SOURCE into a Momentum ResNet model folder at OUT_DIR.
+
+    Args:
+        source: A local checkpoint file, ``hf-hub:ORG/NAME``, or a timm ResNet name or tag.
+        out_dir: The folder to write (must not exist or be empty unless ``force``).
+        gamma: The momentum stored in the model's config.
+        arch: Override the inferred momentum architecture.
+        force: Replace a non-empty ``out_dir``.
+        push_to_hub_repo: Upload the folder to this Hub repo afterwards.
+
+    Returns:
+        The folder, architecture, model kwargs and the verification report.
+    """
+    import timm
+    from safetensors.torch import save_file
+    from .invertible import validate_gamma
+
+    gamma = validate_gamma(gamma)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
+    checkpoint = load_source(source)
+    state = checkpoint.state_dict
+    _check_finite(state)
+    inferred, model_args = infer_architecture(state, checkpoint.block_fn)
+    arch = arch or inferred
+    if arch not in timm.list_models('momentum_*'):
+        raise ConversionError(f'unsupported architecture {arch!r}: use one of {timm.list_models("momentum_*")}')
+    block_fn = 'paper' if 'mresnet' in arch and model_args.get('block_fn') != 'dropin' else 'dropin'
+    model_args = {**model_args, 'gamma': gamma, 'block_fn': block_fn}
+    model = timm.create_model(arch, **model_args)
+    _load_strict(model, state, arch)
+    default_cfg = dict(model.pretrained_cfg)
+    pretrained_cfg = {k: v for k, v in {**default_cfg, **checkpoint.pretrained_cfg}.items()
+                      if k in ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean',
+                               'std', 'pool_size', 'first_conv', 'classifier', 'license', 'origin_url', 'paper_ids')}
+    pretrained_cfg['num_classes'] = model.num_classes
+    pretrained_cfg['notes'] = f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma={gamma}.'
+    input_size = tuple(pretrained_cfg.get('input_size', (3, 224, 224)))
+    input_size = (model_args.get('in_chans', 3),) + tuple(input_size[1:])
+    report = _verify(model, state, arch, model_args, gamma, block_fn, input_size)
+    report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
+                        'sha256': checkpoint.sha256}
+    config = {
+        'architecture': arch, 'num_classes': model.num_classes, 'num_features': model.num_features,
+        'model_args': model_args, 'pretrained_cfg': pretrained_cfg,
+        'provenance': {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
+                       'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}'},
+    }
+    if report['equivalence'].get('passed') is False:
+        raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
+                              f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
+
+    def write(folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / 'model.safetensors'),
+                  metadata={'format': 'pt'})
+        (folder / 'config.json').write_text(json.dumps(config, indent=2))
+        (folder / 'verify.json').write_text(json.dumps(report, indent=2))
+        (folder / 'README.md').write_text(_model_card(arch, checkpoint, gamma, report))
+
+    _write_atomically(out_dir, force, write)
+    if push_to_hub_repo:
+        push_to_hub(out_dir, push_to_hub_repo)
+    return ConvertResult(out_dir, arch, model_args, report)
+
+
+def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
+    """What ``push_to_hub`` would upload: the repo id and the folder's files."""
+    if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id):
+        raise ConversionError(f'{repo_id!r} is not a Hub repo id of the form ORG/NAME')
+    files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file())
+    missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
+    if missing:
+        raise ConversionError(f'{out_dir} is not a complete model folder: missing {sorted(missing)}')
+    return {'repo_id': repo_id, 'folder': str(out_dir), 'files': files}
+
+
+def push_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = None) -> Dict[str, Any]:
+    """Upload a converted folder with huggingface_hub; the local folder stays complete either way."""
+    plan = plan_upload(out_dir, repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+        api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet')
+    except Exception as e:
+        raise ConversionError(f'upload to {repo_id} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+                              f'the converted folder {out_dir} is complete and can be uploaded later') from None
+    return plan
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        result = convert(args.source, args.out, gamma=args.gamma, arch=args.arch, force=args.force,
+                         push_to_hub_repo=args.push_to_hub)
+    except ConversionError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {result.out_dir} ({result.arch}, gamma={args.gamma})')
+    print(json.dumps(result.verify, indent=2))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand."""
+    parser = subparsers.add_parser('convert', help='convert a pretrained ResNet checkpoint into a Momentum ResNet repo')
+    parser.add_argument('source', help='local .safetensors/.pth/.bin file, hf-hub:ORG/NAME, or a timm ResNet name/tag')
+    parser.add_argument('--out', required=True, help='output folder (Hugging Face / timm layout)')
+    parser.add_argument('--gamma', type=float, default=0.9)
+    parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50')
+    parser.add_argument('--force', action='store_true', help='replace a non-empty output folder')
+    parser.add_argument('--push-to-hub', default=None, metavar='ORG/NAME')
+    parser.set_defaults(func=_run)
