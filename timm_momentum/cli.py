@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 # Modules whose register_cli adds a subcommand, in the order they show in --help.
-_SUBCOMMAND_MODULES = ('example', 'convert', 'bench', 'finetune')
+_SUBCOMMAND_MODULES = ('finetune', 'example', 'convert', 'bench')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``timm-momentum`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, 'accepts_overrides', False):
+            parser.error(f'unrecognized arguments: {" ".join(extra)}')
+        args.overrides = list(getattr(args, 'overrides', [])) + extra
     if not getattr(args, 'func', None):
         parser.print_help()
         return 2

@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import __version__
 
 __all__ = ['ConversionError', 'ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture',
-           'convert', 'plan_upload', 'push_to_hub']
+           'convert', 'write_model_folder', 'plan_upload', 'push_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
@@ -365,6 +365,27 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     if push_to_hub_repo:
         push_to_hub(out_dir, push_to_hub_repo)
     return ConvertResult(out_dir, arch, model_args, report)
+
+
+def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model_args: Dict[str, Any],
+                       pretrained_cfg: Dict[str, Any], extra: Optional[Dict[str, Any]] = None,
+                       card: Optional[str] = None, force: bool = True) -> Path:
+    """Write a model in the layout ``convert`` writes (config.json, model.safetensors, README.md), atomically."""
+    from safetensors.torch import save_file
+
+    arch = model.pretrained_cfg.get('architecture') or type(model).__name__
+    config = {'architecture': arch, 'num_classes': model.num_classes, 'num_features': model.num_features,
+              'model_args': model_args, 'pretrained_cfg': {**pretrained_cfg, 'num_classes': model.num_classes},
+              **(extra or {})}
+
+    def write(folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+        (folder / 'config.json').write_text(json.dumps(config, indent=2, default=str))
+        (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\n---\n\n# {arch}\n')
+
+    _write_atomically(Path(out_dir), force, write)
+    return Path(out_dir)
 
 
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:

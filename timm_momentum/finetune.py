@@ -1,0 +1,554 @@
+"""Fine-tune Momentum ResNets on image classification: GPU first, runs on CPU, scales out with torchrun.
+
+``timm-momentum finetune --config configs/NAME.yaml [--key value ...]``, ``python -m timm_momentum.finetune``
+or ``torchrun --nproc_per_node=N -m timm_momentum.finetune ...``. Config keys follow timm's train.py names.
+``timm-momentum demo`` runs the offline digits pipeline: a plain ResNet trained on digits 0-4, converted
+to a Momentum ResNet, fine-tuned on digits 5-9 in memory-efficient mode.
+"""
+import argparse
+import contextlib
+import csv
+import difflib
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+
+__all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'DigitsDataset', 'train', 'run_demo']
+
+DEFAULTS: Dict[str, Any] = {
+    # model (timm train.py names, plus gamma and memory_efficient)
+    'model': 'momentum_resnet50', 'pretrained': False, 'initial_checkpoint': None, 'num_classes': None,
+    'in_chans': 3, 'img_size': None, 'gamma': 0.9, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
+    # data
+    'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
+    'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
+    'crop_padding': None,  # the CIFAR recipe: random crop of img_size with this padding, then hflip
+    # optimisation
+    'batch_size': 64, 'grad_accum_steps': 1, 'epochs': 10, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
+    'weight_decay': 5e-4, 'sched': 'cosine', 'warmup_epochs': 0, 'min_lr': 0.0,
+    'decay_milestones': [90, 180, 270], 'decay_rate': 0.1, 'smoothing': 0.0, 'mixup': 0.0, 'cutmix': 0.0,
+    'model_ema': False, 'model_ema_decay': 0.999, 'clip_grad': None,
+    # hardware
+    'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
+    # run
+    'seed': 42, 'output': 'output/finetune', 'resume': False, 'log_interval': 10, 'progress': True,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the problem."""
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """DEFAULTS, updated by a YAML file and then by ``--key value`` overrides (values parsed as YAML)."""
+    config = dict(DEFAULTS)
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f'config file {path} does not exist')
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f'{path}: a config is a mapping of keys to values')
+        _update(config, loaded, path)
+    pairs = list(overrides)
+    updates = {}
+    while pairs:
+        key = pairs.pop(0)
+        if not key.startswith('--'):
+            raise ConfigError(f'expected --key value, got {key!r}')
+        key = key[2:].replace('-', '_')
+        if not pairs or pairs[0].startswith('--'):
+            updates[key] = True
+        else:
+            updates[key] = yaml.safe_load(pairs.pop(0))
+    _update(config, updates, 'command line')
+    return config
+
+
+def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None:
+    for key, value in updates.items():
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+        config[key] = value
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's handwritten digits (8x8, shipped with the package), upsampled, with a class subset.
+
+    Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
+    """
+
+    def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
+                 in_chans: int = 3) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ('train', 'validation', 'test'):
+            raise ConfigError(f"digits split must be 'train' or 'validation', got {split!r}")
+        digits = load_digits()
+        classes = list(range(10)) if classes is None else [int(c) for c in classes]
+        keep = np.isin(digits.target, classes)
+        images, labels = digits.images[keep] / 16.0, digits.target[keep]
+        train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
+                                               stratify=labels)
+        idx = train_idx if split == 'train' else test_idx
+        x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
+        x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
+        self.images = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()
+        remap = {c: i for i, c in enumerate(classes)}
+        self.targets = torch.tensor([remap[int(t)] for t in labels[idx]])
+        self.num_classes = len(classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+def _build_datasets(cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, int]:
+    if cfg['dataset'] == 'sklearn/digits':
+        size = cfg['img_size'] or 32
+        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'])
+        val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
+        return train_set, val_set, train_set.num_classes
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    if cfg['data_dir'] and not Path(cfg['data_dir']).exists() and not cfg['download']:
+        raise ConfigError(f"dataset path {cfg['data_dir']} does not exist")
+    if not cfg['data_dir'] and not cfg['dataset'].startswith(('hfds/', 'hfids/')):
+        raise ConfigError(f"dataset {cfg['dataset']!r} needs data_dir")
+    data_config = resolve_data_config({'input_size': (cfg['in_chans'], cfg['img_size'], cfg['img_size'])}
+                                      if cfg['img_size'] else {}, model=model)
+    sets = []
+    for split, training in ((cfg['train_split'], True), (cfg['val_split'], False)):
+        try:
+            dataset = create_dataset(cfg['dataset'], root=cfg['data_dir'], split=split, is_training=training,
+                                     download=cfg['download'], batch_size=cfg['batch_size'])
+        except Exception as e:
+            raise ConfigError(f"cannot open dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']}: {e}") from None
+        if cfg['crop_padding'] is not None:
+            dataset.transform = _padded_crop_transform(data_config, training, cfg)
+        else:
+            dataset.transform = create_transform(**data_config, is_training=training, hflip=cfg['hflip'],
+                                                 **({'scale': tuple(cfg['scale'])} if cfg['scale'] else {}))
+        sets.append(dataset)
+    num_classes = len(getattr(sets[0], 'classes', None) or getattr(getattr(sets[0], 'reader', None), 'class_to_idx', {})
+                      or []) or cfg['num_classes']
+    return sets[0], sets[1], num_classes
+
+
+def _padded_crop_transform(data_config: Dict[str, Any], training: bool, cfg: Dict[str, Any]):
+    """Random crop with padding and horizontal flip (the paper's CIFAR augmentation), then normalise."""
+    from torchvision import transforms
+
+    size = data_config['input_size'][-1]
+    steps = [transforms.RandomCrop(size, padding=cfg['crop_padding']), transforms.RandomHorizontalFlip(cfg['hflip'])] \
+        if training else [transforms.CenterCrop(size)]
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(data_config['mean'], data_config['std'])])
+
+
+def _device(cfg: Dict[str, Any]) -> torch.device:
+    if cfg['device'] == 'auto':
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
+    return torch.device(cfg['device'])
+
+
+def _amp_dtype(cfg: Dict[str, Any], device: torch.device) -> Optional[torch.dtype]:
+    amp = cfg['amp']
+    if amp in (False, None, 'none', 'fp32'):
+        return None
+    if amp == 'auto':
+        if device.type != 'cuda':
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp not in ('bf16', 'fp16', True):
+        raise ConfigError(f"amp must be auto, bf16, fp16 or none, got {amp!r}")
+    return torch.float16 if amp == 'fp16' else torch.bfloat16
+
+
+def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+    import timm
+    import timm_momentum  # noqa: F401
+
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
+                                  drop_path_rate=cfg['drop_path'])
+    if 'momentum' in cfg['model']:
+        kwargs.update(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
+    overlay = {}
+    if cfg['initial_checkpoint']:
+        overlay = dict(file=str(cfg['initial_checkpoint']))
+    model = timm.create_model(cfg['model'], pretrained=bool(cfg['pretrained'] or overlay),
+                              pretrained_cfg_overlay=overlay or None, **kwargs)
+    return model
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_distributed() else 0
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.tmp-')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device)
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _plot(rows: List[Dict[str, Any]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    epochs = [r['epoch'] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
+    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='validation')
+    ax_acc.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
+    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='validation')
+    ax_loss.set(xlabel='epoch', ylabel='loss')
+    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)')
+    ax_loss.legend()
+    fig.tight_layout()
+    for name, ax in (('loss.png', ax_loss), ('accuracy.png', ax_acc)):
+        extent = ax.get_tightbbox(fig.canvas.get_renderer()).transformed(fig.dpi_scale_trans.inverted())
+        fig.savefig(out / name, bbox_inches=extent.expanded(1.05, 1.1))
+    fig.savefig(out / 'curves.png')
+    plt.close(fig)
+
+
+def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype]) -> Tuple[float, float]:
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+    if _is_distributed():
+        stats = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        loss_sum, correct, total = stats.tolist()
+    return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
+
+
+def _loader(dataset: Any, cfg: Dict[str, Any], training: bool, device: torch.device, epoch_seed: int):
+    sampler = None
+    generator = torch.Generator().manual_seed(epoch_seed)
+    if _is_distributed():
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=training, seed=cfg['seed'])
+    workers = 0 if isinstance(dataset, DigitsDataset) else cfg['workers']
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg['batch_size'], shuffle=training and sampler is None, sampler=sampler,
+        generator=generator, num_workers=workers, pin_memory=cfg['pin_mem'] and device.type == 'cuda',
+        drop_last=training and len(dataset) > cfg['batch_size'])
+
+
+def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    device = _device(cfg)
+    amp = _amp_dtype(cfg, device)
+    torch.manual_seed(cfg['seed'])
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = bool(cfg['cudnn_benchmark'])
+    if cfg['batch_size'] == 'auto':
+        cfg = dict(cfg, batch_size=find_batch_size(cfg))
+    probe = _build_model(cfg, cfg['num_classes'] or 2) if cfg['dataset'] != 'sklearn/digits' else None
+    train_set, val_set, data_classes = _build_datasets(cfg, probe)
+    num_classes = cfg['num_classes'] or data_classes
+    if data_classes and num_classes != data_classes:
+        raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
+    torch.manual_seed(cfg['seed'])
+    model = _build_model(cfg, num_classes).to(device)
+    if cfg['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
+                                    **({'momentum': cfg['momentum']} if cfg['opt'] in ('sgd', 'momentum') else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'],
+                                       warmup_epochs=cfg['warmup_epochs'], min_lr=cfg['min_lr'],
+                                       decay_milestones=cfg['decay_milestones'], decay_rate=cfg['decay_rate'])
+    scaler = NativeScaler(device=device.type) if amp == torch.float16 else None
+    ema = ModelEmaV3(model, decay=cfg['model_ema_decay']) if cfg['model_ema'] else None
+    mixup = Mixup(mixup_alpha=cfg['mixup'], cutmix_alpha=cfg['cutmix'], label_smoothing=cfg['smoothing'],
+                  num_classes=num_classes) if cfg['mixup'] or cfg['cutmix'] else None
+    criterion = SoftTargetCrossEntropy() if mixup else (
+        LabelSmoothingCrossEntropy(cfg['smoothing']) if cfg['smoothing'] else nn.CrossEntropyLoss())
+    train_model = nn.parallel.DistributedDataParallel(model) if _is_distributed() else model
+    if cfg['compile']:
+        train_model = torch.compile(train_model)
+
+    out = Path(cfg['output'])
+    last = out / 'last.pth.tar'
+    start_epoch, best_acc, rows = 0, -1.0, []
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / 'args.yaml').write_text(yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True))
+    if cfg['resume'] and last.exists():
+        state = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if scaler and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
+        if ema and state.get('ema'):
+            ema.load_state_dict(state['ema'])
+        start_epoch, best_acc, rows = state['epoch'] + 1, state['best_acc'], state['rows']
+
+    steps_per_epoch = None
+    for epoch in range(start_epoch, cfg['epochs']):
+        torch.manual_seed(cfg['seed'] * 1000 + epoch)  # resume replays the same draws as an unbroken run
+        loader = _loader(train_set, cfg, True, device, cfg['seed'] + epoch)
+        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        steps_per_epoch = len(loader)
+        model.train()
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
+        bar = _progress(loader, epoch, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg['channels_last']:
+                x = x.to(memory_format=torch.channels_last)
+            target = y
+            if mixup:
+                x, target = mixup(x, y)
+            try:
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = train_model(x)
+                    loss = criterion(logits.float(), target)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(
+                        f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. The last good checkpoint '
+                        f'is {last if last.exists() else "(none yet)"}; lower lr or enable clip_grad.')
+                scaled = loss / cfg['grad_accum_steps']
+                update = (step + 1) % cfg['grad_accum_steps'] == 0 or step + 1 == len(loader)
+                if scaler is not None:
+                    scaler(scaled, optimizer, clip_grad=cfg['clip_grad'], parameters=model.parameters(),
+                           need_update=update)
+                else:
+                    scaled.backward()
+                    if update:
+                        if cfg['clip_grad']:
+                            nn.utils.clip_grad_norm_(model.parameters(), cfg['clip_grad'])
+                        optimizer.step()
+                if update:
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model)
+            except torch.cuda.OutOfMemoryError:
+                raise RuntimeError(
+                    f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
+                    f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100.0 * correct / seen:.2f}',
+                                img_s=f'{seen / (time.perf_counter() - started):.1f}')
+        scheduler.step(epoch + 1)
+        if _is_distributed():  # each rank tracked BatchNorm statistics on its own shard: average them
+            from timm.utils import distribute_bn
+            distribute_bn(model, dist.get_world_size(), reduce=True)
+        eval_model = ema.module if ema is not None else model
+        val_loss, val_acc = _evaluate(eval_model, _loader(val_set, cfg, False, device, 0), device, amp)
+        row = {'epoch': epoch, 'train_loss': loss_sum / max(seen, 1), 'train_acc': 100.0 * correct / max(seen, 1),
+               'val_loss': val_loss, 'val_acc': val_acc, 'lr': optimizer.param_groups[0]['lr'],
+               'images_per_s': seen / (time.perf_counter() - started),
+               'peak_memory_mib': _peak_memory(device) / 2 ** 20}
+        rows.append(row)
+        if _rank() == 0:
+            print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
+                  f"val loss {val_loss:.4f} acc {val_acc:.2f} | {row['images_per_s']:.1f} img/s | "
+                  f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
+            _write_csv(rows, out / 'metrics.csv')
+            _plot(rows, out)
+            if val_acc > best_acc:
+                best_acc = val_acc
+                _export(eval_model, out / 'best', cfg, row)
+            _atomic_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                          'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
+                          'ema': ema.state_dict() if ema else None, 'epoch': epoch, 'best_acc': best_acc,
+                          'rows': rows, 'config': cfg}, last)
+    if _rank() == 0 and rows:
+        _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1])
+    return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
+            'steps_per_epoch': steps_per_epoch}
+
+
+def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
+    if not cfg['progress'] or _rank() != 0:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc=f'epoch {epoch}', leave=False, file=sys.stderr)
+
+
+def _write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.metrics-')
+    with os.fdopen(fd, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any]) -> None:
+    from .convert import write_model_folder
+
+    momentum_cfg = getattr(model, 'momentum_cfg', {})
+    model_args = {'num_classes': model.num_classes, **({'in_chans': cfg['in_chans']} if cfg['in_chans'] != 3 else {}),
+                  **{k: v for k, v in momentum_cfg.items() if k in ('gamma', 'block_fn')}}
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items()
+                      if k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std', 'first_conv', 'classifier',
+                               'license')}
+    if cfg['img_size']:
+        pretrained_cfg['input_size'] = [cfg['in_chans'], cfg['img_size'], cfg['img_size']]
+    card = (f"---\nlibrary_name: timm\ntags:\n  - timm-momentum\n---\n\n# {cfg['model']} fine-tuned on {cfg['dataset']}\n\n"
+            f"Fine-tuned by `timm-momentum finetune` (gamma={momentum_cfg.get('gamma')}, memory_efficient="
+            f"{cfg['memory_efficient']}). Epoch {row['epoch']}: validation accuracy {row['val_acc']:.2f}%.\n")
+    write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card)
+
+
+def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:
+    """The largest batch whose training step fits on the GPU (CUDA only)."""
+    if _device(cfg).type != 'cuda':
+        raise ConfigError('batch_size: auto searches GPU memory and needs a CUDA device; give a number on CPU')
+    from .bench import _largest_batch
+
+    mode = 'memory_efficient' if cfg['memory_efficient'] else 'plain'
+    found = _largest_batch(cfg['model'], mode, cfg['img_size'] or 224, 'bf16' if _amp_dtype(cfg, _device(cfg)) else None,
+                           limit)['max_batch']
+    print(f'batch_size auto: {found} fits', flush=True)
+    return max(found, 1)
+
+
+def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_source: int = 15,
+             epochs_target: int = 15, img_size: int = 32) -> Dict[str, Any]:
+    """The offline pipeline: train resnet18 on digits 0-4, convert (gamma 0.9), fine-tune on digits 5-9."""
+    from safetensors.torch import save_file
+
+    from .convert import convert
+    from .memory import saved_tensor_bytes
+
+    out = Path(output)
+    started = time.perf_counter()
+    base = dict(DEFAULTS, dataset='sklearn/digits', img_size=img_size, in_chans=3, batch_size=64, opt='adamw',
+                lr=2e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1, progress=False)
+    if source is None:
+        upstream = train(dict(base, model='resnet18', classes=[0, 1, 2, 3, 4], epochs=epochs_source,
+                              output=str(out / 'upstream')))
+        checkpoint = out / 'upstream' / 'resnet18_digits0-4.safetensors'
+        save_file({k: v.contiguous() for k, v in upstream['model'].state_dict().items()}, str(checkpoint))
+        source = str(checkpoint)
+        upstream_acc = upstream['metrics']['val_acc']
+    else:
+        upstream_acc = None
+    converted = convert(source, out / 'converted', gamma=0.9, force=True)
+    result = train(dict(base, model=f'local-dir:{converted.out_dir}', pretrained=True, classes=[5, 6, 7, 8, 9],
+                        num_classes=5, epochs=epochs_target, gamma=0.9, memory_efficient=True,
+                        output=str(out / 'finetune')))
+    import timm
+    x = torch.randn(base['batch_size'], 3, img_size, img_size)
+    momentum_bytes = saved_tensor_bytes(timm.create_model(f'local-dir:{converted.out_dir}', memory_efficient=True,
+                                                          num_classes=5).train(), x)
+    plain_bytes = saved_tensor_bytes(timm.create_model('resnet18', num_classes=5).train(), x)
+    report = {'upstream_val_acc_digits0-4': upstream_acc, 'test_acc_digits5-9': result['metrics']['val_acc'],
+              'saved_activation_bytes_momentum': momentum_bytes, 'saved_activation_bytes_resnet18': plain_bytes,
+              'activation_ratio': momentum_bytes / plain_bytes, 'seconds': time.perf_counter() - started,
+              'output': str(out)}
+    return report
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = int(os.environ.get('WORLD_SIZE', 1))
+        if world > 1 and not _is_distributed():
+            dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        result = train(cfg)
+    except (ConfigError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    finally:
+        if _is_distributed():
+            dist.destroy_process_group()
+    print(f"final: {result['metrics']}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    report = run_demo(args.output, args.source, args.epochs_source, args.epochs_target)
+    print(f"digits 5-9 test accuracy after fine-tuning: {report['test_acc_digits5-9']:.2f}% "
+          f"(upstream resnet18 on digits 0-4: {report['upstream_val_acc_digits0-4']})")
+    print(f"activation bytes saved for backward, batch 64 at 32x32: momentum memory-efficient "
+          f"{report['saved_activation_bytes_momentum'] / 2 ** 20:.1f} MiB vs resnet18 "
+          f"{report['saved_activation_bytes_resnet18'] / 2 ** 20:.1f} MiB ({report['activation_ratio']:.2f}x)")
+    print(f"time {report['seconds']:.0f} s; outputs, metrics.csv and plots in {report['output']}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``finetune`` and ``demo`` subcommands."""
+    parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config')
+    parser.add_argument('--config', default=None, help='YAML config in configs/; any other --key value '
+                        'overrides that key (names as in timm train.py, plus gamma and memory_efficient)')
+    parser.set_defaults(func=_run_finetune, accepts_overrides=True, overrides=[])
+    demo = subparsers.add_parser('demo', help='offline digits pipeline: train resnet18, convert, fine-tune')
+    demo.add_argument('--output', default='output/demo')
+    demo.add_argument('--source', default=None, help='a ResNet checkpoint or timm tag instead of training one')
+    demo.add_argument('--epochs-source', type=int, default=15)
+    demo.add_argument('--epochs-target', type=int, default=15)
+    demo.set_defaults(func=_run_demo)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m timm_momentum.finetune --config ... [--key value]``."""
+    parser = argparse.ArgumentParser(prog='python -m timm_momentum.finetune')
+    parser.add_argument('--config', default=None)
+    args, overrides = parser.parse_known_args(argv)
+    args.overrides = overrides
+    return _run_finetune(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
