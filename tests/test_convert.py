@@ -188,3 +188,36 @@ def test_push_to_hub_plan_and_offline_failure(tmp_path):
     push_to_hub(out, 'someone/momentum-resnet18', api=api)
     assert api.calls == [('create_repo', 'someone/momentum-resnet18'),
                          ('upload_folder', 'someone/momentum-resnet18', str(out))]
+
+
+def test_zoo_driver_converts_each_entry_and_reports_failures(tmp_path):
+    import subprocess
+    import sys
+    save_file(_resnet(18).state_dict(), tmp_path / 'r18.safetensors')
+    manifest = tmp_path / 'zoo.yaml'
+    manifest.write_text(f'models:\n  - source: {tmp_path / "r18.safetensors"}\n    name: momentum_resnet18.test\n'
+                        f'    gamma: 0.8\n  - source: {tmp_path / "missing.safetensors"}\n    name: broken\n')
+    script = Path(__file__).parent.parent / 'convert' / 'build_zoo.py'
+    proc = subprocess.run([sys.executable, str(script), '--manifest', str(manifest), '--out', str(tmp_path / 'zoo')],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and 'broken: ' in proc.stdout and '1 converted, 1 failed' in proc.stdout
+    config = json.loads((tmp_path / 'zoo' / 'momentum_resnet18.test' / 'config.json').read_text())
+    assert config['model_args']['gamma'] == 0.8
+    assert not (tmp_path / 'zoo' / 'broken').exists()
+    repo_manifest = yaml_load(Path(__file__).parent.parent / 'convert' / 'zoo.yaml')
+    assert all(e['source'].startswith('timm/resnet') for e in repo_manifest['models'])
+
+
+def yaml_load(path):
+    import yaml
+    return yaml.safe_load(Path(path).read_text())
+
+
+def test_healing_options_run(tmp_path):
+    save_file(_resnet(18).state_dict(), tmp_path / 'r18.safetensors')
+    result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', heal_images='sklearn/digits',
+                     recalibrate=True, distill_steps=2, img_size=32)
+    assert json.loads((result.out_dir / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 32]
+    assert result.verify['healing'] == {'images': 'sklearn/digits', 'recalibrate_bn': True, 'distill_steps': 2}
+    with pytest.raises(ConversionError, match='needs heal_images'):
+        convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out2', recalibrate=True)

@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).parent.parent / 'configs'
 
 
 def _tiny(tmp_path: Path, **overrides) -> dict:
-    cfg = dict(DEFAULTS, model='momentum_resnet18', dataset='sklearn/digits', classes=[0, 1, 2], img_size=16,
+    cfg = dict(DEFAULTS, model='momentum_resnet18', dataset='sklearn/digits', classes=[0, 1], img_size=16,
                batch_size=32, epochs=2, opt='adamw', lr=2e-3, weight_decay=0.01, progress=False,
                output=str(tmp_path / 'run'))
     cfg.update(overrides)
@@ -55,12 +55,12 @@ def test_training_writes_metrics_plots_checkpoint_and_exports(tmp_path):
     assert {'model', 'optimizer', 'scheduler', 'scaler', 'ema', 'epoch'} <= set(state) and state['epoch'] == 1
     for folder in ('best', 'final'):
         model = timm.create_model(f'local-dir:{out / folder}', pretrained=True)
-        assert model.num_classes == 3 and model.momentum_cfg['gamma'] == 0.9
+        assert model.num_classes == 2 and model.momentum_cfg['gamma'] == 0.9
 
 
 def _run_cli(tmp_path: Path, output: Path, *extra: str) -> subprocess.Popen:
-    args = ['--model', 'momentum_resnet18', '--classes', '[0,1,2]', '--img_size', '16', '--batch_size', '32',
-            '--epochs', '3', '--opt', 'sgd', '--lr', '0.05', '--progress', 'false', '--output', str(output), *extra]
+    args = ['--model', 'momentum_resnet18', '--classes', '[0,1]', '--img_size', '16', '--batch_size', '32',
+            '--epochs', '2', '--opt', 'sgd', '--lr', '0.05', '--progress', 'false', '--output', str(output), *extra]
     return subprocess.Popen([sys.executable, '-m', 'timm_momentum.finetune', *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -108,7 +108,7 @@ def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
 
 
 def test_bad_input(tmp_path, capsys):
-    with pytest.raises(ConfigError, match='num_classes=7 but the dataset has 3 classes'):
+    with pytest.raises(ConfigError, match='num_classes=7 but the dataset has 2 classes'):
         train(_tiny(tmp_path, num_classes=7))
     with pytest.raises(ConfigError, match='dataset path .* does not exist'):
         train(_tiny(tmp_path, dataset='', data_dir=str(tmp_path / 'missing')))

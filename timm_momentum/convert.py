@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import __version__
 
 __all__ = ['ConversionError', 'ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture',
-           'convert', 'write_model_folder', 'plan_upload', 'push_to_hub']
+           'convert', 'write_model_folder', 'recalibrate_bn', 'distill', 'load_images', 'plan_upload', 'push_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
@@ -300,7 +300,8 @@ def _write_atomically(out_dir: Path, force: bool, write) -> None:
 
 
 def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
-            force: bool = False, push_to_hub_repo: Optional[str] = None) -> ConvertResult:
+            force: bool = False, push_to_hub_repo: Optional[str] = None, heal_images: Optional[str] = None,
+            recalibrate: bool = False, distill_steps: int = 0, img_size: Optional[int] = None) -> ConvertResult:
     """Convert SOURCE into a Momentum ResNet model folder at OUT_DIR.
 
     Args:
@@ -310,6 +311,10 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         arch: Override the inferred momentum architecture.
         force: Replace a non-empty ``out_dir``.
         push_to_hub_repo: Upload the folder to this Hub repo afterwards.
+        heal_images: Unlabeled images for healing (``sklearn/digits`` or a folder).
+        recalibrate: Re-estimate BatchNorm statistics at the target gamma on ``heal_images``.
+        distill_steps: Distil the source ResNet (gamma = 0) into the momentum net for this many steps.
+        img_size: Input resolution of verification and healing, and of the saved config (default: the source's).
 
     Returns:
         The folder, architecture, model kwargs and the verification report.
@@ -340,8 +345,25 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     pretrained_cfg['num_classes'] = model.num_classes
     pretrained_cfg['notes'] = f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma={gamma}.'
     input_size = tuple(pretrained_cfg.get('input_size', (3, 224, 224)))
-    input_size = (model_args.get('in_chans', 3),) + tuple(input_size[1:])
+    input_size = (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size else tuple(input_size[1:]))
+    pretrained_cfg['input_size'] = list(input_size)
+    if img_size:
+        pretrained_cfg.pop('test_input_size', None)
+        pretrained_cfg.pop('pool_size', None)
     report = _verify(model, state, arch, model_args, gamma, block_fn, input_size)
+    if recalibrate or distill_steps:
+        if not heal_images:
+            raise ConversionError('healing (recalibrate or distill_steps) needs heal_images')
+        images = load_images(heal_images, input_size[0], input_size[-1])
+        teacher = timm.create_model(arch, **{**model_args, 'gamma': 0.0})
+        teacher.load_state_dict(state)
+        model.set_momentum(gamma=gamma)
+        if distill_steps:
+            distill(model, teacher, images, distill_steps)
+        if recalibrate:
+            recalibrate_bn(model, images)
+        model.set_momentum(gamma=gamma)
+        report['healing'] = {'images': heal_images, 'recalibrate_bn': recalibrate, 'distill_steps': distill_steps}
     report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
                         'sha256': checkpoint.sha256}
     config = {
@@ -388,6 +410,55 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
     return Path(out_dir)
 
 
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
+    """Re-estimate BatchNorm running statistics of ``model`` on unlabeled ``images`` (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.eval()
+
+
+def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps: int = 100,
+            lr: float = 1e-3, batch_size: int = 64, temperature: float = 1.0, seed: int = 0) -> nn.Module:
+    """Train ``student`` to match ``teacher``'s logits (KL divergence) on unlabeled ``images``."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    teacher.eval()
+    student.train()
+    for _ in range(steps):
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        with torch.no_grad():
+            target = nn.functional.log_softmax(teacher(batch) / temperature, -1)
+        loss = nn.functional.kl_div(nn.functional.log_softmax(student(batch) / temperature, -1), target,
+                                    log_target=True, reduction='batchmean')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return student.eval()
+
+
+def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024) -> torch.Tensor:
+    """Unlabeled images for healing: ``sklearn/digits`` or a folder of images (resized, normalised)."""
+    if spec == 'sklearn/digits':
+        from .finetune import DigitsDataset
+        return DigitsDataset('train', None, img_size, in_chans).images[:limit]
+    if not Path(spec).is_dir():
+        raise ConversionError(f'healing images {spec}: not sklearn/digits or a folder of images')
+    from timm.data import create_dataset, create_transform
+    dataset = create_dataset('', root=spec, transform=create_transform((in_chans, img_size, img_size)))
+    if len(dataset) == 0:
+        raise ConversionError(f'healing images {spec}: no images found')
+    return torch.stack([dataset[i][0] for i in range(min(len(dataset), limit))])
+
+
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
     """What ``push_to_hub`` would upload: the repo id and the folder's files."""
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id):
@@ -417,7 +488,8 @@ def push_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = None)
 def _run(args: argparse.Namespace) -> int:
     try:
         result = convert(args.source, args.out, gamma=args.gamma, arch=args.arch, force=args.force,
-                         push_to_hub_repo=args.push_to_hub)
+                         push_to_hub_repo=args.push_to_hub, heal_images=args.heal_images,
+                         recalibrate=args.recalibrate_bn, distill_steps=args.distill_steps, img_size=args.img_size)
     except ConversionError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -435,4 +507,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50')
     parser.add_argument('--force', action='store_true', help='replace a non-empty output folder')
     parser.add_argument('--push-to-hub', default=None, metavar='ORG/NAME')
+    parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the source cfg)')
+    parser.add_argument('--heal-images', default=None, help='unlabeled images for healing: sklearn/digits or a folder')
+    parser.add_argument('--recalibrate-bn', action='store_true', help='re-estimate BatchNorm statistics at --gamma')
+    parser.add_argument('--distill-steps', type=int, default=0, help='distil the source ResNet for N steps')
     parser.set_defaults(func=_run)

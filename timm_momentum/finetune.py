@@ -481,7 +481,7 @@ def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_s
         upstream_acc = upstream['metrics']['val_acc']
     else:
         upstream_acc = None
-    converted = convert(source, out / 'converted', gamma=0.9, force=True)
+    converted = convert(source, out / 'converted', gamma=0.9, force=True, img_size=img_size)
     result = train(dict(base, model=f'local-dir:{converted.out_dir}', pretrained=True, classes=[5, 6, 7, 8, 9],
                         num_classes=5, epochs=epochs_target, gamma=0.9, memory_efficient=True,
                         output=str(out / 'finetune')))

@@ -1,0 +1,56 @@
+"""Convert every entry of a zoo manifest (convert/zoo.yaml) into one model folder each.
+
+    python convert/build_zoo.py [--manifest convert/zoo.yaml] --out zoo/ [--force] [--push-org ORG]
+
+Entries that fail (offline, bad checkpoint, ...) are reported with their error; the others are still
+written. Exits non-zero if any entry failed.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from timm_momentum.convert import ConversionError, convert
+
+
+def build_zoo(manifest: str, out: str, force: bool = False, push_org: str = None) -> dict:
+    """Convert each manifest entry; returns {name: 'ok' or the error message}."""
+    entries = (yaml.safe_load(Path(manifest).read_text()) or {}).get('models')
+    if not isinstance(entries, list) or not entries:
+        raise ConversionError(f'{manifest}: expected a non-empty list under models:')
+    status = {}
+    for entry in entries:
+        missing = {'source', 'name'} - set(entry)
+        if missing:
+            raise ConversionError(f'{manifest}: entry {entry} lacks {sorted(missing)}')
+        name = entry['name']
+        try:
+            convert(entry['source'], Path(out) / name, gamma=float(entry.get('gamma', 0.9)), force=force,
+                    push_to_hub_repo=f'{push_org}/{name}' if push_org else None)
+            status[name] = 'ok'
+        except (ConversionError, ValueError) as e:
+            status[name] = str(e)
+        print(f'{name}: {status[name]}', flush=True)
+    return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--manifest', default=str(Path(__file__).with_name('zoo.yaml')))
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--force', action='store_true')
+    parser.add_argument('--push-org', default=None)
+    args = parser.parse_args()
+    try:
+        status = build_zoo(args.manifest, args.out, args.force, args.push_org)
+    except ConversionError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    failed = [name for name, result in status.items() if result != 'ok']
+    print(f'{len(status) - len(failed)} converted, {len(failed)} failed')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
