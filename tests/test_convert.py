@@ -10,7 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from timm_momentum.cli import main
-from timm_momentum.convert import ConversionError, convert, infer_architecture, plan_upload, push_to_hub
+from timm_momentum.convert import ConversionError, convert, infer_architecture, plan_upload, upload_to_hub
 
 from test_loading import _add_repo
 
@@ -182,10 +182,10 @@ def test_push_to_hub_plan_and_offline_failure(tmp_path):
             self.calls.append(('upload_folder', repo_id, folder_path))
 
     with pytest.raises(ConversionError, match='upload to someone/momentum-resnet18 failed.*complete'):
-        push_to_hub(out, 'someone/momentum-resnet18', api=Offline())
+        upload_to_hub(out, 'someone/momentum-resnet18', api=Offline())
     assert (out / 'model.safetensors').exists()
     api = Recording()
-    push_to_hub(out, 'someone/momentum-resnet18', api=api)
+    upload_to_hub(out, 'someone/momentum-resnet18', api=api)
     assert api.calls == [('create_repo', 'someone/momentum-resnet18'),
                          ('upload_folder', 'someone/momentum-resnet18', str(out))]
 
@@ -216,8 +216,8 @@ def yaml_load(path):
 def test_healing_options_run(tmp_path):
     save_file(_resnet(18).state_dict(), tmp_path / 'r18.safetensors')
     result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', heal_images='sklearn/digits',
-                     recalibrate=True, distill_steps=2, img_size=32)
+                     recalibrate_bn=True, distill_steps=2, img_size=32)
     assert json.loads((result.out_dir / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 32]
     assert result.verify['healing'] == {'images': 'sklearn/digits', 'recalibrate_bn': True, 'distill_steps': 2}
     with pytest.raises(ConversionError, match='needs heal_images'):
-        convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out2', recalibrate=True)
+        convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out2', recalibrate_bn=True)

@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import __version__
 
 __all__ = ['ConversionError', 'ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture',
-           'convert', 'write_model_folder', 'recalibrate_bn', 'distill', 'load_images', 'plan_upload', 'push_to_hub']
+           'convert', 'write_model_folder', 'recalibrate_batchnorm', 'distill', 'load_images', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
@@ -300,8 +300,8 @@ def _write_atomically(out_dir: Path, force: bool, write) -> None:
 
 
 def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
-            force: bool = False, push_to_hub_repo: Optional[str] = None, heal_images: Optional[str] = None,
-            recalibrate: bool = False, distill_steps: int = 0, img_size: Optional[int] = None) -> ConvertResult:
+            force: bool = False, push_to_hub: Optional[str] = None, heal_images: Optional[str] = None,
+            recalibrate_bn: bool = False, distill_steps: int = 0, img_size: Optional[int] = None) -> ConvertResult:
     """Convert SOURCE into a Momentum ResNet model folder at OUT_DIR.
 
     Args:
@@ -310,9 +310,9 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         gamma: The momentum stored in the model's config.
         arch: Override the inferred momentum architecture.
         force: Replace a non-empty ``out_dir``.
-        push_to_hub_repo: Upload the folder to this Hub repo afterwards.
+        push_to_hub: Upload the folder to this Hub repo afterwards.
         heal_images: Unlabeled images for healing (``sklearn/digits`` or a folder).
-        recalibrate: Re-estimate BatchNorm statistics at the target gamma on ``heal_images``.
+        recalibrate_bn: Re-estimate BatchNorm statistics at the target gamma on ``heal_images``.
         distill_steps: Distil the source ResNet (gamma = 0) into the momentum net for this many steps.
         img_size: Input resolution of verification and healing, and of the saved config (default: the source's).
 
@@ -351,19 +351,19 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         pretrained_cfg.pop('test_input_size', None)
         pretrained_cfg.pop('pool_size', None)
     report = _verify(model, state, arch, model_args, gamma, block_fn, input_size)
-    if recalibrate or distill_steps:
+    if recalibrate_bn or distill_steps:
         if not heal_images:
-            raise ConversionError('healing (recalibrate or distill_steps) needs heal_images')
+            raise ConversionError('healing (recalibrate_bn or distill_steps) needs heal_images')
         images = load_images(heal_images, input_size[0], input_size[-1])
         teacher = timm.create_model(arch, **{**model_args, 'gamma': 0.0})
         teacher.load_state_dict(state)
         model.set_momentum(gamma=gamma)
         if distill_steps:
             distill(model, teacher, images, distill_steps)
-        if recalibrate:
-            recalibrate_bn(model, images)
+        if recalibrate_bn:
+            recalibrate_batchnorm(model, images)
         model.set_momentum(gamma=gamma)
-        report['healing'] = {'images': heal_images, 'recalibrate_bn': recalibrate, 'distill_steps': distill_steps}
+        report['healing'] = {'images': heal_images, 'recalibrate_bn': recalibrate_bn, 'distill_steps': distill_steps}
     report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
                         'sha256': checkpoint.sha256}
     config = {
@@ -384,8 +384,8 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         (folder / 'README.md').write_text(_model_card(arch, checkpoint, gamma, report))
 
     _write_atomically(out_dir, force, write)
-    if push_to_hub_repo:
-        push_to_hub(out_dir, push_to_hub_repo)
+    if push_to_hub:
+        upload_to_hub(out_dir, push_to_hub)
     return ConvertResult(out_dir, arch, model_args, report)
 
 
@@ -410,7 +410,7 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
     return Path(out_dir)
 
 
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
     """Re-estimate BatchNorm running statistics of ``model`` on unlabeled ``images`` (cumulative average)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -460,7 +460,7 @@ def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 
 
 
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
-    """What ``push_to_hub`` would upload: the repo id and the folder's files."""
+    """What ``upload_to_hub`` would upload: the repo id and the folder's files."""
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id):
         raise ConversionError(f'{repo_id!r} is not a Hub repo id of the form ORG/NAME')
     files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file())
@@ -470,7 +470,7 @@ def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any
     return {'repo_id': repo_id, 'folder': str(out_dir), 'files': files}
 
 
-def push_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = None) -> Dict[str, Any]:
+def upload_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = None) -> Dict[str, Any]:
     """Upload a converted folder with huggingface_hub; the local folder stays complete either way."""
     plan = plan_upload(out_dir, repo_id)
     if api is None:
@@ -488,8 +488,8 @@ def push_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = None)
 def _run(args: argparse.Namespace) -> int:
     try:
         result = convert(args.source, args.out, gamma=args.gamma, arch=args.arch, force=args.force,
-                         push_to_hub_repo=args.push_to_hub, heal_images=args.heal_images,
-                         recalibrate=args.recalibrate_bn, distill_steps=args.distill_steps, img_size=args.img_size)
+                         push_to_hub=args.push_to_hub, heal_images=args.heal_images,
+                         recalibrate_bn=args.recalibrate_bn, distill_steps=args.distill_steps, img_size=args.img_size)
     except ConversionError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

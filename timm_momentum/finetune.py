@@ -517,7 +517,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    report = run_demo(args.output, args.source, args.epochs_source, args.epochs_target)
+    from .convert import ConversionError
+
+    try:
+        report = run_demo(args.output, args.source, args.epochs_source, args.epochs_target)
+    except (ConfigError, ConversionError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     print(f"digits 5-9 test accuracy after fine-tuning: {report['test_acc_digits5-9']:.2f}% "
           f"(upstream resnet18 on digits 0-4: {report['upstream_val_acc_digits0-4']})")
     print(f"activation bytes saved for backward, batch 64 at 32x32: momentum memory-efficient "
