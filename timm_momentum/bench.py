@@ -7,13 +7,14 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
+from .files import atomic_write
 from .memory import MiB, build_model, peak_step_memory, saved_tensor_bytes, train_step
 
 __all__ = ['CONFIGS', 'run_benchmark', 'format_table', 'plot_results', 'check_targets']
@@ -74,12 +75,11 @@ def _build_all(momentum_name: str, configs, device: str) -> Dict[str, nn.Module]
     models = {}
     for label, family, mode in configs:
         model = build_model(_model_name(momentum_name, family), mode)
-        target = model
-        model_state = target.state_dict()
+        model_state = model.state_dict()
         if set(model_state) == set(state):
-            target.load_state_dict(state)
+            model.load_state_dict(state)
         else:  # the official layout: layerK.1.0.network.{i} holds block i + 1
-            target.load_state_dict(_to_official_keys(state, model_state))
+            model.load_state_dict(_to_official_keys(state, model_state))
         models[label] = model.to(device).train()
     return models
 
@@ -323,21 +323,8 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     ax_time.axhline(1.0, color='gray', lw=0.5)
     ax_mem.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
     plt.close(fig)
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -350,7 +337,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(results))
     if args.out:
-        _atomic_write(args.out, lambda tmp: open(tmp, 'w').write(json.dumps(results, indent=2)))
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     if args.plot:
         plot_results(results, args.plot)
     return 0

@@ -12,7 +12,6 @@ import difflib
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
+
+from .files import atomic_write
+from .memory import _vm_hwm_bytes
 
 __all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'DigitsDataset', 'train', 'run_demo']
 
@@ -203,25 +205,10 @@ def _rank() -> int:
     return dist.get_rank() if _is_distributed() else 0
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.tmp-')
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device)
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _vm_hwm_bytes()
 
 
 def _plot(rows: List[Dict[str, Any]], out: Path) -> None:
@@ -404,10 +391,10 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             if val_acc > best_acc:
                 best_acc = val_acc
                 _export(eval_model, out / 'best', cfg, row)
-            _atomic_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            atomic_write(last, lambda tmp: torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                           'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
                           'ema': ema.state_dict() if ema else None, 'epoch': epoch, 'best_acc': best_acc,
-                          'rows': rows, 'config': cfg}, last)
+                          'rows': rows, 'config': cfg}, tmp))
     if _rank() == 0 and rows:
         _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1])
     return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
@@ -422,12 +409,13 @@ def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
 
 
 def _write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.metrics-')
-    with os.fdopen(fd, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any]) -> None:
