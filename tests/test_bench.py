@@ -26,6 +26,8 @@ def test_every_configuration_is_measured(results):
     assert by['momentum memory-efficient']['saved_bytes'] < 0.2 * by['momentum']['saved_bytes']
     assert by['momentum memory-efficient']['grad_rel_error'] <= 1e-5
     assert by['momentum memory-efficient']['grad_reference'] == 'momentum'
+    stored = by['momentum memory-efficient, transitions stored']
+    assert stored['grad_rel_error'] <= 1e-5 and stored['saved_bytes'] > by['momentum memory-efficient']['saved_bytes']
     assert by['resnet+checkpointing']['grad_rel_error'] <= 1e-5
     assert results['environment']['torch'] and results['environment']['timm']
     json.dumps(results)

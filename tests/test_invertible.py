@@ -129,6 +129,24 @@ def test_eval_and_no_grad_run_the_plain_forward():
         assert apply.call_count == 4 and checkpoint.call_count == 5  # stem and the 4 first blocks
 
 
+def test_stored_transitions_trade_memory_for_recomputation():
+    """checkpoint_transitions=False keeps the stem's and first blocks' activations: no checkpoint, the
+    same gradients, and more bytes saved for backward (a deterministic count)."""
+    from timm_momentum.memory import saved_tensor_bytes
+
+    recomputed = timm.create_model('momentum_resnet50', memory_efficient=True, zero_init_last=False)
+    stored = timm.create_model('momentum_resnet50', memory_efficient=True, checkpoint_transitions=False)
+    stored.load_state_dict(recomputed.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with mock.patch.object(invertible, 'checkpoint', wraps=invertible.checkpoint) as checkpoint:
+        out_s, gx_s, gp_s = _grads(stored, x)
+        assert checkpoint.call_count == 0
+    out_r, gx_r, gp_r = _grads(recomputed, x)
+    assert torch.equal(out_s, out_r)
+    assert max(relative_error(a, b) for a, b in zip(gp_s, gp_r)) <= 1e-5
+    assert saved_tensor_bytes(stored.train(), x) > 2 * saved_tensor_bytes(recomputed.train(), x)
+
+
 def test_gamma_too_small_for_memory_efficient_mode():
     with pytest.raises(ValueError, match=r'gamma=0\.0 cannot be inverted.*gamma >='):
         timm.create_model('momentum_resnet50', gamma=0.0, memory_efficient=True)

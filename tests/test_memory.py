@@ -1,4 +1,5 @@
 """Memory targets of memory-efficient mode (measured as in shared/MEASURE.md)."""
+import pytest
 import torch
 
 from timm_momentum.memory import MiB, build_model, peak_step_memory, saved_tensor_bytes
@@ -38,3 +39,10 @@ def test_peak_step_memory_against_plain_and_checkpointing():
           f'momentum memory-efficient {momentum / MiB:.0f} ({momentum / plain:.3f}x plain)')
     assert momentum <= 0.4 * plain
     assert momentum < checkpointing
+
+
+def test_peak_step_memory_rejects_bad_mode_and_amp_before_starting_a_subprocess():
+    with pytest.raises(ValueError, match="amp must be one of \\['bf16', 'fp16'\\]"):
+        peak_step_memory('resnet18', 'plain', amp='fp8')
+    with pytest.raises(ValueError, match='mode must be one of plain, checkpoint'):
+        peak_step_memory('resnet18', 'fastest')

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .files import atomic_write
-from .memory import MiB, build_model, peak_step_memory, saved_tensor_bytes, train_step
+from .memory import AMP_DTYPES, MiB, build_model, peak_step_memory, saved_tensor_bytes, train_step
 
 __all__ = ['CONFIGS', 'run_benchmark', 'format_table', 'plot_results', 'check_targets']
 
@@ -25,15 +25,16 @@ CONFIGS = (
     ('resnet+checkpointing', 'resnet', 'checkpoint'),
     ('momentum', 'momentum', 'plain'),
     ('momentum memory-efficient', 'momentum', 'memory_efficient'),
+    ('momentum memory-efficient, transitions stored', 'momentum', 'memory_efficient_stored_transitions'),
     ('official momentumnet', 'momentum', 'official'),
 )
 # Which configuration each one's gradients are compared with (same weights, same batch).
 _GRAD_REFERENCE = {
     'resnet+checkpointing': 'resnet',
     'momentum memory-efficient': 'momentum',
+    'momentum memory-efficient, transitions stored': 'momentum',
     'official momentumnet': 'momentum',
 }
-_AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def _official_available() -> bool:
@@ -59,12 +60,12 @@ def _validate(models: List[str], device: str, amp: Optional[str]) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
         raise ValueError('device cuda requested but torch.cuda.is_available() is False')
-    if amp is not None and amp not in _AMP:
-        raise ValueError(f"amp must be one of {sorted(_AMP)}, got {amp!r}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
 
 
 def _autocast(device: str, amp: Optional[str]):
-    return torch.autocast(device, dtype=_AMP[amp]) if amp else contextlib.nullcontext()
+    return torch.autocast(device, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
 
 
 def _build_all(momentum_name: str, configs, device: str) -> Dict[str, nn.Module]:
@@ -282,13 +283,13 @@ def check_targets(rows: List[Dict[str, Any]], device: str) -> List[Dict[str, Any
 def format_table(results: Dict[str, Any]) -> str:
     """A plain-text table of the results and the targets."""
     cuda = results['command_args']['device'] == 'cuda'
-    header = f'{"depth":>5}  {"configuration":<26} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} {"grad err":>9}'
+    header = f'{"depth":>5}  {"configuration":<46} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} {"grad err":>9}'
     if cuda:
         header += f' {"max batch":>9} {"img/s":>8}'
     lines = [header]
     for r in results['rows']:
         err = f'{r["grad_rel_error"]:.1e}' if 'grad_rel_error' in r else '-'
-        line = (f'{r["depth"]:>5}  {r["config"]:<26} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
+        line = (f'{r["depth"]:>5}  {r["config"]:<46} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
                 f'{r["time_ratio"]:7.2f} {err:>9}')
         if cuda and 'max_batch' in r:
             line += f' {r["max_batch"]:>9} {r["throughput_img_s"]:8.1f}'
@@ -350,7 +351,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--batch-size', type=int, default=16, help='batch of the memory measurements')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--amp', default=None, choices=sorted(_AMP))
+    parser.add_argument('--amp', default=None, choices=sorted(AMP_DTYPES))
     parser.add_argument('--time-batch-size', type=int, default=4, help='batch of the timing and gradient runs')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--steps', type=int, default=3)

@@ -15,9 +15,11 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['saved_tensor_bytes', 'build_model', 'official_momentumnet', 'train_step', 'peak_step_memory', 'MiB', 'MODES']
+__all__ = ['saved_tensor_bytes', 'build_model', 'official_momentumnet', 'train_step', 'peak_step_memory', 'MiB', 'MODES', 'AMP_DTYPES']
 
-MODES = ('plain', 'checkpoint', 'memory_efficient', 'official')
+MODES = ('plain', 'checkpoint', 'memory_efficient', 'memory_efficient_stored_transitions', 'official')
+# The autocast dtypes the measurements accept, by their command-line names.
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 MiB = 2 ** 20
 
@@ -46,7 +48,9 @@ def build_model(name: str, mode: str = 'plain', **kwargs: Any) -> nn.Module:
     Args:
         name: A timm model name (``resnet101``, ``momentum_resnet101``, ...).
         mode: ``plain`` (standard backprop), ``checkpoint`` (timm's ``set_grad_checkpointing``),
-            ``memory_efficient`` (momentum models only) or ``official`` (the momentumnet package).
+            ``memory_efficient`` (momentum models only), ``memory_efficient_stored_transitions`` (the same,
+            but the stem and each stage's first block store their activations instead of recomputing
+            them) or ``official`` (the momentumnet package).
         **kwargs: Passed to ``timm.create_model``.
     """
     import timm
@@ -54,6 +58,8 @@ def build_model(name: str, mode: str = 'plain', **kwargs: Any) -> nn.Module:
 
     if mode == 'memory_efficient':
         kwargs['memory_efficient'] = True
+    elif mode == 'memory_efficient_stored_transitions':
+        kwargs.update(memory_efficient=True, checkpoint_transitions=False)
     elif mode == 'official':
         return official_momentumnet(name, **kwargs).train()
     elif mode not in ('plain', 'checkpoint'):
@@ -106,8 +112,7 @@ def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
     x = torch.randn(spec['batch_size'], 3, size, size, device=device)
     target = torch.randint(0, model.num_classes, (spec['batch_size'],), device=device)
     amp = spec.get('amp')
-    autocast = torch.autocast(device.type, dtype=getattr(torch, {'bf16': 'bfloat16', 'fp16': 'float16'}[amp])) \
-        if amp else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -133,6 +138,10 @@ def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_
     OS and RSS follows live memory; ``VmHWM`` is read before and after the step (not ``ru_maxrss``,
     which Linux carries over from the parent).
     """
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}')
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     spec = dict(model=model, mode=mode, batch_size=batch_size, img_size=img_size, device=device,
                 model_kwargs=model_kwargs or {}, amp=amp)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
