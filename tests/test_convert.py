@@ -108,6 +108,17 @@ def test_timm_tag_from_the_hub_cache_and_hf_hub_output(tmp_path, monkeypatch):
         convert('resnet34.a1_in1k', tmp_path / 'missing')
 
 
+@pytest.mark.parametrize('options, message', [
+    (['--gamma', '2'], 'gamma must be in [0, 1], got 2.0'),
+    (['--distill-steps', '-3'], 'distill_steps must be >= 0, got -3'),
+    (['--recalibrate-bn'], 'needs heal_images'),
+])
+def test_bad_options_are_refused_before_the_source_is_read(tmp_path, options, message, capsys):
+    assert main(['convert', str(tmp_path / 'absent.safetensors'), '--out', str(tmp_path / 'out')] + options) == 2
+    assert message in capsys.readouterr().err
+    assert _no_leftovers(tmp_path / 'out')
+
+
 def test_infer_architecture_reads_the_state_dict():
     assert infer_architecture(_resnet(50, num_classes=3, in_chans=1).state_dict()) == \
         ('momentum_resnet50', {'num_classes': 3, 'in_chans': 1})
