@@ -3,10 +3,9 @@
 A plain timm ResNet is trained on digits 0-4 (sklearn's real handwritten digits), converted to its
 Momentum ResNet at each gamma, and evaluated on held-out digits 0-4 before any fine-tuning: without
 healing, with BatchNorm recalibration, with distillation of the source, and with recalibration followed
-by distillation. Besides top-1,
-it reports how far the converted net's predictions are from the source's (KL divergence of the source's
-softmax from the converted net's, averaged over the test images), which still separates the options
-where top-1 saturates.
+by distillation. Besides top-1, it reports how far the converted net's predictions are from the source's
+(KL divergence of the source's softmax from the converted net's, averaged over the test images), which
+still separates the options where top-1 saturates.
 
     python convert/heal_experiment.py [--model resnet18] [--gammas 0.9 0.99] [--out convert/HEALING.md]
     python convert/heal_experiment.py --model resnet50 --out convert/HEALING_resnet50.md

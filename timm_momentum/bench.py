@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .files import atomic_write
-from .memory import AMP_DTYPES, MiB, build_model, peak_step_memory, saved_tensor_bytes, train_step
+from .memory import AMP_DTYPES, MiB, build_model, check_amp, peak_step_memory, saved_tensor_bytes, train_step
 
 __all__ = ['CONFIGS', 'run_benchmark', 'format_table', 'plot_results', 'check_targets']
 
@@ -60,8 +60,7 @@ def _validate(models: List[str], device: str, amp: Optional[str]) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
         raise ValueError('device cuda requested but torch.cuda.is_available() is False')
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    check_amp(amp)
 
 
 def _autocast(device: str, amp: Optional[str]):

@@ -15,13 +15,26 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['saved_tensor_bytes', 'build_model', 'official_momentumnet', 'train_step', 'peak_step_memory', 'MiB', 'MODES', 'AMP_DTYPES']
+__all__ = ['saved_tensor_bytes', 'build_model', 'official_momentumnet', 'train_step', 'peak_step_memory', 'MiB',
+           'MODES', 'AMP_DTYPES', 'check_mode', 'check_amp']
 
 MODES = ('plain', 'checkpoint', 'memory_efficient', 'memory_efficient_stored_transitions', 'official')
 # The autocast dtypes the measurements accept, by their command-line names.
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 MiB = 2 ** 20
+
+
+def check_mode(mode: str) -> None:
+    """Raise ValueError naming ``mode`` unless it is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def check_amp(amp: Optional[str]) -> None:
+    """Raise ValueError naming ``amp`` unless it is None or a key of AMP_DTYPES."""
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}')
 
 
 def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -56,14 +69,13 @@ def build_model(name: str, mode: str = 'plain', **kwargs: Any) -> nn.Module:
     import timm
     import timm_momentum  # noqa: F401  (registers the momentum models)
 
+    check_mode(mode)
     if mode == 'memory_efficient':
         kwargs['memory_efficient'] = True
     elif mode == 'memory_efficient_stored_transitions':
         kwargs.update(memory_efficient=True, checkpoint_transitions=False)
     elif mode == 'official':
         return official_momentumnet(name, **kwargs).train()
-    elif mode not in ('plain', 'checkpoint'):
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     model = timm.create_model(name, **kwargs)
     if mode == 'checkpoint':
         model.set_grad_checkpointing(True)
@@ -138,10 +150,8 @@ def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_
     OS and RSS follows live memory; ``VmHWM`` is read before and after the step (not ``ru_maxrss``,
     which Linux carries over from the parent).
     """
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}')
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_amp(amp)
+    check_mode(mode)
     spec = dict(model=model, mode=mode, batch_size=batch_size, img_size=img_size, device=device,
                 model_kwargs=model_kwargs or {}, amp=amp)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')

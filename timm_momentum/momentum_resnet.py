@@ -131,8 +131,9 @@ class MomentumResNet(ResNet):
                 so stored activations do not grow with depth.
             checkpoint_transitions: In memory-efficient mode, also recompute the stem and each stage's
                 first block in backward instead of storing their activations (their shapes change, so
-                they cannot be inverted). False trades memory for speed: on the CPU benchmark it stores
-                about 380 MiB more at resnet101, batch 16, and saves about 4% of a step.
+                they cannot be inverted). False trades memory for speed: in the CPU benchmark
+                (benchmarks/RESULTS.md) resnet101 at batch 16 peaked 378 MiB higher, and a batch-4 step
+                went from 1.44x to 1.34x plain backprop.
             cifar_stem: The paper's CIFAR stem: one 3x3 stride-1 conv, no max-pool.
             **kwargs: Keyword ResNet arguments (num_classes, stem_type, drop_path_rate, ...).
         """
@@ -146,7 +147,6 @@ class MomentumResNet(ResNet):
             setattr(self, name, MomentumStage(*stage, gamma=gamma, block_fn=block_fn,
                                               memory_efficient=memory_efficient,
                                               checkpoint_first=checkpoint_transitions))
-        self.checkpoint_transitions = bool(checkpoint_transitions)
         self.momentum_cfg = dict(gamma=gamma, block_fn=block_fn, memory_efficient=bool(memory_efficient))
 
     def _make_cifar_stem(self) -> None:
@@ -230,8 +230,9 @@ class MomentumResNet(ResNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and the four momentum stages."""
-        checkpoint_stem = self.checkpoint_transitions and (
-            self.layer1.memory_efficient if isinstance(self.layer1, MomentumStage) else False)
+        # the stem is checkpointed with the transitions: as layer1's first block is
+        checkpoint_stem = isinstance(self.layer1, MomentumStage) and self.layer1.memory_efficient \
+            and self.layer1.checkpoint_first
         if (checkpoint_stem or self.grad_checkpointing) and self.training and torch.is_grad_enabled():
             x = checkpoint_blocks(self._stem, x, self._stem_modules())
         else:
