@@ -25,6 +25,7 @@ both modes compute bitwise the same forward, and the backward checks its own rec
 rebuilt activations drift past the working precision and raises when gradients would be wrong.
 """
 import contextlib
+import functools
 import math
 import warnings
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -155,20 +156,34 @@ class frozen_norm_stats:
         self.stashed = []
 
 
+def _recompute_context(modules: Sequence[nn.Module]) -> Tuple[contextlib.nullcontext, frozen_norm_stats]:
+    """checkpoint's context_fn: nothing around the forward, frozen norm statistics around the recompute."""
+    return contextlib.nullcontext(), frozen_norm_stats(modules)
+
+
 def checkpoint_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                       modules: Sequence[nn.Module]) -> torch.Tensor:
     """Run ``fn(x)`` under activation checkpointing that restores RNG and autocast state on recompute
     and does not update the norm statistics of ``modules`` a second time."""
-    return checkpoint(
-        fn, x, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), frozen_norm_stats(modules)),
-    )
+    if torch.compiler.is_compiling():
+        # The compiled backward recomputes from the traced graph, whose buffer updates run once, in the
+        # forward; dynamo traces checkpoint only without a context_fn.
+        return checkpoint(fn, x, use_reentrant=False)
+    return checkpoint(fn, x, use_reentrant=False, context_fn=functools.partial(_recompute_context, modules))
+
+
+def _autocast_state(device_type: str) -> Tuple[bool, torch.dtype]:
+    """Whether autocast is on for ``device_type``, and its dtype; off for devices without autocast (meta)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return False, torch.float32
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype blocks compute in: autocast's where autocast is on, else the input's."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64):
-        return torch.get_autocast_dtype(x.device.type)
+    enabled, dtype = _autocast_state(x.device.type)
+    if enabled and x.dtype in (torch.float32, torch.float64):
+        return dtype
     return x.dtype
 
 
@@ -199,7 +214,8 @@ def _replay(block: nn.Module, rng: Optional[Tuple[torch.Tensor, Optional[torch.T
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], device)
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]))
+        if torch.amp.is_autocast_available(device.type):
+            stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]))
         stack.enter_context(frozen_norm_stats([block]))
         yield
 
@@ -242,8 +258,7 @@ class _InvertibleMomentum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: _ChainSpec, *params: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        autocast = _autocast_state(x.device.type)
         work_dtype = _work_dtype(x)
         carrier, span, store_inputs = plan_chain(spec.gamma, len(spec.blocks), work_dtype, x.dtype)
         if span < 1:
@@ -333,7 +348,7 @@ class _InvertibleMomentum(torch.autograd.Function):
             param_grads.append([_times(next(by_param), 1.0 - gamma) if p.requires_grad else None
                                 for p in spec.params[n]])
             del grads
-        if gaps:
+        if gaps and grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
             _check_reconstruction(torch.stack(gaps).max().item(), ctx.work_dtype, gamma, len(spec.blocks))
         flat = [g for block_grads in reversed(param_grads) for g in block_grads]
         return (grad_x.to(ctx.in_dtype), None, *flat)
@@ -355,6 +370,14 @@ def _check_reconstruction(worst_gap: float, work_dtype: torch.dtype, gamma: floa
         raise RuntimeError(f'{what}; gradients would be wrong. Use a gamma closer to 1, or memory_efficient=False.')
     warnings.warn(f'{what}; gradients carry a relative error of about that size. A gamma closer to 1 or '
                   f'memory_efficient=False avoids it.', RuntimeWarning, stacklevel=2)
+
+
+@torch.compiler.disable
+def _invertible_chain(x: torch.Tensor, spec: _ChainSpec) -> torch.Tensor:
+    """The memory-efficient chain as one opaque call for torch.compile: its forward reads RNG state and
+    storage pointers and its backward syncs once on the reconstruction check, so it runs eagerly (blocks
+    included) while the code around it compiles."""
+    return _InvertibleMomentum.apply(x, spec, *[p for ps in spec.params for p in ps])
 
 
 def momentum_chain(
@@ -385,8 +408,7 @@ def momentum_chain(
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for block in blocks for p in block.parameters()))
     if memory_efficient and needs_grad:
-        spec = _ChainSpec(blocks, block_fn, gamma)
-        return _InvertibleMomentum.apply(x, spec, *[p for ps in spec.params for p in ps])
+        return _invertible_chain(x, _ChainSpec(blocks, block_fn, gamma))
     # With gradients, the same arithmetic as the invertible forward: both modes compute bitwise the same.
     if needs_grad:
         carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
@@ -396,7 +418,7 @@ def momentum_chain(
     for block in blocks:
         x_in = x_state.to(x.dtype)
         if grad_checkpointing and needs_grad:
-            fx = checkpoint_blocks(lambda inp, b=block: block_fn(b, inp), x_in, [block])
+            fx = checkpoint_blocks(functools.partial(block_fn, block), x_in, [block])
         else:
             fx = block_fn(block, x_in)
         v_state = _velocity(v_state, fx, carrier, gamma)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, list_pretrained
-from timm.models import register_model
+from timm.models import register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -88,22 +88,68 @@ class MomentumStage(nn.Sequential):
         self.gamma, self.block_fn, self.memory_efficient = gamma, block_fn, memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the first block, then the momentum chain."""
-        blocks = list(self)
-        if not blocks:
-            return x
-        first = blocks[0]
-        if ((self.memory_efficient and self.checkpoint_first) or self.grad_checkpointing) \
-                and torch.is_grad_enabled() and self.training:
-            x = checkpoint_blocks(first, x, [first])
-        else:
-            x = first(x)
-        return momentum_chain(
-            x, blocks[1:], self.gamma, _block_fn(self.block_fn),
-            memory_efficient=self.memory_efficient, grad_checkpointing=self.grad_checkpointing)
+        """Run the first block, then the momentum chain.
+
+        Training with gradients takes the memory mode and checkpointing set on the stage; eval and
+        no-grad forwards are ``forward_plain``. TorchScript compiles only ``forward_plain``: the
+        memory-efficient and checkpointed training paths are Python-only (eager, torch.compile, fx).
+        """
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        return momentum_stage_forward(self, x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's forward with nothing stored or recomputed: eval, no-grad and TorchScript.
+
+        The same arithmetic as the training forward; ``residual_branch`` is spelled out again here
+        because TorchScript cannot pass a module to a function.
+        """
+        velocity: Optional[torch.Tensor] = None
+        for index, block in enumerate(self):
+            if index == 0:
+                x = block(x)
+            else:
+                if self.block_fn == 'paper':
+                    if hasattr(block, 'conv3'):  # Bottleneck
+                        fx = block.act1(block.bn1(block.conv1(x)))
+                        fx = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(fx)))))
+                        fx = block.bn3(block.conv3(fx))
+                    else:  # BasicBlock
+                        fx = block.aa(block.act1(block.drop_block(block.bn1(block.conv1(x)))))
+                        fx = block.bn2(block.conv2(fx))
+                    if block.se is not None:
+                        fx = block.se(fx)
+                    if block.drop_path is not None:
+                        fx = block.drop_path(fx)
+                else:
+                    fx = block(x) - x
+                velocity = fx * (1.0 - self.gamma) if velocity is None else torch.lerp(fx, velocity, self.gamma)
+                x = x + velocity
+        return x
 
     def extra_repr(self) -> str:
         return f'gamma={self.gamma}, block_fn={self.block_fn!r}, memory_efficient={self.memory_efficient}'
+
+
+def momentum_stage_forward(stage: MomentumStage, x: torch.Tensor) -> torch.Tensor:
+    """A MomentumStage's eager forward; fx tracers record it as one call, so traced models keep its
+    memory-efficient backward."""
+    if not (stage.training and torch.is_grad_enabled()) or len(stage) == 0:
+        return stage.forward_plain(x)
+    first, *chain = list(stage)
+    if (stage.memory_efficient and stage.checkpoint_first) or stage.grad_checkpointing:
+        x = checkpoint_blocks(first, x, [first])
+    else:
+        x = first(x)
+    return momentum_chain(
+        x, chain, stage.gamma, _block_fn(stage.block_fn),
+        memory_efficient=stage.memory_efficient, grad_checkpointing=stage.grad_checkpointing)
+
+
+# fx tracers that trace through the stage (torchvision's by default) record one call to this function;
+# timm's tracers keep the whole stage as a leaf module.
+torch.fx.wrap('momentum_stage_forward')
+register_notrace_module(MomentumStage)
 
 
 class MomentumResNet(ResNet):
@@ -111,6 +157,7 @@ class MomentumResNet(ResNet):
 
     Accepts every ``timm.models.resnet.ResNet`` argument, plus the momentum ones below.
     """
+    __jit_unused_properties__ = ['stages']
 
     def __init__(
             self,
@@ -184,6 +231,11 @@ class MomentumResNet(ResNet):
             if isinstance(stage, MomentumStage):
                 stage.grad_checkpointing = enable
 
+    def _checkpoint_stem(self) -> bool:
+        # the stem is checkpointed with the transitions: as layer1's first block is
+        return isinstance(self.layer1, MomentumStage) and self.layer1.memory_efficient \
+            and self.layer1.checkpoint_first
+
     def _stem_modules(self) -> List[nn.Module]:
         return [self.conv1, self.bn1, self.act1, self.maxpool]
 
@@ -230,15 +282,17 @@ class MomentumResNet(ResNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and the four momentum stages."""
-        # the stem is checkpointed with the transitions: as layer1's first block is
-        checkpoint_stem = isinstance(self.layer1, MomentumStage) and self.layer1.memory_efficient \
-            and self.layer1.checkpoint_first
-        if (checkpoint_stem or self.grad_checkpointing) and self.training and torch.is_grad_enabled():
+        # fx tracers trace through this checkpoint (recording the stem's activations as stored), since
+        # timm's feature extractors take the stem's act1 output as a graph node
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled() \
+                and (self._checkpoint_stem() or self.grad_checkpointing):
             x = checkpoint_blocks(self._stem, x, self._stem_modules())
         else:
             x = self._stem(x)
-        for stage in self.stages:
-            x = stage(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
         return x
 
 

@@ -1,0 +1,131 @@
+"""The tools timm users train with: the meta device, TorchScript, fx feature extraction, torch.compile."""
+import timm
+import torch
+import torch.nn as nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import pytest
+
+from timm_momentum.invertible import momentum_chain
+from timm_momentum.memory import saved_tensor_bytes
+from timm_momentum.momentum_resnet import BLOCK_FNS
+
+
+def _autograd_node_names(out: torch.Tensor):
+    names, stack, seen = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize('name', ['momentum_resnet50', 'momentum_mresnet18_cifar'])
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_meta_device_trains_with_grad(name, memory_efficient):
+    # deferred-init tools build and run models on the meta device; autocast does not exist there
+    with torch.device('meta'):
+        model = timm.create_model(name, memory_efficient=memory_efficient).train()
+        out = model(torch.randn(2, 3, 64, 64))
+        out.sum().backward()
+    assert out.device.type == 'meta' and out.shape == (2, model.num_classes)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_eval_with_grad_never_enters_the_autograd_function():
+    model = timm.create_model('momentum_resnet50', memory_efficient=True).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    names = _autograd_node_names(model(x))
+    assert not [n for n in names if 'Invertible' in n or 'Checkpoint' in n], names
+    assert 'LerpBackward0' in names  # the plain momentum arithmetic, differentiated as usual
+
+
+@pytest.mark.parametrize('name', ['momentum_resnet50', 'momentum_mresnet50'])
+def test_plain_forward_is_the_chain_forward(name):
+    # forward_plain spells the paper block function out again for TorchScript; it must not drift
+    model = timm.create_model(name, gamma=0.8).eval()
+    stage = model.layer3
+    x = torch.randn(2, 512, 8, 8)
+    with torch.no_grad():
+        expected = momentum_chain(stage[0](x), list(stage)[1:], stage.gamma, BLOCK_FNS[stage.block_fn])
+        assert torch.equal(stage.forward_plain(x), expected)
+
+
+@pytest.mark.parametrize('name', ['momentum_resnet18', 'momentum_mresnet18_cifar'])
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_torchscript_gives_the_eager_outputs(name, memory_efficient):
+    model = timm.create_model(name, memory_efficient=memory_efficient).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(scripted(x), model(x))
+    with torch.no_grad():
+        assert torch.equal(scripted.forward_features(x), model.forward_features(x))
+
+
+class _LastFeature(nn.Module):
+    """Pooled last feature map of a feature extractor, so that saved_tensor_bytes can take a logsumexp."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.extractor(x)
+        if isinstance(features, dict):
+            features = features['layer4']
+        elif isinstance(features, list):
+            features = features[-1]
+        return features.mean((2, 3))
+
+
+def _extractors(memory_efficient: bool):
+    torch.manual_seed(0)
+    model = timm.create_model('momentum_resnet50', memory_efficient=memory_efficient).train()
+    torchvision_fx = create_feature_extractor(model, ['layer2', 'layer4'])  # traces through the stages
+    timm_fx = timm.create_model('momentum_resnet50', memory_efficient=memory_efficient, features_only=True,
+                                feature_cls='fx').train()  # keeps the stages as leaf modules
+    return model, torchvision_fx, timm_fx
+
+
+def test_fx_feature_extractors_train_and_keep_the_memory_saving():
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for memory_efficient in (False, True):
+        model, torchvision_fx, timm_fx = _extractors(memory_efficient)
+        model.reset_classifier(0, '')  # the model's output is then layer4's feature map
+        saved[memory_efficient] = {
+            'eager': saved_tensor_bytes(_LastFeature(model), x),
+            'torchvision': saved_tensor_bytes(_LastFeature(torchvision_fx), x),
+            'timm': saved_tensor_bytes(_LastFeature(timm_fx), x),
+        }
+        features = timm_fx(x)
+        sum(f.sum() for f in features).backward()
+        assert all(p.grad is not None for p in timm_fx.parameters())
+    model = timm.create_model('momentum_resnet50').train()
+    stem_bytes = saved_tensor_bytes(_LastFeature(nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)), x)
+    print(saved, stem_bytes)
+    standard, efficient = saved[False], saved[True]
+    assert standard['torchvision'] == standard['eager'] == standard['timm']
+    # traced extractors keep the chains' and transitions' saving; only the stem, whose act1 output is a
+    # feature node for timm, is stored rather than checkpointed
+    assert efficient['torchvision'] == efficient['timm']
+    assert efficient['eager'] < efficient['torchvision'] <= efficient['eager'] + stem_bytes
+    assert efficient['torchvision'] < 0.1 * standard['torchvision']
+
+
+def test_fx_extractor_gradients_match_the_eager_model():
+    x = torch.randn(2, 3, 64, 64)
+    model, torchvision_fx, _ = _extractors(memory_efficient=True)
+    torch.manual_seed(1)
+    model.forward_features(x).sum().backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    torchvision_fx(x)['layer4'].sum().backward()
+    fx_grads = {name: p.grad for name, p in torchvision_fx.named_parameters() if p.grad is not None}
+    assert fx_grads.keys() <= eager_grads.keys() and len(fx_grads) > 100
+    for name, grad in fx_grads.items():
+        assert torch.equal(grad, eager_grads[name]), name
