@@ -5,6 +5,9 @@ import torch
 
 import timm_momentum  # noqa: F401  (registers the momentum models)
 
+# timm's own test suite runs through tests/timm_suite/run.sh, with its own plugin, not here
+collect_ignore = ['timm_suite']
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,0 +1,69 @@
+"""pytest plugin that runs timm's own tests/test_models.py against the momentum models.
+
+It only chooses models and sets the memory mode; timm's tests and assertions run unchanged.
+
+  * imports timm_momentum, so the momentum models are registered before timm's tests list models;
+  * keeps the tests parametrized by one of the chosen models (``--momentum-models``), deselects the rest,
+    and deselects the tests that download pretrained weights;
+  * with ``--momentum-memory-efficient``, builds every momentum model with ``memory_efficient=True``;
+  * lists the momentum models under timm's module name 'resnet' as well, because timm chooses the
+    models for its forward_intermediates tests by module name and 'momentum_resnet' is not on its list.
+"""
+import functools
+from typing import Any, Callable, List
+
+import pytest
+from timm.models import _registry
+
+import timm_momentum
+
+DEFAULT_MODELS = 'momentum_resnet18,momentum_resnet50,momentum_mresnet18_cifar'
+# These tests fetch weights or reference tensors from the Hugging Face Hub.
+DOWNLOADING_TESTS = ('test_model_inference', 'test_model_load_pretrained', 'test_model_features_pretrained')
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup('timm-momentum')
+    group.addoption('--momentum-models', default=DEFAULT_MODELS,
+                    help=f'comma-separated momentum models to test (default: {DEFAULT_MODELS})')
+    group.addoption('--momentum-memory-efficient', action='store_true',
+                    help='build every momentum model with memory_efficient=True')
+
+
+def _with_memory_efficient(entrypoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(entrypoint)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault('memory_efficient', True)
+        return entrypoint(*args, **kwargs)
+    return build
+
+
+def _chosen(config: pytest.Config) -> List[str]:
+    return [name.strip() for name in config.getoption('--momentum-models').split(',') if name.strip()]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.hasplugin('timeout'):  # timm marks its tests for pytest-timeout
+        config.addinivalue_line('markers', 'timeout(seconds): per-test time limit, for pytest-timeout')
+    chosen = _chosen(config)
+    unknown = [name for name in chosen if _registry._model_to_module.get(name) != 'momentum_resnet']
+    if unknown:
+        raise pytest.UsageError(f'--momentum-models: not momentum models: {", ".join(unknown)}')
+    _registry._module_to_models['resnet'].update(chosen)
+    if config.getoption('--momentum-memory-efficient'):
+        for name in chosen:
+            _registry._model_entrypoints[name] = _with_memory_efficient(_registry._model_entrypoints[name])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    chosen = set(_chosen(config))
+    kept, deselected = [], []
+    for item in items:
+        callspec = getattr(item, 'callspec', None)
+        model_name = callspec.params.get('model_name') if callspec is not None else None
+        selected = (isinstance(model_name, str) and model_name.split('.')[0] in chosen
+                    and item.originalname not in DOWNLOADING_TESTS)
+        (kept if selected else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    items[:] = kept
