@@ -281,7 +281,7 @@ class MomentumResNet(ResNet):
         return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and the four momentum stages."""
+        """Stem and the four momentum stages; under TorchScript, the plain forward only (no checkpointing)."""
         # fx tracers trace through this checkpoint (recording the stem's activations as stored), since
         # timm's feature extractors take the stem's act1 output as a graph node
         if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled() \
