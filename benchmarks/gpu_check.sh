@@ -60,7 +60,7 @@ fi
 
 BENCH=("$PYTHON" -m timm_momentum.cli bench)
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    stage tests 90 "$OUT/gpu_tests.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    stage tests 120 "$OUT/gpu_tests.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
     # Largest batch: on an H200 resnet101 fits ~10^3 images, so cap the search at 16384 and 60 s per model.
     stage bench 180 "$OUT/gpu_bench.txt" "${BENCH[@]}" --device cuda --amp bf16 \
         --models momentum_resnet101,momentum_resnet152 --batch-size 16 --time-batch-size 64 --img-size 224 \
@@ -78,7 +78,7 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
 else
     echo "no CUDA device: running the reduced CPU form" | tee -a "$SUMMARY"
     stage tests 120 "$OUT/gpu_tests.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-    stage bench 600 "$OUT/gpu_bench.txt" "${BENCH[@]}" --device cpu --models momentum_resnet50 --batch-size 2 \
+    stage bench 600 "$OUT/gpu_bench.txt" "${BENCH[@]}" --device cpu --models momentum_resnet18 --batch-size 2 \
         --img-size 32 --time-batch-size 2 --warmup 1 --steps 1 --out "$OUT/gpu_bench.json" \
         --plot "$OUT/gpu_bench.png"
 fi

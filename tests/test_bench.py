@@ -135,6 +135,8 @@ def test_compiled_rows_are_measured_like_the_rest(two_configs):
     assert standard['graph_breaks'] >= 0 and standard['grad_reference'] == 'momentum'
     assert standard['grad_rel_error'] <= 1e-5
     assert standard['peak_bytes'] > 0 and standard['saved_bytes'] > 0 and standard['step_seconds'] > 0
+    assert by['momentum']['peak_bytes'] > 0  # eager rows: the step after a warm-up too, in their subprocess
+    # the compiled row's peak came from peak_step_memory(..., compile_backend='aot_eager') in a fresh subprocess
     efficient = by['momentum memory-efficient, compiled']  # compiles once the toolchain work lands
     assert efficient.get('failed', '').startswith('compile: ') or efficient['grad_rel_error'] <= 1e-5
     assert 'aot_eager, warmed up' in format_table(results)
@@ -202,3 +204,14 @@ def test_gpu_check_script_runs_its_cpu_form(tmp_path):
     assert 'reduced CPU form' in summary and 'bench: exit 0' in summary and 'tests: exit 0' in summary
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in tmp_path.iterdir())  # what the device tool brings back
+
+
+def test_readme_links_stay_inside_the_repository():
+    import re
+    root = Path(__file__).parent.parent
+    links = re.findall(r'\]\(([^)#]+)\)', (root / 'README.md').read_text())
+    local = [link for link in links if not link.startswith(('http://', 'https://'))]
+    assert 'benchmarks/MEASURE.md' in local
+    for link in local:
+        assert not link.startswith(('..', '/')), link
+        assert (root / link).is_file(), link

@@ -387,7 +387,8 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
 
 def _peak(name: str, config: Config, model: nn.Module, batch_size: int, img_size: int, device: str,
           amp: Optional[str], compile_backend: str) -> int:
-    """Peak step memory: on CPU in a fresh subprocess; on CUDA in this process, from the allocator's statistics."""
+    """Peak memory of a step after a warm-up (the steady state, and what compiled rows allow): on CPU in a
+    fresh subprocess; on CUDA in this process, from the allocator's statistics."""
     if device == 'cuda':
         x, target = _batch(batch_size, img_size, device)
         if config.compiled:  # a new batch size compiles new graphs: not part of the step
@@ -396,7 +397,8 @@ def _peak(name: str, config: Config, model: nn.Module, batch_size: int, img_size
         return cuda_step_peak(model, x, target, torch.optim.SGD(model.parameters(), lr=1e-3), amp)
     kwargs = {} if config.mode == 'official' else {'zero_init_last': False}
     return peak_step_memory(_model_name(name, config.family), config.mode, batch_size, img_size, device,
-                            model_kwargs=kwargs, amp=amp, compile_backend=compile_backend if config.compiled else None)
+                            model_kwargs=kwargs, amp=amp, compile_backend=compile_backend if config.compiled else None,
+                            after_warmup=True)
 
 
 def _machine(device: str) -> str:

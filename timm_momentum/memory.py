@@ -206,12 +206,18 @@ def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
     x = torch.randn(spec['batch_size'], 3, size, size, device=device)
     target = torch.randint(0, model.num_classes, (spec['batch_size'],), device=device)
     amp = spec.get('amp')
+    after_warmup = spec.get('after_warmup') or spec.get('compile')
+    if after_warmup and device.type == 'cpu':
+        reset_peak_rss()  # fails here, before any work, where Linux cannot reset the peak
     if spec.get('compile'):
         model = compile_model(model, spec['compile'])
         warm_up_compiled(model, x, target, optimizer, amp)
+    elif after_warmup:
+        with autocast(device.type, amp):
+            train_step(model, x, target, optimizer)
     if device.type == 'cuda':
         return {**spec, 'peak_bytes': cuda_step_peak(model, x, target, optimizer, amp)}
-    if spec.get('compile'):
+    if after_warmup:
         reset_peak_rss()
     before = vm_hwm_bytes()
     with autocast(device.type, amp):
@@ -221,18 +227,20 @@ def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_size: int = 224,
                      device: str = 'cpu', model_kwargs: Optional[Dict[str, Any]] = None,
-                     amp: Optional[str] = None, timeout: float = 1800, compile_backend: Optional[str] = None) -> int:
+                     amp: Optional[str] = None, timeout: float = 1800, compile_backend: Optional[str] = None,
+                     after_warmup: bool = False) -> int:
     """Peak memory of one training step above what the process held before it, in bytes.
 
     Runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the
     OS and RSS follows live memory; ``VmHWM`` is read before and after the step (not ``ru_maxrss``,
-    which Linux carries over from the parent). With ``compile_backend`` the model is compiled and warmed
-    up first, and the peak is reset after the warm-up, so compilation's own memory is not counted.
+    which Linux carries over from the parent). By default the step is the process's first, which also
+    allocates one-off state. With ``after_warmup`` (always with ``compile_backend``, whose first steps
+    compile) the model first trains until it is warm, the peak is reset, and the next step is measured.
     """
     check_amp(amp)
     check_mode(mode)
     spec = dict(model=model, mode=mode, batch_size=batch_size, img_size=img_size, device=device,
-                model_kwargs=model_kwargs or {}, amp=amp, compile=compile_backend)
+                model_kwargs=model_kwargs or {}, amp=amp, compile=compile_backend, after_warmup=after_warmup)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     proc = subprocess.run(
         [sys.executable, '-m', 'timm_momentum.memory', json.dumps(spec)],
