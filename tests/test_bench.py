@@ -161,6 +161,7 @@ def test_a_failing_configuration_is_a_row_not_a_crash(two_configs, monkeypatch, 
     (['--models', 'resnet_nope'], 'unknown model'),
     (['--models', ','], 'no models given'),
     (['--compile', 'fastest'], "unknown compiled configuration 'fastest'"),
+    (['--models', 'momentum_resnet50', '--max-batch-models', 'momentum_resnet101'], 'max_batch_models must be'),
     (['--amp', 'fp8'], 'invalid choice'),
     (['--device', 'tpu'], 'invalid choice'),
 ])

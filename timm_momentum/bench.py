@@ -243,6 +243,7 @@ def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit
             result.update(throughput_batch=low, throughput_img_s=low / step_seconds)
             break
         except torch.cuda.OutOfMemoryError:
+            x = t = None  # free this batch before the smaller one is drawn
             optimizer.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
@@ -288,6 +289,9 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
         and the targets not judged (with why).
     """
     _validate(models, device, amp, compiled)
+    unknown = set(max_batch_models or ()) - set(models)
+    if unknown:
+        raise ValueError(f'max_batch_models must be among the benched models; {sorted(unknown)} are not')
     import timm
 
     configs = [c for c in CONFIGS if c.mode != 'official' or (_official_available() and amp != 'fp16')]
@@ -300,8 +304,11 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
         if search:
             for row in rows[-len(configs):]:
                 if row['config'] in ('resnet', 'momentum memory-efficient') and 'failed' not in row:
-                    row.update(largest_batch(row['arch'], row['mode'], img_size, amp, max_batch_limit,
-                                             max_batch_seconds))
+                    try:
+                        row.update(largest_batch(row['arch'], row['mode'], img_size, amp, max_batch_limit,
+                                                 max_batch_seconds))
+                    except Exception as e:  # keep what was measured; the search is the last stage
+                        row.update(max_batch=0, max_batch_search=f'failed: {_reason(e)}', throughput_img_s=0.0)
                     log(f'{name} {row["config"]}: largest batch {row["max_batch"]} ({row["max_batch_search"]}), '
                         f'{row["throughput_img_s"]:.0f} img/s')
     command_args = dict(models=models, batch_size=batch_size, img_size=img_size, device=device, amp=amp,
@@ -356,6 +363,8 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
     seconds = _time_steps({k: m for k, m in instances.items() if k not in failures}, x, target, amp,
                           warmup, steps, failures)
     log(f'{name}: timing {time.perf_counter() - started:.1f} s')
+    if 'resnet' in failures:  # every ratio is against it
+        raise RuntimeError(f'plain resnet failed: {failures["resnet"]}')
     rows = []
     for config in configs:
         label, model = config.label, instances[config.label]
@@ -477,7 +486,7 @@ def check_targets(rows: List[Dict[str, Any]], command_args: Dict[str, Any]) -> T
             not_judged.append(f'largest-batch targets: set for bf16 at 224² (this run: {args["amp"] or "fp32"} at '
                               f'{args["img_size"]}²)')
         elif not plain.get('max_batch') or 'max_batch' not in eff:
-            not_judged.append('largest-batch targets: set for depth 101, whose largest batch was not searched')
+            not_judged.append('largest-batch targets: set for depth 101, whose largest batches were not found')
         else:
             ratio = eff['max_batch'] / plain['max_batch']
             if ratio < 5 and eff['max_batch_search'] != 'converged':
