@@ -571,7 +571,7 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     ax_time.legend(fontsize=7, title='configuration', title_fontsize=7)
     if peaks_measured:
         ax_mem.set(xlabel='depth', ylabel='peak step memory above the model (MiB)', xticks=depths,
-                   title=f'peak memory of one step at batch {args["batch_size"]}')
+                   title=f'peak memory of a step after warm-up, batch {args["batch_size"]}')
         ax_mem.legend(fontsize=7, title='configuration', title_fontsize=7)
         ax_trade.set(xlabel=f'peak step memory at batch {args["batch_size"]} (MiB)',
                      ylabel='step time / plain resnet',
