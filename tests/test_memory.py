@@ -1,8 +1,9 @@
-"""Memory targets of memory-efficient mode (measured as in shared/MEASURE.md)."""
+"""Memory targets of memory-efficient mode, and the measures themselves (benchmarks/MEASURE.md)."""
 import pytest
 import torch
 
-from timm_momentum.memory import MiB, build_model, peak_step_memory, saved_tensor_bytes
+from timm_momentum.memory import (MiB, build_model, peak_step_memory, reset_peak_rss, saved_tensor_bytes,
+                                  vm_hwm_bytes)
 
 
 def _activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -46,3 +47,13 @@ def test_peak_step_memory_rejects_bad_mode_and_amp_before_starting_a_subprocess(
         peak_step_memory('resnet18', 'plain', amp='fp8')
     with pytest.raises(ValueError, match='mode must be one of plain, checkpoint'):
         peak_step_memory('resnet18', 'fastest')
+
+
+def test_peak_rss_resets_after_a_warm_up():
+    before = vm_hwm_bytes()
+    block = torch.ones(64 * MiB, dtype=torch.uint8)  # touched, so resident
+    del block
+    assert vm_hwm_bytes() >= before + 60 * MiB
+    reset_peak_rss()
+    assert vm_hwm_bytes() < before + 60 * MiB  # what compiling a model leaves behind is not a step's peak
+

@@ -1,9 +1,10 @@
-"""Measure what a training step costs in memory, as described in the project's MEASURE.md.
+"""Measure what a training step costs in memory, as described in benchmarks/MEASURE.md.
 
 Two measures:
   * bytes saved for backward (unique storages, through saved-tensor hooks): deterministic;
   * peak memory of one training step: CUDA's max_memory_allocated, or on CPU the peak RSS of a
     fresh subprocess above what it held before the step.
+A compiled model is warmed up until it stops recompiling before either is read.
 """
 import contextlib
 import json
@@ -16,7 +17,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ['saved_tensor_bytes', 'build_model', 'official_momentumnet', 'train_step', 'peak_step_memory', 'MiB',
-           'MODES', 'AMP_DTYPES', 'check_mode', 'check_amp']
+           'MODES', 'AMP_DTYPES', 'check_mode', 'check_amp', 'autocast', 'compile_model', 'warm_up_compiled',
+           'cuda_step_peak', 'vm_hwm_bytes', 'reset_peak_rss']
 
 MODES = ('plain', 'checkpoint', 'memory_efficient', 'memory_efficient_stored_transitions', 'official')
 # The autocast dtypes the measurements accept, by their command-line names.
@@ -35,6 +37,11 @@ def check_amp(amp: Optional[str]) -> None:
     """Raise ValueError naming ``amp`` unless it is None or a key of AMP_DTYPES."""
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}')
+
+
+def autocast(device: str, amp: Optional[str]) -> contextlib.AbstractContextManager:
+    """Autocast to ``amp``'s dtype on ``device``, or nothing when ``amp`` is None."""
+    return torch.autocast(device, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
 
 
 def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -106,12 +113,87 @@ def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     return float(loss.detach())
 
 
-def _vm_hwm_bytes() -> int:
+def compile_model(model: nn.Module, backend: str = 'inductor') -> nn.Module:
+    """``torch.compile`` for a training measurement: one static-shape graph per input shape.
+
+    Compilation is lazy; errors surface at the first step (see ``warm_up_compiled``).
+    """
+    config = torch._dynamo.config
+    # A bench compiles several models whose blocks share code objects; the default limit would
+    # silently send later ones back to eager.
+    if hasattr(config, 'recompile_limit'):
+        config.recompile_limit = max(config.recompile_limit, 64)
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def _compilations() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters['frames']['total'] + counters['aot_autograd']['total']
+
+
+def warm_up_compiled(model: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer,
+                     amp: Optional[str] = None, min_steps: int = 2, max_steps: int = 10) -> Dict[str, int]:
+    """Train ``model`` on (x, target) until a step compiles nothing new (at least ``min_steps`` steps).
+
+    Returns:
+        ``warmup_steps`` taken, ``compilations`` (frames and autograd graphs compiled meanwhile) and
+        ``graph_breaks`` seen meanwhile. Raises RuntimeError if compilation has not settled after
+        ``max_steps``.
+    """
+    from torch._dynamo.utils import counters
+
+    start_compilations = _compilations()
+    start_breaks = sum(counters['graph_break'].values())
+    steps, before = 0, -1
+    while steps < min_steps or _compilations() != before:
+        if steps == max_steps:
+            raise RuntimeError(f'still recompiling after {max_steps} warm-up steps')
+        before = _compilations()
+        with autocast(x.device.type, amp):
+            train_step(model, x, target, optimizer)
+        steps += 1
+    return {'warmup_steps': steps, 'compilations': _compilations() - start_compilations,
+            'graph_breaks': sum(counters['graph_break'].values()) - start_breaks}
+
+
+def cuda_step_peak(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                   optimizer: Optional[torch.optim.Optimizer] = None, amp: Optional[str] = None) -> int:
+    """Peak CUDA memory of one training step above what was allocated before it, in bytes.
+
+    Allocator statistics count only this process's live tensors, so other models resident on the GPU
+    do not change the figure.
+    """
+    device = x.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with autocast('cuda', amp):
+        train_step(model, x, target, optimizer)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def vm_hwm_bytes() -> int:
+    """This process's peak resident set size (``VmHWM``), in bytes."""
     with open('/proc/self/status') as f:
         for line in f:
             if line.startswith('VmHWM:'):
                 return int(line.split()[1]) * 1024
     raise RuntimeError('VmHWM not found in /proc/self/status; peak RSS needs Linux')
+
+
+_vm_hwm_bytes = vm_hwm_bytes  # the name finetune.py imports today
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux ``clear_refs``), so a peak can be read after a warm-up."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError as e:
+        raise RuntimeError(f'cannot reset the peak RSS after a warm-up ({e}); a compiled step\'s peak '
+                           f'cannot be told apart from compilation\'s') from e
 
 
 def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -124,36 +206,41 @@ def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
     x = torch.randn(spec['batch_size'], 3, size, size, device=device)
     target = torch.randint(0, model.num_classes, (spec['batch_size'],), device=device)
     amp = spec.get('amp')
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
+    after_warmup = spec.get('after_warmup') or spec.get('compile')
+    if after_warmup and device.type == 'cpu':
+        reset_peak_rss()  # fails here, before any work, where Linux cannot reset the peak
+    if spec.get('compile'):
+        model = compile_model(model, spec['compile'])
+        warm_up_compiled(model, x, target, optimizer, amp)
+    elif after_warmup:
+        with autocast(device.type, amp):
+            train_step(model, x, target, optimizer)
     if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        with autocast:
-            train_step(model, x, target, optimizer)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        before = _vm_hwm_bytes()
-        with autocast:
-            train_step(model, x, target, optimizer)
-        peak = _vm_hwm_bytes() - before
-    return {**spec, 'peak_bytes': peak}
+        return {**spec, 'peak_bytes': cuda_step_peak(model, x, target, optimizer, amp)}
+    if after_warmup:
+        reset_peak_rss()
+    before = vm_hwm_bytes()
+    with autocast(device.type, amp):
+        train_step(model, x, target, optimizer)
+    return {**spec, 'peak_bytes': vm_hwm_bytes() - before}
 
 
 def peak_step_memory(model: str, mode: str = 'plain', batch_size: int = 16, img_size: int = 224,
                      device: str = 'cpu', model_kwargs: Optional[Dict[str, Any]] = None,
-                     amp: Optional[str] = None, timeout: float = 1800) -> int:
+                     amp: Optional[str] = None, timeout: float = 1800, compile_backend: Optional[str] = None,
+                     after_warmup: bool = False) -> int:
     """Peak memory of one training step above what the process held before it, in bytes.
 
     Runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the
     OS and RSS follows live memory; ``VmHWM`` is read before and after the step (not ``ru_maxrss``,
-    which Linux carries over from the parent).
+    which Linux carries over from the parent). By default the step is the process's first, which also
+    allocates one-off state. With ``after_warmup`` (always with ``compile_backend``, whose first steps
+    compile) the model first trains until it is warm, the peak is reset, and the next step is measured.
     """
     check_amp(amp)
     check_mode(mode)
     spec = dict(model=model, mode=mode, batch_size=batch_size, img_size=img_size, device=device,
-                model_kwargs=model_kwargs or {}, amp=amp)
+                model_kwargs=model_kwargs or {}, amp=amp, compile=compile_backend, after_warmup=after_warmup)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     proc = subprocess.run(
         [sys.executable, '-m', 'timm_momentum.memory', json.dumps(spec)],
