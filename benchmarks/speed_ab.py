@@ -15,6 +15,10 @@ Two parts:
   then one ``torch.profiler`` step of each, top ops by self CPU time::
 
       PYTHONPATH=$PWD python benchmarks/speed_ab.py time --depths 101,152 --steps 5 --threads 2
+
+  ``--before path/to/old/invertible.py`` adds a configuration that runs the memory-efficient chains with
+  that file's ``momentum_chain`` (same weights, same process, interleaved), for a before/after ratio
+  under the same load.
 """
 import argparse
 import statistics
@@ -29,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 IGNORED = {'aten.convolution.default', 'aten.convolution_backward.default', 'aten.detach.default',
            'aten.view.default', 'aten._to_copy.default', 'aten.empty_like.default', 'aten.empty.memory_format',
            'aten.empty_strided.default', 'aten.alias.default', 'aten.t.default', 'aten.ones_like.default',
-           'aten.zeros_like.default'}
+           'aten.zeros_like.default', 'aten.as_strided.default', 'aten.slice.Tensor', 'aten._unsafe_view.default'}
 
 
 class PassCounter(TorchDispatchMode):
@@ -71,8 +75,8 @@ def count_passes(memory_efficient: bool, blocks: int = 12, gamma: float = 0.9) -
     from timm_momentum.invertible import momentum_chain
 
     torch.manual_seed(0)
-    chain = [nn.Conv2d(8, 8, 1, bias=False) for _ in range(blocks)]
-    x = torch.randn(2, 8, 5, 5, requires_grad=True)  # 400 elements; a block has 64 parameters
+    chain = [nn.Conv2d(16, 16, 1, bias=False) for _ in range(blocks)]
+    x = torch.randn(2, 16, 10, 10, requires_grad=True)  # 3200 elements; a block has 256 parameters
     counter = PassCounter(x.numel(), chain[0].weight.numel())
     results = {}
     with counter:
@@ -93,11 +97,42 @@ def count_passes(memory_efficient: bool, blocks: int = 12, gamma: float = 0.9) -
     return results
 
 
-def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int, top: int) -> None:
+class _WithChain(nn.Module):
+    """Runs ``model`` with another implementation's ``momentum_chain`` in its stages."""
+
+    def __init__(self, model: nn.Module, momentum_chain) -> None:
+        super().__init__()
+        self.model = model
+        self.momentum_chain = momentum_chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from unittest import mock
+
+        from timm_momentum import momentum_resnet
+
+        with mock.patch.object(momentum_resnet, 'momentum_chain', self.momentum_chain):
+            return self.model(x)
+
+
+def _load_module(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('invertible_before', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int, top: int,
+               before: str = '') -> None:
     """Interleaved step times as ratios to plain, then a profiler table per configuration."""
     from torch.profiler import ProfilerActivity, profile
 
+    import timm
+    import timm_momentum
     from timm_momentum.memory import build_model, train_step
+
+    print(f'timm_momentum from {timm_momentum.__file__}; torch {torch.__version__}, timm {timm.__version__}')
 
     configs = {'plain': ('resnet', 'plain'), 'checkpointing': ('resnet', 'checkpoint'),
                'momentum standard': ('momentum_resnet', 'plain'),
@@ -109,6 +144,10 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
         for label, (family, mode) in configs.items():
             models[label] = build_model(f'{family}{depth}', mode)
             models[label].load_state_dict(state)
+        if before:
+            old = build_model(f'momentum_resnet{depth}', 'memory_efficient')
+            old.load_state_dict(state)
+            models['memory-efficient, before'] = _WithChain(old, _load_module(before).momentum_chain)
         x = torch.randn(batch, 3, img, img)
         target = torch.randint(0, 1000, (batch,))
         optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
@@ -128,7 +167,10 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
                   f'(per-step ratios {min(ratios):.2f}..{max(ratios):.2f}, median {statistics.median(values):.3f} s)')
         me, ck = statistics.median(times['momentum memory-efficient']), statistics.median(times['checkpointing'])
         print(f'memory-efficient / checkpointing: {me / ck:.3f}x')
-        for label, model in models.items():
+        if before:
+            old = statistics.median(times['memory-efficient, before'])
+            print(f'memory-efficient before / checkpointing: {old / ck:.3f}x; after / before: {me / old:.3f}x')
+        for label, model in models.items() if top else ():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 train_step(model, x, target, optimizers[label])
             print(f'\n-- profile: resnet{depth} {label}')
@@ -147,6 +189,8 @@ def main() -> None:
     timing.add_argument('--img', type=int, default=224)
     timing.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     timing.add_argument('--top', type=int, default=15)
+    timing.add_argument('--before', default='', help='an older invertible.py to time alongside')
+    timing.add_argument('--no-profile', action='store_true')
     args = parser.parse_args()
     if args.what == 'passes':
         for memory_efficient in (False, True):
@@ -157,7 +201,8 @@ def main() -> None:
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
-        time_steps([int(d) for d in args.depths.split(',')], args.steps, args.warmup, args.batch, args.img, args.top)
+        time_steps([int(d) for d in args.depths.split(',')], args.steps, args.warmup, args.batch, args.img,
+                   0 if args.no_profile else args.top, args.before)
 
 
 if __name__ == '__main__':
