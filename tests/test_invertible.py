@@ -241,17 +241,19 @@ def test_strict_check_flag():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='the deferred check matters only on CUDA')
 def test_cuda_check_does_not_sync_and_raises_at_a_later_backward():
-    standard, x = _layer3_of_resnet50()
-    efficient = copy.deepcopy(standard).cuda()
-    efficient.set_momentum(memory_efficient=True)
-    x = x.cuda()
+    efficient, x = _layer3_of_resnet50()
+    efficient.cuda().set_momentum(memory_efficient=True)
+    x = x.cuda().requires_grad_(True)
     real = invertible._previous_velocity
-    with mock.patch.object(invertible, '_previous_velocity', lambda v, f, g: real(v, f, g).mul_(1.01)):
-        _all_grads(efficient, x)  # deferred: no sync, no error yet
-        torch.cuda.synchronize()
-        with pytest.raises(RuntimeError, match='gradients would be wrong'):
-            _all_grads(efficient, x)  # the next backward reads the first one's gap
-    invertible._PENDING.clear()
+    try:
+        with mock.patch.object(invertible, '_previous_velocity', lambda v, f, g: real(v, f, g).mul_(1.01)):
+            efficient(x).sum().backward()  # deferred: no sync, no error yet
+            assert len(invertible._PENDING) == 1
+            torch.cuda.synchronize()
+            with pytest.raises(RuntimeError, match='gradients would be wrong'):
+                efficient(x).sum().backward()  # the next backward reads the first one's gap
+    finally:
+        invertible._PENDING.clear()
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -230,9 +230,10 @@ _SKETCH_SEED = 20210301
 def _sketch_signs(state: torch.Tensor) -> torch.Tensor:
     """Fixed random signs, one per row of ``state`` laid out as a (rows, _SKETCH_WIDTH) matrix."""
     rows = state.numel() // _SKETCH_WIDTH
-    generator = torch.Generator().manual_seed(_SKETCH_SEED)
-    signs = torch.randint(0, 2, (rows,), generator=generator).to(state.dtype).mul_(2).sub_(1)
-    return signs.to(state.device)
+    # drawn on the state's device: a host-to-device copy from pageable memory would wait for the stream
+    generator = torch.Generator(state.device).manual_seed(_SKETCH_SEED)
+    signs = torch.randint(0, 2, (rows,), generator=generator, device=state.device)
+    return signs.to(state.dtype).mul_(2).sub_(1)
 
 
 def _sketch(state: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
