@@ -1,0 +1,209 @@
+"""One-off measurements for issue #10 (speed of the momentum arithmetic); not a shipped command.
+
+Two parts:
+
+* ``passes``: deterministic. Runs one training step of a momentum chain of 1x1 convolutions (so that a
+  block's own work is one ``convolution`` forward and one ``convolution_backward``) and counts, per block,
+  every other aten kernel that touches an activation-sized tensor, with the bytes it reads and writes per
+  activation element. That is the momentum arithmetic's memory traffic, in both modes::
+
+      PYTHONPATH=$PWD python benchmarks/speed_ab.py passes
+
+* ``time``: interleaved A/B of training steps (forward, backward, SGD step) of resnet{depth} plain, with
+  timm's ``set_grad_checkpointing``, momentum standard and momentum memory-efficient, all with the same
+  weights (``zero_init_last=False``), median of ``--steps`` after a warm-up, each as a ratio to plain;
+  then one ``torch.profiler`` step of each, top ops by self CPU time::
+
+      PYTHONPATH=$PWD python benchmarks/speed_ab.py time --depths 101,152 --steps 5 --threads 2
+
+  ``--before path/to/old/invertible.py`` adds a configuration that runs the memory-efficient chains with
+  that file's ``momentum_chain`` (same weights, same process, interleaved), for a before/after ratio
+  under the same load.
+"""
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+IGNORED = {'aten.convolution.default', 'aten.convolution_backward.default', 'aten.detach.default',
+           'aten.view.default', 'aten._to_copy.default', 'aten.empty_like.default', 'aten.empty.memory_format',
+           'aten.empty_strided.default', 'aten.alias.default', 'aten.t.default', 'aten.ones_like.default',
+           'aten.zeros_like.default', 'aten.as_strided.default', 'aten.slice.Tensor', 'aten._unsafe_view.default'}
+
+
+class PassCounter(TorchDispatchMode):
+    """Counts aten kernels that read or write a tensor of ``numel`` elements, and their bytes."""
+
+    def __init__(self, numel: int, param_numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.param_numel = param_numel
+        self.kernels: Dict[str, int] = defaultdict(int)
+        self.param_kernels: Dict[str, int] = defaultdict(int)
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func)
+        if name == 'aten._to_copy.default':
+            name = 'aten.copy_ (dtype conversion)'
+        elif name in IGNORED:
+            return out
+        inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        if any(t.numel() == self.param_numel for t in inputs + outs):
+            self.param_kernels[name] += 1
+        if not any(t.numel() == self.numel for t in inputs + outs):
+            return out
+        self.kernels[name] += 1
+        # bytes per element: each activation-sized storage read once and written once (an in-place or
+        # out= op's output is also one of its inputs)
+        read = {t.untyped_storage().data_ptr(): t.element_size() for t in inputs if t.numel() == self.numel}
+        written = {t.untyped_storage().data_ptr(): t.element_size() for t in outs if t.numel() == self.numel}
+        self.bytes += sum(read.values()) + sum(written.values())
+        return out
+
+
+def count_passes(memory_efficient: bool, blocks: int = 12, gamma: float = 0.9) -> Dict[str, float]:
+    """Kernels and bytes per activation element, per block, of one training step of a 1x1-conv chain."""
+    from timm_momentum.invertible import momentum_chain
+
+    torch.manual_seed(0)
+    chain = [nn.Conv2d(16, 16, 1, bias=False) for _ in range(blocks)]
+    x = torch.randn(2, 16, 10, 10, requires_grad=True)  # 3200 elements; a block has 256 parameters
+    counter = PassCounter(x.numel(), chain[0].weight.numel())
+    results = {}
+    with counter:
+        out = momentum_chain(x, chain, gamma, memory_efficient=memory_efficient)
+    results['forward kernels'] = sum(counter.kernels.values()) / blocks
+    results['forward bytes/elem'] = counter.bytes / blocks
+    forward = dict(counter.kernels)
+    counter.kernels.clear()
+    counter.param_kernels.clear()
+    counter.bytes = 0
+    with counter:
+        out.backward(torch.ones_like(out))
+    results['backward kernels'] = sum(counter.kernels.values()) / blocks
+    results['backward bytes/elem'] = counter.bytes / blocks
+    results['backward parameter-sized kernels'] = sum(counter.param_kernels.values()) / blocks
+    results['forward ops'] = {k: round(v / blocks, 2) for k, v in sorted(forward.items())}
+    results['backward ops'] = {k: round(v / blocks, 2) for k, v in sorted(counter.kernels.items())}
+    return results
+
+
+class _WithChain(nn.Module):
+    """Runs ``model`` with another implementation's ``momentum_chain`` in its stages."""
+
+    def __init__(self, model: nn.Module, momentum_chain) -> None:
+        super().__init__()
+        self.model = model
+        self.momentum_chain = momentum_chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from unittest import mock
+
+        from timm_momentum import momentum_resnet
+
+        with mock.patch.object(momentum_resnet, 'momentum_chain', self.momentum_chain):
+            return self.model(x)
+
+
+def _load_module(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location('invertible_before', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int, top: int,
+               before: str = '') -> None:
+    """Interleaved step times as ratios to plain, then a profiler table per configuration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import timm
+    import timm_momentum
+    from timm_momentum.memory import build_model, train_step
+
+    print(f'timm_momentum from {timm_momentum.__file__}; torch {torch.__version__}, timm {timm.__version__}')
+
+    configs = {'plain': ('resnet', 'plain'), 'checkpointing': ('resnet', 'checkpoint'),
+               'momentum standard': ('momentum_resnet', 'plain'),
+               'momentum memory-efficient': ('momentum_resnet', 'memory_efficient')}
+    for depth in depths:
+        torch.manual_seed(0)
+        state = build_model(f'resnet{depth}', 'plain', zero_init_last=False).state_dict()
+        models = {}
+        for label, (family, mode) in configs.items():
+            models[label] = build_model(f'{family}{depth}', mode)
+            models[label].load_state_dict(state)
+        if before:
+            old = build_model(f'momentum_resnet{depth}', 'memory_efficient')
+            old.load_state_dict(state)
+            models['memory-efficient, before'] = _WithChain(old, _load_module(before).momentum_chain)
+        x = torch.randn(batch, 3, img, img)
+        target = torch.randint(0, 1000, (batch,))
+        optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
+        times: Dict[str, List[float]] = {k: [] for k in models}
+        for step in range(warmup + steps):
+            for label, model in models.items():
+                start = time.perf_counter()
+                train_step(model, x, target, optimizers[label])
+                if step >= warmup:
+                    times[label].append(time.perf_counter() - start)
+        plain = statistics.median(times['plain'])
+        print(f'\n== resnet{depth}, batch {batch}, {img}px, {torch.get_num_threads()} threads, '
+              f'median of {steps} interleaved steps')
+        for label, values in times.items():
+            ratios = [v / plain for v in values]
+            print(f'{label:<28} {statistics.median(values) / plain:6.3f}x plain   '
+                  f'(per-step ratios {min(ratios):.2f}..{max(ratios):.2f}, median {statistics.median(values):.3f} s)')
+        me, ck = statistics.median(times['momentum memory-efficient']), statistics.median(times['checkpointing'])
+        print(f'memory-efficient / checkpointing: {me / ck:.3f}x')
+        if before:
+            old = statistics.median(times['memory-efficient, before'])
+            print(f'memory-efficient before / checkpointing: {old / ck:.3f}x; after / before: {me / old:.3f}x')
+        for label, model in models.items() if top else ():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                train_step(model, x, target, optimizers[label])
+            print(f'\n-- profile: resnet{depth} {label}')
+            print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='what', required=True)
+    sub.add_parser('passes')
+    timing = sub.add_parser('time')
+    timing.add_argument('--depths', default='101,152')
+    timing.add_argument('--steps', type=int, default=5)
+    timing.add_argument('--warmup', type=int, default=1)
+    timing.add_argument('--batch', type=int, default=4)
+    timing.add_argument('--img', type=int, default=224)
+    timing.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+    timing.add_argument('--top', type=int, default=15)
+    timing.add_argument('--before', default='', help='an older invertible.py to time alongside')
+    timing.add_argument('--no-profile', action='store_true')
+    args = parser.parse_args()
+    if args.what == 'passes':
+        for memory_efficient in (False, True):
+            result = count_passes(memory_efficient)
+            print(f"{'memory-efficient' if memory_efficient else 'standard'}: per block")
+            for key, value in result.items():
+                print(f'  {key}: {value}')
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        time_steps([int(d) for d in args.depths.split(',')], args.steps, args.warmup, args.batch, args.img,
+                   0 if args.no_profile else args.top, args.before)
+
+
+if __name__ == '__main__':
+    main()
