@@ -109,7 +109,8 @@ def test_timm_tag_from_the_hub_cache_and_hf_hub_output(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('options, message', [
-    (['--gamma', '2'], 'gamma must be in [0, 1], got 2.0'),
+    (['--gamma', '2'], 'gamma must be in [0, 1), got 2.0'),
+    (['--gamma', '1'], 'at gamma = 1 the velocity starts at 0 and stays 0'),
     (['--distill-steps', '-3'], 'distill_steps must be >= 0, got -3'),
     (['--recalibrate-bn'], 'needs heal_images'),
 ])
