@@ -16,11 +16,15 @@ def current_umask() -> int:
 
 def make_parents(path: Union[str, os.PathLike]) -> List[Path]:
     """Create the missing folders above ``path``; returns those it created, outermost first."""
-    created = []
-    for parent in reversed(Path(path).absolute().parents):
-        if not parent.exists():
-            parent.mkdir()
-            created.append(parent)
+    created: List[Path] = []
+    try:
+        for parent in reversed(Path(path).absolute().parents):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+    except OSError:
+        remove_folders(created)
+        raise
     return created
 
 

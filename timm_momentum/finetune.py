@@ -28,7 +28,7 @@ from .files import atomic_write
 from .memory import _vm_hwm_bytes
 
 __all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'validate_config', 'DigitsDataset', 'build_datasets',
-           'train', 'run_demo']
+           'load_initial_checkpoint', 'seed_everything', 'load_resume_state', 'train', 'run_demo']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -162,8 +162,11 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if key == 'batch_size' and value == 'auto':
             out[key] = value
         elif key == 'amp':
-            value = {True: 'bf16', False: 'none', None: 'none', 'fp32': 'none'}.get(value, value)
-            if value not in _AMP:
+            if value is True:
+                value = 'bf16'
+            elif value is False or value is None or value == 'fp32':
+                value = 'none'
+            if not isinstance(value, str) or value not in _AMP:
                 raise ConfigError(f'amp must be one of {list(_AMP)}, got {cfg[key]!r}')
             out[key] = value
         elif value is None and default is None:
