@@ -98,6 +98,10 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
     assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0,1]', '--img_size', '16',
                  '--output', str(tmp_path / 'run'), '--resume', 'true', '--progress', 'false']) == 2
     assert 'not a weights-only checkpoint' in capsys.readouterr().err and not marker.exists()
+    torch.save({'model': {'conv1.weight': torch.zeros(1)}, 'optimizer': {}, 'scheduler': {}, 'epoch': 0,
+                'best_acc': 0.0, 'rows': [], 'rng': {}}, tmp_path / 'run' / 'last.pth.tar')
+    with pytest.raises(ConfigError, match='does not fit this config'):
+        train(_tiny(tmp_path, resume=True))
 
 
 def _run_cli(tmp_path: Path, output: Path, *extra: str) -> subprocess.Popen:

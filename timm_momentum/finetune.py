@@ -483,10 +483,11 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def load_resume_state(path: Path, device: torch.device) -> Dict[str, Any]:
+def load_resume_state(path: Path) -> Dict[str, Any]:
     """Read ``last.pth.tar`` with ``weights_only=True``: a checkpoint that holds code is refused, not run."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the model's device
+        state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
                           f'finetune (corrupt, truncated, or it holds code): {_first_line(e)}') from None
@@ -549,15 +550,19 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
             yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
     if cfg['resume'] and last.exists():
-        state = load_resume_state(last, device)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if scaler and state.get('scaler'):
-            scaler.load_state_dict(state['scaler'])
-        if ema and state.get('ema'):
-            ema.load_state_dict(state['ema'])
-        _set_rng_states(state['rng'])
+        state = load_resume_state(last)
+        try:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            if scaler and state.get('scaler'):
+                scaler.load_state_dict(state['scaler'])
+            if ema and state.get('ema'):
+                ema.load_state_dict(state['ema'])
+            _set_rng_states(state['rng'])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f'cannot resume from {last}: it does not fit this config ({_first_line(e)}); '
+                              f'use another output folder or resume: false') from None
         start_epoch, best_acc, rows = state['epoch'] + 1, state['best_acc'], state['rows']
         if _rank() == 0:
             print(f'resuming from {last} at epoch {start_epoch}', flush=True)
