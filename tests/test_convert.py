@@ -1,5 +1,7 @@
 """The converter, offline, on checkpoints the tests make in every source layout."""
+import errno
 import json
+import os
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -7,7 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from timm_momentum.cli import main
 from timm_momentum.convert import ConversionError, convert, infer_architecture, plan_upload, upload_to_hub
@@ -32,8 +34,13 @@ def _no_leftovers(out: Path) -> bool:
 def test_timm_safetensors_round_trip(tmp_path):
     source = _resnet(18, num_classes=5)
     save_file(source.state_dict(), tmp_path / 'r18.safetensors')
-    result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', gamma=0.9)
+    previous_umask = os.umask(0o022)
+    try:
+        result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', gamma=0.9)
+    finally:
+        os.umask(previous_umask)
     out = result.out_dir
+    assert out.stat().st_mode & 0o777 == 0o755  # the umask's, not mkdtemp's 0700
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'verify.json']
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'momentum_resnet18' and config['model_args']['gamma'] == 0.9
@@ -55,7 +62,10 @@ def test_torchvision_and_wrapped_checkpoints(tmp_path):
     tv = torchvision.models.resnet50(num_classes=7)
     torch.save(tv.state_dict(), tmp_path / 'tv.pth')
     torch.save({'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in tv.state_dict().items()}}, tmp_path / 'w.bin')
-    for name in ('tv.pth', 'w.bin'):
+    # older torchvision checkpoints have no BatchNorm num_batches_tracked counters
+    torch.save({k: v for k, v in tv.state_dict().items() if not k.endswith('num_batches_tracked')},
+               tmp_path / 'old.pth')
+    for name in ('tv.pth', 'w.bin', 'old.pth'):
         result = convert(str(tmp_path / name), tmp_path / f'out-{name}')
         assert result.arch == 'momentum_resnet50' and result.verify['equivalence']['passed']
 
@@ -109,9 +119,14 @@ def test_timm_tag_from_the_hub_cache_and_hf_hub_output(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('options, message', [
-    (['--gamma', '2'], 'gamma must be in [0, 1], got 2.0'),
+    (['--gamma', '2'], 'gamma must be in [0, 1), got 2.0'),
+    (['--gamma', '1'], 'at gamma = 1 the velocity starts at 0 and stays 0'),
     (['--distill-steps', '-3'], 'distill_steps must be >= 0, got -3'),
     (['--recalibrate-bn'], 'needs heal_images'),
+    (['--img-size', '-5'], 'img_size must be a positive number of pixels, got -5'),
+    (['--img-size', '0'], 'img_size must be a positive number of pixels, got 0'),
+    (['--push-to-hub', 'not a repo'], "'not a repo' is not a Hub repo id of the form ORG/NAME"),
+    (['--push-to-hub', 'org/bad--name'], "'org/bad--name' is not a Hub repo id"),
 ])
 def test_bad_options_are_refused_before_the_source_is_read(tmp_path, options, message, capsys):
     assert main(['convert', str(tmp_path / 'absent.safetensors'), '--out', str(tmp_path / 'out')] + options) == 2
@@ -126,7 +141,8 @@ def test_infer_architecture_reads_the_state_dict():
     assert arch == 'momentum_resnet50' and args['stem_type'] == 'deep' and args['avg_down']
 
 
-@pytest.mark.parametrize('case', ['unsupported', 'mismatch', 'truncated', 'nan', 'not_empty', 'garbage'])
+@pytest.mark.parametrize('case', ['unsupported', 'mismatch', 'truncated', 'nan', 'not_empty', 'garbage',
+                                  'empty_pth', 'empty_bin'])
 def test_bad_input_is_a_clear_error_with_no_partial_output(tmp_path, case, capsys):
     path = tmp_path / 'ckpt.safetensors'
     state = _resnet(18).state_dict()
@@ -153,6 +169,10 @@ def test_bad_input_is_a_clear_error_with_no_partial_output(tmp_path, case, capsy
         path = tmp_path / 'ckpt.pth'
         path.write_bytes(b'not a checkpoint at all')
         message = 'cannot read'
+    if case.startswith('empty_'):
+        path = tmp_path / f'ckpt.{case[len("empty_"):]}'
+        path.write_bytes(b'')
+        message = 'the file is empty (0 bytes)'
     argv = ['convert', str(path), '--out', str(tmp_path / 'out')] + (['--arch', arch] if arch else [])
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -160,6 +180,71 @@ def test_bad_input_is_a_clear_error_with_no_partial_output(tmp_path, case, capsy
         assert (tmp_path / 'out' / 'keep.txt').read_text() == 'mine'
     else:
         assert _no_leftovers(tmp_path / 'out')
+
+
+def test_healing_images_from_an_empty_folder_is_a_clear_error(tmp_path, capsys):
+    save_file(_resnet(18).state_dict(), tmp_path / 'a.safetensors')
+    (tmp_path / 'empty').mkdir()
+    assert main(['convert', str(tmp_path / 'a.safetensors'), '--out', str(tmp_path / 'out'), '--img-size', '32',
+                 '--heal-images', str(tmp_path / 'empty'), '--recalibrate-bn']) == 2
+    assert 'no images found' in capsys.readouterr().err
+    assert _no_leftovers(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('failure, message', [
+    (errno.ENOSPC, 'no space left on device'),
+    (errno.EROFS, 'read-only file system'),
+])
+def test_a_full_or_read_only_disk_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys, failure, message):
+    import safetensors.torch
+
+    save_file(_resnet(18).state_dict(), tmp_path / 'a.safetensors')
+
+    def fail(*args, **kwargs):
+        raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', fail)
+    out = tmp_path / 'new' / 'parents' / 'out'
+    assert main(['convert', str(tmp_path / 'a.safetensors'), '--out', str(out), '--img-size', '32']) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.safetensors']  # no new parent folders either
+
+
+def _old_folder(out: Path) -> None:
+    out.mkdir()
+    (out / 'old.txt').write_text('old')
+
+
+def test_force_never_leaves_the_output_missing(tmp_path, monkeypatch):
+    save_file(_resnet(18).state_dict(), tmp_path / 'a.safetensors')
+    out = tmp_path / 'out'
+    _old_folder(out)
+    # interrupted between moving the old folder aside and renaming the new one in: the old one stays
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith('.out.tmp-') and Path(dst) == out:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(tmp_path / 'a.safetensors'), out, force=True, img_size=32)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    assert (out / 'old.txt').read_text() == 'old' and sorted(p.name for p in tmp_path.iterdir()) == ['a.safetensors', 'out']
+    # killed (SIGKILL) there, with litter of an earlier killed write: the next run puts the old folder back
+    real_replace(out, tmp_path / 'aside')
+    (tmp_path / '.out.old-killed').mkdir()
+    real_replace(tmp_path / 'aside', tmp_path / '.out.old-killed' / 'previous')
+    (tmp_path / '.out.tmp-killed').mkdir()
+    (tmp_path / '.out.tmp-killed' / 'model.safetensors').write_bytes(b'half')
+    with pytest.raises(ConversionError, match='exists and is not empty'):
+        convert(str(tmp_path / 'a.safetensors'), out, img_size=32)
+    assert (out / 'old.txt').read_text() == 'old' and sorted(p.name for p in tmp_path.iterdir()) == ['a.safetensors', 'out']
+    convert(str(tmp_path / 'a.safetensors'), out, force=True, img_size=32)
+    assert (out / 'model.safetensors').exists() and not (out / 'old.txt').exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.safetensors', 'out']
 
 
 def test_force_replaces_an_existing_folder(tmp_path):
@@ -230,6 +315,14 @@ def test_healing_options_run(tmp_path):
                      recalibrate_bn=True, distill_steps=2, img_size=32)
     assert json.loads((result.out_dir / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 32]
     assert result.verify['healing'] == {'images': 'sklearn/digits', 'recalibrate_bn': True, 'distill_steps': 2}
+    healed = load_file(result.out_dir / 'model.safetensors')
+    plain = load_file(convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'plain', img_size=32).out_dir / 'model.safetensors')
+    recalibrated = load_file(convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'recalibrated', img_size=32,
+                                     heal_images='sklearn/digits', recalibrate_bn=True).out_dir / 'model.safetensors')
+    # recalibration changes only BatchNorm statistics; distillation then changes the weights too
+    changed = {k for k in plain if not torch.equal(plain[k], recalibrated[k])}
+    assert changed and all(k.endswith(('running_mean', 'running_var', 'num_batches_tracked')) for k in changed)
+    assert not torch.equal(healed['layer3.1.conv1.weight'], recalibrated['layer3.1.conv1.weight'])
     with pytest.raises(ConversionError, match='needs heal_images'):
         convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out2', recalibrate_bn=True)
 

@@ -1,7 +1,10 @@
 """Fine-tuning on CPU at tiny sizes: configs, outputs, exact resume after SIGKILL, DDP, bad input, demo."""
 import csv
 import hashlib
+import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,19 +46,62 @@ def test_config_files_and_overrides():
 
 
 def test_training_writes_metrics_plots_checkpoint_and_exports(tmp_path):
-    result = train(_tiny(tmp_path, model_ema=True, grad_accum_steps=2))
-    out = result['output']
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / '.last.pth.tar.tmp-killed').write_bytes(b'half a checkpoint')  # litter of a killed run
+    (out / '.best.tmp-killed').mkdir()
+    previous_umask = os.umask(0o022)
+    try:
+        result = train(_tiny(tmp_path, model_ema=True, grad_accum_steps=2))
+    finally:
+        os.umask(previous_umask)
+    assert not list(out.glob('.*tmp-*'))
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert [int(r['epoch']) for r in rows] == [0, 1]
     assert {'train_loss', 'val_acc', 'images_per_s', 'peak_memory_mib'} <= set(rows[0])
+    # the lr each epoch trained with: cosine over 2 epochs starts at lr and halves
+    assert [float(r['lr']) for r in rows] == pytest.approx([2e-3, 1e-3])
     assert yaml.safe_load((out / 'args.yaml').read_text())['memory_efficient'] is True
     for name in ('loss.png', 'accuracy.png', 'last.pth.tar'):
         assert (out / name).stat().st_size > 0
-    state = torch.load(out / 'last.pth.tar', weights_only=False)
-    assert {'model', 'optimizer', 'scheduler', 'scaler', 'ema', 'epoch'} <= set(state) and state['epoch'] == 1
+    for path, mode in ((out / 'best', 0o755), (out / 'final', 0o755), (out / 'metrics.csv', 0o644),
+                       (out / 'last.pth.tar', 0o644)):
+        assert path.stat().st_mode & 0o777 == mode, path
+    state = torch.load(out / 'last.pth.tar', weights_only=True)
+    assert {'model', 'optimizer', 'scheduler', 'scaler', 'ema', 'epoch', 'rng'} <= set(state) and state['epoch'] == 1
+    assert {'python', 'numpy', 'torch'} <= set(state['rng'])
+    # grad_accum_steps=2: one optimizer step per two batches
+    steps = state['optimizer']['state'][0]['step']
+    assert int(steps) == 2 * math.ceil(result['steps_per_epoch'] / 2)
+    # model_ema: best/ and final/ hold the EMA weights, which lag behind the trained ones
+    final = timm.create_model(f'local-dir:{out / "final"}', pretrained=True).state_dict()
+    ema = {k[len('module.'):]: v for k, v in state['ema'].items()}
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+    assert not torch.equal(final['fc.weight'], state['model']['fc.weight'])
     for folder in ('best', 'final'):
         model = timm.create_model(f'local-dir:{out / folder}', pretrained=True)
         assert model.num_classes == 2 and model.momentum_cfg['gamma'] == 0.9
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
+    marker = tmp_path / 'pwned'
+
+    class RunsCode:
+        def __reduce__(self):
+            return exec, (f'open({str(marker)!r}, "w").write("ran")',)
+
+    (tmp_path / 'run').mkdir()
+    torch.save({'model': RunsCode(), 'epoch': 0}, tmp_path / 'run' / 'last.pth.tar')
+    with pytest.raises(ConfigError, match='not a weights-only checkpoint.*holds code'):
+        train(_tiny(tmp_path, resume=True))
+    assert not marker.exists()
+    assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0,1]', '--img_size', '16',
+                 '--output', str(tmp_path / 'run'), '--resume', 'true', '--progress', 'false']) == 2
+    assert 'not a weights-only checkpoint' in capsys.readouterr().err and not marker.exists()
+    torch.save({'model': {'conv1.weight': torch.zeros(1)}, 'optimizer': {}, 'scheduler': {}, 'epoch': 0,
+                'best_acc': 0.0, 'rows': [], 'rng': {}}, tmp_path / 'run' / 'last.pth.tar')
+    with pytest.raises(ConfigError, match='does not fit this config'):
+        train(_tiny(tmp_path, resume=True))
 
 
 def _run_cli(tmp_path: Path, output: Path, *extra: str) -> subprocess.Popen:
@@ -77,9 +123,13 @@ def test_resume_after_sigkill_reaches_the_same_metrics(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert full.wait() == 0, full.stderr.read()[-2000:]
     resumed = _run_cli(tmp_path, tmp_path / 'killed', '--resume', 'true')
-    assert resumed.wait() == 0, resumed.stderr.read()[-2000:]
+    stdout, stderr = resumed.communicate()
+    assert resumed.returncode == 0, stderr[-2000:]
+    # the resumed process trained only the epoch the killed one did not finish
+    assert f"resuming from {checkpoint} at epoch 1" in stdout
+    assert re.findall(r'^epoch (\d+):', stdout, re.M) == ['1']
     rows = [list(csv.DictReader(open(tmp_path / name / 'metrics.csv'))) for name in ('full', 'killed')]
-    keys = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc')
+    keys = ('epoch', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr')
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
 
 
@@ -114,15 +164,151 @@ def test_bad_input(tmp_path, capsys):
         train(_tiny(tmp_path, dataset='', data_dir=str(tmp_path / 'missing')))
     with pytest.raises(ConfigError, match='needs a CUDA device'):
         train(_tiny(tmp_path, batch_size='auto'))
-    with pytest.raises(FloatingPointError, match='loss is (nan|inf).*last good checkpoint'):
+    with pytest.raises(FloatingPointError, match='(loss is (nan|inf)|diverged).*no checkpoint to resume from'):
         train(_tiny(tmp_path, opt='sgd', lr=1e12, epochs=1))
     assert main(['finetune', '--epochs_typo', '3']) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
 
 
 def test_reduced_demo_pipeline(tmp_path):
+    from timm_momentum.finetune import DigitsDataset
+
     report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16)
-    assert (tmp_path / 'demo' / 'converted' / 'verify.json').exists()
-    assert (tmp_path / 'demo' / 'finetune' / 'final' / 'model.safetensors').exists()
-    assert 0 <= report['test_acc_digits5-9'] <= 100
+    verify = json.loads((tmp_path / 'demo' / 'converted' / 'verify.json').read_text())
+    assert verify['equivalence']['passed']
+    # the reported accuracy is that of the exported model on the digits 5-9 test split
+    model = timm.create_model(f"local-dir:{tmp_path / 'demo' / 'finetune' / 'final'}", pretrained=True).eval()
+    test = DigitsDataset('validation', [5, 6, 7, 8, 9], 16)
+    with torch.no_grad():
+        accuracy = 100.0 * float((model(test.images).argmax(-1) == test.targets).float().mean())
+    assert report['test_acc_digits5-9'] == pytest.approx(accuracy, abs=1e-6)
     assert report['saved_activation_bytes_momentum'] < report['saved_activation_bytes_resnet18']
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--epochs', 'ten'], "epochs must be an integer, got 'ten'"),
+    (['--lr', 'fast'], "lr must be a number, got 'fast'"),
+    (['--memory_efficient', 'no way'], "memory_efficient must be true or false, got 'no way'"),
+    (['--batch_size', '0'], 'batch_size must be >= 1, got 0'),
+    (['--grad_accum_steps', '0'], 'grad_accum_steps must be >= 1, got 0'),
+    (['--img_size', '-5'], 'img_size must be >= 1, got -5'),
+    (['--opt', 'sgdd'], "opt: unknown optimizer 'sgdd'"),
+    (['--sched', 'cosinus'], "sched: Unknown scheduler 'cosinus'"),
+    (['--gamma', '1'], 'gamma: gamma must be in [0, 1), got 1'),
+    (['--classes', '[0,1'], "--classes: cannot parse '[0,1'"),
+    (['--device', 'cuda'], 'device: cuda asked for, but no CUDA GPU is available'),
+])
+def test_config_values_are_checked_against_their_type(overrides, message, capsys):
+    if overrides[1] == 'cuda' and torch.cuda.is_available():
+        pytest.skip('a GPU is available')
+    assert main(['finetune', *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+
+def test_config_file_errors_and_conversions(tmp_path, capsys):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('lr: [0.1\nepochs: 3\n')
+    assert main(['finetune', '--config', str(bad)]) == 2
+    assert f'{bad} is not valid YAML' in capsys.readouterr().err
+    (tmp_path / 'a_file').write_text('')
+    assert main(['finetune', '--output', str(tmp_path / 'a_file')]) == 2
+    assert 'output: ' in capsys.readouterr().err
+    good = tmp_path / 'good.yaml'
+    good.write_text('lr: 1e-3\nweight_decay: 5E-4\nepochs: 3.0\nmemory_efficient: no\n')
+    cfg = load_config(str(good), ['--min_lr', '1e-6', '--momentum', '1'])
+    assert (cfg['lr'], cfg['weight_decay'], cfg['min_lr'], cfg['momentum']) == (1e-3, 5e-4, 1e-6, 1.0)
+    assert type(cfg['momentum']) is float and cfg['epochs'] == 3 and type(cfg['epochs']) is int
+    assert cfg['memory_efficient'] is False
+    with pytest.raises(ConfigError, match='epochs must be an integer, got 2.5'):
+        train(_tiny(tmp_path, epochs=2.5))
+
+
+def _image_folder(root: Path, classes_by_split: dict, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, classes in classes_by_split.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f'{i}.png')
+    return root
+
+
+def _folder_cfg(tmp_path: Path, root: Path, **overrides) -> dict:
+    return _tiny(tmp_path, dataset='', data_dir=str(root), classes=None, batch_size=4, workers=0, epochs=1,
+                 **overrides)
+
+
+def test_validation_folder_takes_the_training_class_indices(tmp_path):
+    from timm_momentum.finetune import build_datasets, validate_config
+
+    root = _image_folder(tmp_path / 'data', {'train': ['cat', 'dog', 'emu'], 'validation': ['dog', 'emu']})
+    train_set, val_set, num_classes = build_datasets(validate_config(_folder_cfg(tmp_path, root)), None)
+    assert num_classes == 3
+    assert sorted({val_set[i][1] for i in range(len(val_set))}) == [1, 2]  # dog and emu, as in training
+
+
+def test_a_validation_class_unknown_to_training_fails_before_training(tmp_path):
+    root = _image_folder(tmp_path / 'data', {'train': ['cat', 'dog'], 'validation': ['cat', 'dog', 'fox']})
+    with pytest.raises(ConfigError, match=r"validation split 'validation' has classes .* lacks: \['fox'\]"):
+        train(_folder_cfg(tmp_path, root))
+    assert not (tmp_path / 'run' / 'metrics.csv').exists()
+
+
+def test_image_folder_runs_with_the_same_seed_repeat_exactly(tmp_path):
+    """timm's RandomResizedCrop draws from Python's random: it is seeded per epoch like torch and numpy."""
+    import random
+
+    root = _image_folder(tmp_path / 'data', {'train': ['cat', 'dog'], 'validation': ['cat', 'dog']})
+    first = train(_folder_cfg(tmp_path, root, output=str(tmp_path / 'a')))['rows']
+    random.random()
+    second = train(_folder_cfg(tmp_path, root, output=str(tmp_path / 'b')))['rows']
+    assert [r['train_loss'] for r in first] == [r['train_loss'] for r in second]
+
+
+def test_initial_checkpoint_loads_strictly_except_a_new_classifier(tmp_path):
+    from safetensors.torch import save_file
+
+    from timm_momentum.finetune import load_initial_checkpoint
+
+    resnet18 = timm.create_model('resnet18').state_dict()
+    save_file(resnet18, tmp_path / 'resnet18.safetensors')
+    model = timm.create_model('momentum_resnet18', num_classes=2)
+    load_initial_checkpoint(model, str(tmp_path / 'resnet18.safetensors'))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in resnet18.items() if not k.startswith('fc.'))
+    assert model.fc.out_features == 2
+    with pytest.raises(ConfigError, match=r"missing 96 keys \['layer1\.2\.bn1\.bias'"):
+        load_initial_checkpoint(timm.create_model('momentum_resnet34', num_classes=2), str(tmp_path / 'resnet18.safetensors'))
+    headless = {k: v for k, v in resnet18.items() if not k.startswith('fc.')}
+    save_file(headless, tmp_path / 'headless.safetensors')
+    with pytest.raises(ConfigError, match=r"missing 2 keys \['fc\.bias', 'fc\.weight'\]"):
+        load_initial_checkpoint(timm.create_model('momentum_resnet18'), str(tmp_path / 'headless.safetensors'))
+    save_file(timm.create_model('test_vit').state_dict(), tmp_path / 'vit.safetensors')
+    with pytest.raises(ConfigError, match=r'does not match MomentumResNet.*missing \d+ keys.*unexpected \d+ keys'):
+        train(_tiny(tmp_path, initial_checkpoint=str(tmp_path / 'vit.safetensors')))
+
+
+def test_a_diverged_model_is_neither_best_nor_a_good_checkpoint(tmp_path):
+    # one SGD step of lr 1e38 per epoch: the step's loss is finite, the model it leaves computes NaN
+    with pytest.raises(FloatingPointError, match='diverged in epoch 0.*no checkpoint to resume from'):
+        train(_tiny(tmp_path, opt='sgd', lr=1e38, batch_size=512))
+    out = tmp_path / 'run'
+    assert not (out / 'best').exists() and not (out / 'last.pth.tar').exists()
+    row = list(csv.DictReader(open(out / 'metrics.csv')))[0]
+    assert row['val_loss'] == 'nan'
+
+
+def test_exported_json_is_strict(tmp_path):
+    from timm_momentum.convert import write_model_folder
+
+    model = timm.create_model('momentum_resnet18', num_classes=2)
+    write_model_folder(tmp_path / 'out', model, {'num_classes': 2}, {}, {'metrics': {'val_loss': float('nan')}})
+
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+
+    config = json.loads((tmp_path / 'out' / 'config.json').read_text(), parse_constant=refuse)
+    assert config['metrics']['val_loss'] is None

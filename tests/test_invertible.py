@@ -313,15 +313,30 @@ def test_channels_last():
     out_e, gx_e, gp_e = _grads(efficient, x)
     assert torch.equal(out_s, out_e)
     assert max(relative_error(a, b) for a, b in zip(gp_e + [gx_e], gp_s + [gx_s])) <= 1e-5
+    assert gx_s.is_contiguous(memory_format=torch.channels_last)
+    assert gx_e.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)  # 2x2 final maps: the formats differ
+    for model in (standard, efficient):
+        features = model.forward_features(x)
+        assert features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
 
 
-def test_frozen_parameters_and_input_without_grad():
-    model = timm.create_model('momentum_resnet18', memory_efficient=True, zero_init_last=False)
-    for p in model.layer1.parameters():
-        p.requires_grad_(False)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    assert all(p.grad is None for p in model.layer1.parameters())
-    assert all(p.grad is not None for p in model.layer2.parameters())
+def test_frozen_parameters_get_no_gradient_and_the_others_match_standard_mode():
+    # momentum_resnet50's layer3 inverts its 5-block chain; freeze a block inside it and all of layer1
+    efficient = timm.create_model('momentum_resnet50', memory_efficient=True, zero_init_last=False)
+    standard = copy.deepcopy(efficient)
+    standard.set_momentum(memory_efficient=False)
+    x = torch.randn(2, 3, 32, 32)
+    for model in (efficient, standard):
+        for p in list(model.layer1.parameters()) + list(model.layer3[2].parameters()):
+            p.requires_grad_(False)
+    (_, gx_e, gp_e), (_, gx_s, gp_s) = _grads(efficient, x), _grads(standard, x)
+    assert all(p.grad is None for p in list(efficient.layer1.parameters()) + list(efficient.layer3[2].parameters()))
+    assert [g is None for g in gp_e] == [g is None for g in gp_s]
+    assert max(relative_error(a, b) for a, b in zip(gp_e + [gx_e], gp_s + [gx_s]) if a is not None) <= 1e-5
+    efficient.zero_grad()
+    efficient(torch.randn(2, 3, 32, 32)).sum().backward()  # an input without grad
+    assert efficient.layer3[1].conv1.weight.grad is not None and efficient.layer1[0].conv1.weight.grad is None
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, state: dict, batches, results) -> None:

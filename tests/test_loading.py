@@ -6,6 +6,8 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 REVISION = 'a' * 40
@@ -60,7 +62,7 @@ def test_pretrained_true_loads_the_source_tag_from_the_hub_cache(hub_cache):
 
 
 def test_pretrained_without_cached_weights_fails_offline(hub_cache):
-    with pytest.raises(Exception, match='(?i)offline|cache|not found|connect'):
+    with pytest.raises(LocalEntryNotFoundError, match='cannot find the requested files in the local cache'):
         timm.create_model('momentum_resnet34', pretrained=True)
 
 
@@ -125,5 +127,5 @@ def test_truncated_checkpoint_is_an_error(tmp_path):
     save_file(_resnet18_state(), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception, match='(?i)(incomplete|truncat|deserializ|invalid|buffer)'):
+    with pytest.raises(SafetensorError, match='incomplete metadata, file not fully covered'):
         timm.create_model('momentum_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -8,6 +8,7 @@ either of its layouts. The output folder holds ``config.json``, ``model.safetens
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ import torch.nn as nn
 from . import __version__
 
 __all__ = ['ConversionError', 'ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture',
-           'convert', 'write_model_folder', 'recalibrate_batchnorm', 'distill', 'load_images', 'plan_upload', 'upload_to_hub']
+           'convert', 'write_model_folder', 'strict_json', 'validate_repo_id', 'recalibrate_batchnorm', 'distill', 'load_images', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
@@ -74,10 +75,17 @@ def _sha256_tensors(state: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _read_file(path: Path) -> Dict[str, Any]:
     """Load a checkpoint file without running code from it."""
     if not path.is_file():
         raise ConversionError(f'{path}: no such file')
+    if path.stat().st_size == 0:
+        raise ConversionError(f'{path}: the file is empty (0 bytes)')
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         try:
@@ -88,7 +96,7 @@ def _read_file(path: Path) -> Dict[str, Any]:
         return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConversionError(f'{path}: cannot read as a weights-only PyTorch checkpoint '
-                              f'(corrupt, truncated, or it holds code): {str(e).splitlines()[0]}') from None
+                              f'(corrupt, truncated, or it holds code): {_first_line(e)}') from None
 
 
 def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
@@ -138,7 +146,7 @@ def _load_hub(repo_id: str, source: str) -> SourceCheckpoint:
             path = Path(hf_hub_download(repo_id, 'pytorch_model.bin', revision=revision))
     except Exception as e:
         raise ConversionError(f'{source}: cannot fetch weights from the Hugging Face Hub '
-                              f'(offline, or no such repo?): {str(e).splitlines()[0]}') from None
+                              f'(offline, or no such repo?): {_first_line(e)}') from None
     config = {}
     try:
         config = json.loads(Path(hf_hub_download(repo_id, 'config.json', revision=revision)).read_text())
@@ -211,6 +219,28 @@ def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin')
     return arch, args
 
 
+def _with_batch_counters(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Add the BatchNorm ``num_batches_tracked`` counters older torchvision checkpoints lack (as 0, as torch does)."""
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith('.num_batches_tracked') and k not in state}
+    if counters and any(k[:-len('num_batches_tracked')] + 'running_mean' in state for k in counters):
+        return {**state, **{k: torch.zeros_like(v) for k, v in counters.items()}}
+    return state
+
+
+def strict_json(data: Any) -> str:
+    """JSON that strict parsers accept: NaN and infinities become null."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(data), indent=2, allow_nan=False, default=str)
+
+
 def _check_finite(state: Dict[str, torch.Tensor]) -> None:
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -279,24 +309,72 @@ def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: D
     return template
 
 
-def _write_atomically(out_dir: Path, force: bool, write) -> None:
-    """Build the folder in a temp dir beside OUT, then rename it into place."""
+def _recover_interrupted(out_dir: Path) -> None:
+    """Undo what a run killed mid-write left: restore OUT from a ``--force`` swap cut between its two
+    renames, and remove the temp folders of killed writes."""
+    from .files import remove_stale_temps
+
+    if not out_dir.parent.is_dir():
+        return
+    for old in sorted(out_dir.parent.glob(f'.{out_dir.name}.old-*')):
+        previous = old / 'previous'
+        if previous.is_dir() and not out_dir.exists():
+            os.replace(previous, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temps(out_dir.parent, out_dir.name)
+
+
+def _write_atomically(out_dir: Path, force: bool, write: Callable[[Path], None]) -> None:
+    """Build the folder in a temp dir beside OUT, then rename it into place.
+
+    On failure nothing is left: no temp folder, no parent folders this call created, and OUT as it was.
+    A ``--force`` swap moves the old OUT aside before renaming the new one in; a run killed between the two
+    renames leaves the old one in ``.OUT.old-*/previous``, which the next run puts back.
+    """
+    from .files import current_umask, describe_os_error, make_parents, remove_folders
+
+    _recover_interrupted(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.tmp-'))
+    created: List[Path] = []
+    tmp = old = None
     try:
+        created = make_parents(out_dir)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.tmp-'))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the folder follows the umask
         write(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.old-'))
             os.replace(out_dir, old / 'previous')
-            os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)
+        tmp = None
+        if old is not None:
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists() and (old / 'previous').is_dir():
+            os.replace(old / 'previous', out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        remove_folders(created)
+        if isinstance(e, OSError):
+            raise ConversionError(f'cannot write {out_dir}: {describe_os_error(e)}; nothing was written') from None
         raise
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Return ``repo_id`` when it has the Hub's ORG/NAME form, else raise ConversionError."""
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate_repo_id
+
+    try:
+        if repo_id.count('/') != 1:
+            raise HFValidationError('it needs exactly one /')
+        hub_validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConversionError(f'{repo_id!r} is not a Hub repo id of the form ORG/NAME: {_first_line(e)}') from None
+    return repo_id
 
 
 def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
@@ -331,7 +409,12 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         raise ConversionError(f'distill_steps must be >= 0, got {distill_steps}')
     if (recalibrate_bn or distill_steps) and not heal_images:
         raise ConversionError('healing (recalibrate_bn or distill_steps) needs heal_images')
+    if img_size is not None and img_size < 1:
+        raise ConversionError(f'img_size must be a positive number of pixels, got {img_size}')
+    if push_to_hub:
+        validate_repo_id(push_to_hub)
     out_dir = Path(out_dir)
+    _recover_interrupted(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
     checkpoint = load_source(source)
@@ -344,6 +427,7 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     block_fn = 'paper' if 'mresnet' in arch and model_args.get('block_fn') != 'dropin' else 'dropin'
     model_args = {**model_args, 'gamma': gamma, 'block_fn': block_fn}
     model = timm.create_model(arch, **model_args)
+    state = _with_batch_counters(state, model)
     _load_strict(model, state, arch)
     default_cfg = dict(model.pretrained_cfg)
     pretrained_cfg = {k: v for k, v in {**default_cfg, **checkpoint.pretrained_cfg}.items()
@@ -352,9 +436,9 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     pretrained_cfg['num_classes'] = model.num_classes
     pretrained_cfg['notes'] = f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma={gamma}.'
     input_size = tuple(pretrained_cfg.get('input_size', (3, 224, 224)))
-    input_size = (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size else tuple(input_size[1:]))
+    input_size = (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size is not None else tuple(input_size[1:]))
     pretrained_cfg['input_size'] = list(input_size)
-    if img_size:
+    if img_size is not None:
         pretrained_cfg.pop('test_input_size', None)
         pretrained_cfg.pop('pool_size', None)
     report = _verify(model, state, arch, model_args, gamma, block_fn, input_size)
@@ -384,8 +468,8 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     def write(folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / 'model.safetensors'),
                   metadata={'format': 'pt'})
-        (folder / 'config.json').write_text(json.dumps(config, indent=2))
-        (folder / 'verify.json').write_text(json.dumps(report, indent=2))
+        (folder / 'config.json').write_text(strict_json(config))
+        (folder / 'verify.json').write_text(strict_json(report))
         (folder / 'README.md').write_text(_model_card(arch, checkpoint, gamma, report))
 
     _write_atomically(out_dir, force, write)
@@ -408,7 +492,7 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
     def write(folder: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(folder / 'model.safetensors'), metadata={'format': 'pt'})
-        (folder / 'config.json').write_text(json.dumps(config, indent=2, default=str))
+        (folder / 'config.json').write_text(strict_json(config))
         (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\n---\n\n# {arch}\n')
 
     _write_atomically(Path(out_dir), force, write)
@@ -466,7 +550,10 @@ def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 
     if not Path(spec).is_dir():
         raise ConversionError(f'healing images {spec}: not sklearn/digits or a folder of images')
     from timm.data import create_dataset, create_transform
-    dataset = create_dataset('', root=spec, transform=create_transform((in_chans, img_size, img_size)))
+    try:
+        dataset = create_dataset('', root=spec, transform=create_transform((in_chans, img_size, img_size)))
+    except RuntimeError as e:  # timm refuses a folder without images
+        raise ConversionError(f'healing images {spec}: no images found ({_first_line(e)})') from None
     if len(dataset) == 0:
         raise ConversionError(f'healing images {spec}: no images found')
     return torch.stack([dataset[i][0] for i in range(min(len(dataset), limit))])
@@ -474,8 +561,7 @@ def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 
 
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
     """What ``upload_to_hub`` would upload: the repo id and the folder's files."""
-    if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id):
-        raise ConversionError(f'{repo_id!r} is not a Hub repo id of the form ORG/NAME')
+    validate_repo_id(repo_id)
     files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file())
     missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
     if missing:
@@ -493,7 +579,7 @@ def upload_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = Non
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet')
     except Exception as e:
-        raise ConversionError(f'upload to {repo_id} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+        raise ConversionError(f'upload to {repo_id} failed ({_first_line(e)}); '
                               f'the converted folder {out_dir} is complete and can be uploaded later') from None
     return plan
 

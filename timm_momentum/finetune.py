@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import csv
 import difflib
+import errno
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,8 @@ import yaml
 from .files import atomic_write
 from .memory import _vm_hwm_bytes
 
-__all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'DigitsDataset', 'train', 'run_demo']
+__all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'validate_config', 'DigitsDataset', 'build_datasets',
+           'load_initial_checkpoint', 'seed_everything', 'load_resume_state', 'train', 'run_demo']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -52,12 +55,15 @@ class ConfigError(ValueError):
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """DEFAULTS, updated by a YAML file and then by ``--key value`` overrides (values parsed as YAML)."""
+    """DEFAULTS, updated by a YAML file and then by ``--key value`` overrides (values parsed as YAML), checked."""
     config = dict(DEFAULTS)
     if path:
         if not Path(path).is_file():
             raise ConfigError(f'config file {path} does not exist')
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path} is not valid YAML: {" ".join(str(e).split())}') from None
         if not isinstance(loaded, dict):
             raise ConfigError(f'{path}: a config is a mapping of keys to values')
         _update(config, loaded, path)
@@ -65,24 +71,167 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     updates = {}
     while pairs:
         key = pairs.pop(0)
-        if not key.startswith('--'):
+        if not key.startswith('--') or len(key) == 2:
             raise ConfigError(f'expected --key value, got {key!r}')
         key = key[2:].replace('-', '_')
         if not pairs or pairs[0].startswith('--'):
             updates[key] = True
         else:
-            updates[key] = yaml.safe_load(pairs.pop(0))
+            text = pairs.pop(0)
+            try:
+                updates[key] = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError(f'--{key}: cannot parse {text!r} as a YAML value') from None
     _update(config, updates, 'command line')
-    return config
+    return validate_config(config)
 
 
 def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None:
     for key, value in updates.items():
         if key not in DEFAULTS:
-            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            close = difflib.get_close_matches(str(key), DEFAULTS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ''
             raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
         config[key] = value
+
+
+# Keys whose default (None, or one of two forms) does not tell their type; every other key takes its default's.
+_OPTIONAL_TYPES: Dict[str, type] = {
+    'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
+    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int,
+}
+# Inclusive bounds of numeric keys.
+_RANGES: Dict[str, Tuple[float, float]] = {
+    'num_classes': (1, math.inf), 'in_chans': (1, math.inf), 'img_size': (1, math.inf), 'workers': (0, math.inf),
+    'crop_padding': (0, math.inf), 'batch_size': (1, math.inf), 'grad_accum_steps': (1, math.inf),
+    'epochs': (1, math.inf), 'lr': (0, math.inf), 'momentum': (0, math.inf), 'weight_decay': (0, math.inf),
+    'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
+    'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
+    'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf),
+}
+_AMP = ('auto', 'bf16', 'fp16', 'none')
+
+
+def _as_type(key: str, value: Any, kind: type) -> Any:
+    """VALUE as KIND where that is unambiguous ('1e-3' -> 0.001, 3.0 -> 3), else a ConfigError naming KEY."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f'{key} must be true or false, got {value!r}')
+    if kind in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)) and math.isfinite(number):
+            if kind is float:
+                return float(number)
+            if float(number).is_integer():
+                return int(number)
+        noun = 'an integer' if kind is int else 'a number'
+        raise ConfigError(f'{key} must be {noun}, got {value!r}')
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f'{key} must be a string, got {value!r}')
+    if kind is list and isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f'{key} must be a {kind.__name__}, got {value!r}')
+
+
+def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A checked copy of ``cfg``: every key has the type of its default and a usable value, else ConfigError."""
+    import timm
+    from timm.optim import list_optimizers
+    from timm.scheduler import create_scheduler_v2
+
+    from .invertible import validate_gamma
+
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f'unknown config key(s) {unknown}')
+    out: Dict[str, Any] = {}
+    for key, default in DEFAULTS.items():
+        value = cfg.get(key, default)
+        if key == 'batch_size' and value == 'auto':
+            out[key] = value
+        elif key == 'amp':
+            if value is True:
+                value = 'bf16'
+            elif value is False or value is None or value == 'fp32':
+                value = 'none'
+            if not isinstance(value, str) or value not in _AMP:
+                raise ConfigError(f'amp must be one of {list(_AMP)}, got {cfg[key]!r}')
+            out[key] = value
+        elif value is None and default is None:
+            out[key] = None
+        else:
+            out[key] = _as_type(key, value, _OPTIONAL_TYPES.get(key, type(default)))
+        low, high = _RANGES.get(key, (-math.inf, math.inf))
+        if isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and not low <= out[key] <= high:
+            bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
+            raise ConfigError(f'{key} must be {bounds}, got {value!r}')
+    for key in ('model', 'opt', 'sched', 'device', 'output', 'train_split', 'val_split'):
+        if not out[key]:
+            raise ConfigError(f'{key} must not be empty')
+    try:
+        out['gamma'] = validate_gamma(out['gamma'])
+    except ValueError as e:
+        raise ConfigError(f'gamma: {e}') from None
+    for key in ('classes', 'decay_milestones'):
+        if out[key] is not None:
+            out[key] = [_as_type(f'{key} entry', v, int) for v in out[key]]
+    if out['scale'] is not None:
+        out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
+        if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
+            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {cfg['scale']!r}")
+    if out['dataset'] == 'sklearn/digits' and out['classes'] is not None:
+        if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
+                or len(out['classes']) < 2:
+            raise ConfigError(f"classes must be two or more different digits 0-9, got {cfg['classes']!r}")
+    if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
+        close = difflib.get_close_matches(out['model'], timm.list_models(), n=1)
+        raise ConfigError(f"model: unknown model {out['model']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
+    optimizers = list_optimizers()
+    if out['opt'].lower().split('_')[-1] not in optimizers:
+        close = difflib.get_close_matches(out['opt'].lower(), optimizers, n=1)
+        raise ConfigError(f"opt: unknown optimizer {out['opt']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
+    try:  # timm's scheduler factory is the list of schedulers it knows
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        create_scheduler_v2(probe, sched=out['sched'], num_epochs=out['epochs'], decay_milestones=out['decay_milestones'])
+    except ValueError as e:
+        raise ConfigError(f"sched: {e}") from None
+    _check_device(out['device'])
+    if out['initial_checkpoint'] and not Path(out['initial_checkpoint']).is_file():
+        raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
+    output = Path(out['output'])
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f'output: {output} exists and is not a folder')
+    return out
+
+
+def _check_device(name: str) -> None:
+    if name == 'auto':
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ConfigError(f'device: {name} asked for, but no CUDA GPU is available (use device: cpu or auto)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f'device: {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible')
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f'device: {name} asked for, but MPS is not available')
+    elif device.type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -119,7 +268,11 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.images[index], int(self.targets[index])
 
 
-def _build_datasets(cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, int]:
+def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any, Any, int]:
+    """The training and validation datasets and the number of classes.
+
+    The validation set takes the training set's class indices; a validation class that training lacks is an error.
+    """
     if cfg['dataset'] == 'sklearn/digits':
         size = cfg['img_size'] or 32
         train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'])
@@ -133,22 +286,36 @@ def _build_datasets(cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, in
         raise ConfigError(f"dataset {cfg['dataset']!r} needs data_dir")
     data_config = resolve_data_config({'input_size': (cfg['in_chans'], cfg['img_size'], cfg['img_size'])}
                                       if cfg['img_size'] else {}, model=model)
-    sets = []
-    for split, training in ((cfg['train_split'], True), (cfg['val_split'], False)):
+
+    def open_split(split: str, training: bool, class_map: Optional[Dict[str, int]] = None) -> Any:
         try:
-            dataset = create_dataset(cfg['dataset'], root=cfg['data_dir'], split=split, is_training=training,
-                                     download=cfg['download'], batch_size=cfg['batch_size'])
+            return create_dataset(cfg['dataset'], root=cfg['data_dir'], split=split, is_training=training,
+                                  download=cfg['download'], batch_size=cfg['batch_size'],
+                                  **({'class_map': class_map} if class_map else {}))
         except Exception as e:
             raise ConfigError(f"cannot open dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']}: {e}") from None
+
+    train_set = open_split(cfg['train_split'], True)
+    val_set = open_split(cfg['val_split'], False)
+    class_to_idx = _class_to_idx(train_set)
+    if class_to_idx is not None:  # folders and tar files: indices come from the class names each split finds
+        unknown = sorted(set(_class_to_idx(val_set) or {}) - set(class_to_idx))
+        if unknown:
+            raise ConfigError(f"validation split {cfg['val_split']!r} has classes the training split "
+                              f"{cfg['train_split']!r} lacks: {unknown[:10]}")
+        val_set = open_split(cfg['val_split'], False, class_to_idx)
+    for dataset, training in ((train_set, True), (val_set, False)):
         if cfg['crop_padding'] is not None:
             dataset.transform = _padded_crop_transform(data_config, training, cfg)
         else:
             dataset.transform = create_transform(**data_config, is_training=training, hflip=cfg['hflip'],
                                                  **({'scale': tuple(cfg['scale'])} if cfg['scale'] else {}))
-        sets.append(dataset)
-    num_classes = len(getattr(sets[0], 'classes', None) or getattr(getattr(sets[0], 'reader', None), 'class_to_idx', {})
-                      or []) or cfg['num_classes']
-    return sets[0], sets[1], num_classes
+    num_classes = len(getattr(train_set, 'classes', None) or class_to_idx or []) or cfg['num_classes']
+    return train_set, val_set, num_classes
+
+
+def _class_to_idx(dataset: Any) -> Optional[Dict[str, int]]:
+    return getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or None
 
 
 def _padded_crop_transform(data_config: Dict[str, Any], training: bool, cfg: Dict[str, Any]):
@@ -170,31 +337,59 @@ def _device(cfg: Dict[str, Any]) -> torch.device:
 
 def _amp_dtype(cfg: Dict[str, Any], device: torch.device) -> Optional[torch.dtype]:
     amp = cfg['amp']
-    if amp in (False, None, 'none', 'fp32'):
+    if amp == 'none' or (amp == 'auto' and device.type != 'cuda'):
         return None
     if amp == 'auto':
-        if device.type != 'cuda':
-            return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp not in ('bf16', 'fp16', True):
-        raise ConfigError(f"amp must be auto, bf16, fp16 or none, got {amp!r}")
     return torch.float16 if amp == 'fp16' else torch.bfloat16
 
 
 def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
     import timm
-    import timm_momentum  # noqa: F401
 
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
                                   drop_path_rate=cfg['drop_path'])
     if 'momentum' in cfg['model']:
         kwargs.update(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
-    overlay = {}
+    try:
+        model = timm.create_model(cfg['model'], pretrained=cfg['pretrained'] and not cfg['initial_checkpoint'], **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
     if cfg['initial_checkpoint']:
-        overlay = dict(file=str(cfg['initial_checkpoint']))
-    model = timm.create_model(cfg['model'], pretrained=bool(cfg['pretrained'] or overlay),
-                              pretrained_cfg_overlay=overlay or None, **kwargs)
+        load_initial_checkpoint(model, cfg['initial_checkpoint'])
     return model
+
+
+def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """Load weights strictly; only the classifier may be left out, and only when its number of classes differs."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
+                          f'(corrupt, truncated, or it holds code): {_first_line(e)}') from None
+    expected = model.state_dict()
+    classifier = model.pretrained_cfg.get('classifier') or 'fc'
+    head = [k for k in expected if k.startswith(f'{classifier}.')]
+    head_differs = any(k in state and state[k].shape != expected[k].shape for k in head)
+    if head_differs:  # a new head for other classes: keep the freshly initialised one
+        state = {k: v for k, v in state.items() if k not in head}
+    missing = sorted(set(expected) - set(state) - (set(head) if head_differs else set()))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}'
+                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [f'{name} {len(keys)} keys {keys[:5]}' for name, keys in
+                    (('missing', missing), ('unexpected', unexpected), ('shape mismatch in', mismatched)) if keys]
+        raise ConfigError(f'initial_checkpoint {path} does not match {type(model).__name__} '
+                          f'({model.pretrained_cfg.get("architecture")}): ' + '; '.join(problems))
+    model.load_state_dict(state, strict=not head_differs)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _is_distributed() -> bool:
@@ -262,6 +457,47 @@ def _loader(dataset: Any, cfg: Dict[str, Any], training: bool, device: torch.dev
         drop_last=training and len(dataset) > cfg['batch_size'])
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (timm's transforms draw from it), numpy (mixup) and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> Dict[str, Any]:
+    """The generators' states as tensors and plain types, so that a weights-only load can read them."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'python': [version, list(internal), gauss], 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def _set_rng_states(states: Dict[str, Any]) -> None:
+    version, internal, gauss = states['python']
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+    name, keys, pos, has_gauss, cached = states['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def load_resume_state(path: Path) -> Dict[str, Any]:
+    """Read ``last.pth.tar`` with ``weights_only=True``: a checkpoint that holds code is refused, not run."""
+    try:
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the model's device
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
+                          f'finetune (corrupt, truncated, or it holds code): {_first_line(e)}') from None
+    needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng'}
+    if not isinstance(state, dict) or not needed <= set(state):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {keys}')
+    return state
+
+
 def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model."""
     from timm.data import Mixup
@@ -270,19 +506,22 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, NativeScaler
 
+    from .files import remove_stale_temps
+
+    cfg = validate_config(cfg)
     device = _device(cfg)
     amp = _amp_dtype(cfg, device)
-    torch.manual_seed(cfg['seed'])
+    seed_everything(cfg['seed'])
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = bool(cfg['cudnn_benchmark'])
+        torch.backends.cudnn.benchmark = cfg['cudnn_benchmark']
     if cfg['batch_size'] == 'auto':
         cfg = dict(cfg, batch_size=find_batch_size(cfg))
     probe = _build_model(cfg, cfg['num_classes'] or 2) if cfg['dataset'] != 'sklearn/digits' else None
-    train_set, val_set, data_classes = _build_datasets(cfg, probe)
+    train_set, val_set, data_classes = build_datasets(cfg, probe)
     num_classes = cfg['num_classes'] or data_classes
     if data_classes and num_classes != data_classes:
         raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
-    torch.manual_seed(cfg['seed'])
+    seed_everything(cfg['seed'])
     model = _build_model(cfg, num_classes).to(device)
     if cfg['channels_last']:
         model = model.to(memory_format=torch.channels_last)
@@ -306,25 +545,36 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     start_epoch, best_acc, rows = 0, -1.0, []
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / 'args.yaml').write_text(yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True))
+        for name in ('last.pth.tar', 'metrics.csv', 'best', 'final'):  # what runs killed mid-write left
+            remove_stale_temps(out, name)
+        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
+            yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
     if cfg['resume'] and last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if scaler and state.get('scaler'):
-            scaler.load_state_dict(state['scaler'])
-        if ema and state.get('ema'):
-            ema.load_state_dict(state['ema'])
+        state = load_resume_state(last)
+        try:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            if scaler and state.get('scaler'):
+                scaler.load_state_dict(state['scaler'])
+            if ema and state.get('ema'):
+                ema.load_state_dict(state['ema'])
+            _set_rng_states(state['rng'])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f'cannot resume from {last}: it does not fit this config ({_first_line(e)}); '
+                              f'use another output folder or resume: false') from None
         start_epoch, best_acc, rows = state['epoch'] + 1, state['best_acc'], state['rows']
+        if _rank() == 0:
+            print(f'resuming from {last} at epoch {start_epoch}', flush=True)
 
     steps_per_epoch = None
     for epoch in range(start_epoch, cfg['epochs']):
-        torch.manual_seed(cfg['seed'] * 1000 + epoch)  # resume replays the same draws as an unbroken run
+        seed_everything(cfg['seed'] * 1000 + epoch)  # resume replays the same draws as an unbroken run
         loader = _loader(train_set, cfg, True, device, cfg['seed'] + epoch)
         if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
             loader.sampler.set_epoch(epoch)
         steps_per_epoch = len(loader)
+        epoch_lr = optimizer.param_groups[0]['lr']
         model.train()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
@@ -343,9 +593,8 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                     logits = train_model(x)
                     loss = criterion(logits.float(), target)
                 if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. The last good checkpoint '
-                        f'is {last if last.exists() else "(none yet)"}; lower lr or enable clip_grad.')
+                    raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. '
+                                             f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
                 scaled = loss / cfg['grad_accum_steps']
                 update = (step + 1) % cfg['grad_accum_steps'] == 0 or step + 1 == len(loader)
                 if scaler is not None:
@@ -378,27 +627,42 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         eval_model = ema.module if ema is not None else model
         val_loss, val_acc = _evaluate(eval_model, _loader(val_set, cfg, False, device, 0), device, amp)
         row = {'epoch': epoch, 'train_loss': loss_sum / max(seen, 1), 'train_acc': 100.0 * correct / max(seen, 1),
-               'val_loss': val_loss, 'val_acc': val_acc, 'lr': optimizer.param_groups[0]['lr'],
+               'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
                'images_per_s': seen / (time.perf_counter() - started),
                'peak_memory_mib': _peak_memory(device) / 2 ** 20}
-        rows.append(row)
+        diverged = not math.isfinite(val_loss) or not all(
+            bool(torch.isfinite(t).all()) for m in (model, eval_model) for t in m.state_dict().values()
+            if t.is_floating_point())
         if _rank() == 0:
             print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.2f} | {row['images_per_s']:.1f} img/s | "
                   f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
-            _write_csv(rows, out / 'metrics.csv')
+            _write_csv(rows + [row], out / 'metrics.csv')
+        if diverged:  # neither best/ nor last.pth.tar may hold a diverged model
+            raise FloatingPointError(f'the model diverged in epoch {epoch} (validation loss {val_loss}, or weights '
+                                     f'that are not finite); stopping, nothing of epoch {epoch} saved. '
+                                     f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
+        rows.append(row)
+        if _rank() == 0:
             _plot(rows, out)
             if val_acc > best_acc:
                 best_acc = val_acc
                 _export(eval_model, out / 'best', cfg, row)
-            atomic_write(last, lambda tmp: torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                          'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
-                          'ema': ema.state_dict() if ema else None, 'epoch': epoch, 'best_acc': best_acc,
-                          'rows': rows, 'config': cfg}, tmp))
+            atomic_write(last, lambda tmp: torch.save({
+                'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                'scaler': scaler.state_dict() if scaler else None, 'ema': ema.state_dict() if ema else None,
+                'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()}, tmp))
     if _rank() == 0 and rows:
         _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1])
     return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
             'steps_per_epoch': steps_per_epoch}
+
+
+def _last_good(last: Path, rows: List[Dict[str, Any]]) -> str:
+    """Where the newest finite checkpoint is: last.pth.tar is only ever written after a finite epoch."""
+    if rows and last.exists():
+        return f'The last good checkpoint is {last} (epoch {rows[-1]["epoch"]})'
+    return 'No epoch finished with finite weights, so there is no checkpoint to resume from'
 
 
 def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
@@ -486,6 +750,9 @@ def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_s
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
+    from .convert import ConversionError
+    from .files import describe_os_error
+
     try:
         cfg = load_config(args.config, args.overrides)
         world = int(os.environ.get('WORLD_SIZE', 1))
@@ -494,8 +761,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         result = train(cfg)
-    except (ConfigError, FloatingPointError) as e:
+    except (ConfigError, ConversionError, FloatingPointError) as e:
         print(f'error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise
+        print(f'error: cannot write: {describe_os_error(e)}', file=sys.stderr)
         return 2
     finally:
         if _is_distributed():

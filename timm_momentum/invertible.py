@@ -68,13 +68,18 @@ def dropin_fn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def validate_gamma(gamma: float) -> float:
-    """Return gamma as a float, or raise ValueError naming the value when it is outside [0, 1]."""
+    """Return gamma as a float, or raise ValueError naming the value when it is outside [0, 1)."""
+    if isinstance(gamma, (bool, str)):
+        raise ValueError(f'gamma must be a number in [0, 1), got {gamma!r}')
     try:
         value = float(gamma)
     except (TypeError, ValueError):
-        raise ValueError(f'gamma must be a number in [0, 1], got {gamma!r}') from None
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f'gamma must be in [0, 1], got {gamma!r}')
+        raise ValueError(f'gamma must be a number in [0, 1), got {gamma!r}') from None
+    if value == 1.0:
+        raise ValueError(f'gamma must be in [0, 1), got {gamma!r}: at gamma = 1 the velocity starts at 0 and stays 0 '
+                         '(v <- v + 0 * f(x)), so a momentum chain ignores its blocks and they get no gradient')
+    if not (0.0 <= value < 1.0):  # also rejects NaN
+        raise ValueError(f'gamma must be in [0, 1), got {gamma!r}')
     return value
 
 

@@ -79,12 +79,24 @@ class MomentumStage(nn.Sequential):
     def set_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
                      memory_efficient: Optional[bool] = None) -> None:
         """Change gamma, the block function or the memory mode; None keeps the current value."""
+        self.apply_momentum(*self.check_momentum(gamma, block_fn, memory_efficient))
+
+    def check_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
+                       memory_efficient: Optional[bool] = None) -> Tuple[float, str, bool]:
+        """The (gamma, block_fn, memory_efficient) that ``set_momentum`` would set; raises before anything changes."""
         gamma = self.gamma if gamma is None else validate_gamma(gamma)
         block_fn = self.block_fn if block_fn is None else block_fn
         _block_fn(block_fn)
-        memory_efficient = self.memory_efficient if memory_efficient is None else bool(memory_efficient)
+        if memory_efficient is None:
+            memory_efficient = self.memory_efficient
+        elif not isinstance(memory_efficient, bool):
+            raise TypeError(f'memory_efficient must be True or False, got {memory_efficient!r}')
         if memory_efficient and len(self) > 1:
             check_invertible(gamma, len(self) - 1)
+        return gamma, block_fn, memory_efficient
+
+    def apply_momentum(self, gamma: float, block_fn: str, memory_efficient: bool) -> None:
+        """Set values that ``check_momentum`` returned."""
         self.gamma, self.block_fn, self.memory_efficient = gamma, block_fn, memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +184,7 @@ class MomentumResNet(ResNet):
         """
         Args:
             *args: Positional ResNet arguments (block, layers).
-            gamma: Momentum in [0, 1]; 0 with block_fn='dropin' gives the plain ResNet.
+            gamma: Momentum in [0, 1); 0 with block_fn='dropin' gives the plain ResNet (1 would ignore the chains' blocks).
             block_fn: 'dropin' (f = block(x) - x) or 'paper' (f = residual branch).
             memory_efficient: Train with invertible chains and checkpointed stem and stage transitions,
                 so stored activations do not grow with depth.
@@ -186,6 +198,10 @@ class MomentumResNet(ResNet):
         """
         gamma = validate_gamma(gamma)
         _block_fn(block_fn)
+        for name, flag in (('memory_efficient', memory_efficient), ('checkpoint_transitions', checkpoint_transitions),
+                           ('cifar_stem', cifar_stem)):
+            if not isinstance(flag, bool):
+                raise TypeError(f'{name} must be True or False, got {flag!r}')
         super().__init__(*args, **kwargs)
         if cifar_stem:
             self._make_cifar_stem()
@@ -194,7 +210,7 @@ class MomentumResNet(ResNet):
             setattr(self, name, MomentumStage(*stage, gamma=gamma, block_fn=block_fn,
                                               memory_efficient=memory_efficient,
                                               checkpoint_first=checkpoint_transitions))
-        self.momentum_cfg = dict(gamma=gamma, block_fn=block_fn, memory_efficient=bool(memory_efficient))
+        self.momentum_cfg = dict(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
 
     def _make_cifar_stem(self) -> None:
         conv = self.conv1
@@ -215,10 +231,14 @@ class MomentumResNet(ResNet):
     @torch.jit.ignore
     def set_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
                      memory_efficient: Optional[bool] = None) -> None:
-        """Change gamma, the block function or the memory mode of every stage; None keeps a value."""
-        for stage in self.stages:
-            if isinstance(stage, MomentumStage):
-                stage.set_momentum(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
+        """Change gamma, the block function or the memory mode of every stage; None keeps a value.
+
+        Every stage is checked before any changes, so a refused setting leaves the model as it was.
+        """
+        stages = [stage for stage in self.stages if isinstance(stage, MomentumStage)]
+        settings = [stage.check_momentum(gamma, block_fn, memory_efficient) for stage in stages]
+        for stage, setting in zip(stages, settings):
+            stage.apply_momentum(*setting)
         updates = dict(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
         self.momentum_cfg.update({k: v for k, v in updates.items() if v is not None})
         self.momentum_cfg['gamma'] = float(self.momentum_cfg['gamma'])
