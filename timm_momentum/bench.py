@@ -251,7 +251,6 @@ def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit
     return result
 
 
-_largest_batch = largest_batch  # the name finetune.py imports today
 
 
 def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, device: str = 'cpu',

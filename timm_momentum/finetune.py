@@ -25,7 +25,7 @@ import torch.nn as nn
 import yaml
 
 from .files import atomic_write
-from .memory import _vm_hwm_bytes
+from .memory import vm_hwm_bytes
 
 __all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'validate_config', 'DigitsDataset', 'build_datasets',
            'load_initial_checkpoint', 'seed_everything', 'load_resume_state', 'train', 'run_demo']
@@ -403,7 +403,7 @@ def _rank() -> int:
 def _peak_memory(device: torch.device) -> int:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device)
-    return _vm_hwm_bytes()
+    return vm_hwm_bytes()
 
 
 def _plot(rows: List[Dict[str, Any]], out: Path) -> None:
@@ -703,10 +703,10 @@ def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:
     """The largest batch whose training step fits on the GPU (CUDA only)."""
     if _device(cfg).type != 'cuda':
         raise ConfigError('batch_size: auto searches GPU memory and needs a CUDA device; give a number on CPU')
-    from .bench import _largest_batch
+    from .bench import largest_batch
 
     mode = 'memory_efficient' if cfg['memory_efficient'] else 'plain'
-    found = _largest_batch(cfg['model'], mode, cfg['img_size'] or 224, 'bf16' if _amp_dtype(cfg, _device(cfg)) else None,
+    found = largest_batch(cfg['model'], mode, cfg['img_size'] or 224, 'bf16' if _amp_dtype(cfg, _device(cfg)) else None,
                            limit)['max_batch']
     print(f'batch_size auto: {found} fits', flush=True)
     return max(found, 1)

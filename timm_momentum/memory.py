@@ -183,7 +183,6 @@ def vm_hwm_bytes() -> int:
     raise RuntimeError('VmHWM not found in /proc/self/status; peak RSS needs Linux')
 
 
-_vm_hwm_bytes = vm_hwm_bytes  # the name finetune.py imports today
 
 
 def reset_peak_rss() -> None:
