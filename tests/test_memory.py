@@ -50,6 +50,7 @@ def test_peak_step_memory_rejects_bad_mode_and_amp_before_starting_a_subprocess(
 
 
 def test_peak_rss_resets_after_a_warm_up():
+    reset_peak_rss()  # this process's earlier peak (other tests) would hide the 64 MiB below
     before = vm_hwm_bytes()
     block = torch.ones(64 * MiB, dtype=torch.uint8)  # touched, so resident
     del block
