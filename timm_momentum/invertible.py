@@ -105,8 +105,6 @@ def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.fl
         return ChainPlan(input_dtype, num_blocks, True)
     if gamma == 0.0:  # a plain residual chain, computed exactly as the source network computes it
         return ChainPlan(input_dtype, 0, False)
-    if gamma == 1.0:
-        return ChainPlan(carrier, num_blocks, False)
     span = int(math.log(_AMPLIFICATION_LIMIT[carrier]) / -math.log(gamma) + 1e-9)
     return ChainPlan(carrier, min(span, num_blocks), False)
 
