@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from timm_momentum.convert import ConversionError, convert
+from timm_momentum.convert import convert
+from timm_momentum.errors import ConversionError
 
 
 def build_zoo(manifest: str, out: str, force: bool = False, push_org: str = None) -> dict:

@@ -12,7 +12,8 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from timm_momentum.cli import main
-from timm_momentum.convert import ConversionError, convert, infer_architecture, plan_upload, upload_to_hub
+from timm_momentum.convert import convert, infer_architecture, plan_upload, upload_to_hub
+from timm_momentum.errors import ConversionError
 
 from test_loading import _add_repo
 
@@ -337,8 +338,8 @@ def test_healing_brings_the_converted_net_back_toward_its_source():
     """The measurement of convert/HEALING.md at a test's size: a resnet18 trained briefly on digits 0-4,
     converted to gamma = 0.9; recalibration lowers the KL divergence from the source on held-out digits,
     and distillation after it lowers it further."""
-    from timm_momentum.convert import distill, load_images, recalibrate_batchnorm
-    from timm_momentum.finetune import DigitsDataset
+    from timm_momentum.data import DigitsDataset
+    from timm_momentum.heal import distill, load_images, recalibrate_batchnorm
 
     torch.manual_seed(0)
     train, held_out = DigitsDataset('train', [0, 1, 2, 3, 4], 16), DigitsDataset('validation', [0, 1, 2, 3, 4], 16)

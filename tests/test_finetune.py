@@ -19,7 +19,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from timm_momentum.cli import main
-from timm_momentum.finetune import ConfigError, DEFAULTS, load_config, run_demo, train
+from timm_momentum.demo import run_demo
+from timm_momentum.errors import ConfigError
+from timm_momentum.finetune import DEFAULTS, load_config, train
 
 CONFIGS = Path(__file__).parent.parent / 'configs'
 
@@ -171,7 +173,7 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_reduced_demo_pipeline(tmp_path):
-    from timm_momentum.finetune import DigitsDataset
+    from timm_momentum.data import DigitsDataset
 
     report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16)
     verify = json.loads((tmp_path / 'demo' / 'converted' / 'verify.json').read_text())
@@ -243,7 +245,8 @@ def _folder_cfg(tmp_path: Path, root: Path, **overrides) -> dict:
 
 
 def test_validation_folder_takes_the_training_class_indices(tmp_path):
-    from timm_momentum.finetune import build_datasets, validate_config
+    from timm_momentum.data import build_datasets
+    from timm_momentum.finetune import validate_config
 
     root = _image_folder(tmp_path / 'data', {'train': ['cat', 'dog', 'emu'], 'validation': ['dog', 'emu']})
     train_set, val_set, num_classes = build_datasets(validate_config(_folder_cfg(tmp_path, root)), None)

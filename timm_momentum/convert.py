@@ -11,20 +11,21 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import __version__
+from .errors import ConversionError, first_line
+from .files import describe_os_error, recover_interrupted_folder, write_folder_atomically
+from .heal import distill, load_images, recalibrate_batchnorm
 
-__all__ = ['ConversionError', 'ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture',
-           'convert', 'write_model_folder', 'strict_json', 'validate_repo_id', 'recalibrate_batchnorm', 'distill', 'load_images', 'plan_upload', 'upload_to_hub']
+__all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
+           'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
@@ -32,10 +33,6 @@ _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottlenec
 _TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
 _MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MResNet
 _MODEL_CARD = Path(__file__).resolve().parent.parent / 'MODEL_CARD.md'
-
-
-class ConversionError(ValueError):
-    """A source that cannot be converted; the message names the problem."""
 
 
 @dataclass
@@ -75,11 +72,6 @@ def _sha256_tensors(state: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def _read_file(path: Path) -> Dict[str, Any]:
     """Load a checkpoint file without running code from it."""
     if not path.is_file():
@@ -96,7 +88,7 @@ def _read_file(path: Path) -> Dict[str, Any]:
         return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConversionError(f'{path}: cannot read as a weights-only PyTorch checkpoint '
-                              f'(corrupt, truncated, or it holds code): {_first_line(e)}') from None
+                              f'(corrupt, truncated, or it holds code): {first_line(e)}') from None
 
 
 def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
@@ -146,7 +138,7 @@ def _load_hub(repo_id: str, source: str) -> SourceCheckpoint:
             path = Path(hf_hub_download(repo_id, 'pytorch_model.bin', revision=revision))
     except Exception as e:
         raise ConversionError(f'{source}: cannot fetch weights from the Hugging Face Hub '
-                              f'(offline, or no such repo?): {_first_line(e)}') from None
+                              f'(offline, or no such repo?): {first_line(e)}') from None
     config = {}
     try:
         config = json.loads(Path(hf_hub_download(repo_id, 'config.json', revision=revision)).read_text())
@@ -309,58 +301,11 @@ def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: D
     return template
 
 
-def _recover_interrupted(out_dir: Path) -> None:
-    """Undo what a run killed mid-write left: restore OUT from a ``--force`` swap cut between its two
-    renames, and remove the temp folders of killed writes."""
-    from .files import remove_stale_temps
-
-    if not out_dir.parent.is_dir():
-        return
-    for old in sorted(out_dir.parent.glob(f'.{out_dir.name}.old-*')):
-        previous = old / 'previous'
-        if previous.is_dir() and not out_dir.exists():
-            os.replace(previous, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    remove_stale_temps(out_dir.parent, out_dir.name)
-
-
-def _write_atomically(out_dir: Path, force: bool, write: Callable[[Path], None]) -> None:
-    """Build the folder in a temp dir beside OUT, then rename it into place.
-
-    On failure nothing is left: no temp folder, no parent folders this call created, and OUT as it was.
-    A ``--force`` swap moves the old OUT aside before renaming the new one in; a run killed between the two
-    renames leaves the old one in ``.OUT.old-*/previous``, which the next run puts back.
-    """
-    from .files import current_umask, describe_os_error, make_parents, remove_folders
-
-    _recover_interrupted(out_dir)
+def _check_output(out_dir: Path, force: bool) -> None:
+    """Put back what an interrupted run left, then refuse a non-empty OUT unless ``force``."""
+    recover_interrupted_folder(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
-    created: List[Path] = []
-    tmp = old = None
-    try:
-        created = make_parents(out_dir)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.tmp-'))
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the folder follows the umask
-        write(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.old-'))
-            os.replace(out_dir, old / 'previous')
-        os.replace(tmp, out_dir)
-        tmp = None
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists() and (old / 'previous').is_dir():
-            os.replace(old / 'previous', out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        remove_folders(created)
-        if isinstance(e, OSError):
-            raise ConversionError(f'cannot write {out_dir}: {describe_os_error(e)}; nothing was written') from None
-        raise
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -373,7 +318,7 @@ def validate_repo_id(repo_id: str) -> str:
             raise HFValidationError('it needs exactly one /')
         hub_validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ConversionError(f'{repo_id!r} is not a Hub repo id of the form ORG/NAME: {_first_line(e)}') from None
+        raise ConversionError(f'{repo_id!r} is not a Hub repo id of the form ORG/NAME: {first_line(e)}') from None
     return repo_id
 
 
@@ -398,7 +343,7 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         The folder, architecture, model kwargs and the verification report.
     """
     import timm
-    from safetensors.torch import save_file
+
     from .invertible import validate_gamma
 
     try:
@@ -414,9 +359,7 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     if push_to_hub:
         validate_repo_id(push_to_hub)
     out_dir = Path(out_dir)
-    _recover_interrupted(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
+    _check_output(out_dir, force)
     checkpoint = load_source(source)
     state = checkpoint.state_dict
     _check_finite(state)
@@ -455,24 +398,13 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         report['healing'] = {'images': heal_images, 'recalibrate_bn': recalibrate_bn, 'distill_steps': distill_steps}
     report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
                         'sha256': checkpoint.sha256}
-    config = {
-        'architecture': arch, 'num_classes': model.num_classes, 'num_features': model.num_features,
-        'model_args': model_args, 'pretrained_cfg': pretrained_cfg,
-        'provenance': {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
-                       'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}'},
-    }
+    provenance = {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
+                  'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}'}
     if report['equivalence'].get('passed') is False:
         raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
                               f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
-
-    def write(folder: Path) -> None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / 'model.safetensors'),
-                  metadata={'format': 'pt'})
-        (folder / 'config.json').write_text(strict_json(config))
-        (folder / 'verify.json').write_text(strict_json(report))
-        (folder / 'README.md').write_text(_model_card(arch, checkpoint, gamma, report))
-
-    _write_atomically(out_dir, force, write)
+    write_model_folder(out_dir, model, model_args, pretrained_cfg, {'provenance': provenance},
+                       _model_card(arch, checkpoint, gamma, report), force, {'verify.json': report})
     if push_to_hub:
         upload_to_hub(out_dir, push_to_hub)
     return ConvertResult(out_dir, arch, model_args, report)
@@ -480,10 +412,20 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
 
 def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model_args: Dict[str, Any],
                        pretrained_cfg: Dict[str, Any], extra: Optional[Dict[str, Any]] = None,
-                       card: Optional[str] = None, force: bool = True) -> Path:
-    """Write a model in the layout ``convert`` writes (config.json, model.safetensors, README.md), atomically."""
+                       card: Optional[str] = None, force: bool = True,
+                       reports: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a model folder that timm loads (config.json, model.safetensors, README.md), atomically.
+
+    Args:
+        extra: More top-level config.json entries (provenance, metrics).
+        card: The README.md model card (default: a title).
+        force: Replace a non-empty ``out_dir``.
+        reports: More JSON files by name, e.g. ``{'verify.json': report}``.
+    """
     from safetensors.torch import save_file
 
+    out_dir = Path(out_dir)
+    _check_output(out_dir, force)
     arch = model.pretrained_cfg.get('architecture') or type(model).__name__
     config = {'architecture': arch, 'num_classes': model.num_classes, 'num_features': model.num_features,
               'model_args': model_args, 'pretrained_cfg': {**pretrained_cfg, 'num_classes': model.num_classes},
@@ -493,70 +435,15 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(folder / 'model.safetensors'), metadata={'format': 'pt'})
         (folder / 'config.json').write_text(strict_json(config))
+        for name, report in (reports or {}).items():
+            (folder / name).write_text(strict_json(report))
         (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\n---\n\n# {arch}\n')
 
-    _write_atomically(Path(out_dir), force, write)
-    return Path(out_dir)
-
-
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
-    """Re-estimate BatchNorm running statistics of ``model`` on unlabeled ``images`` (cumulative average)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    return model.eval()
-
-
-def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps: int = 100,
-            lr: float = 1e-4, batch_size: int = 64, temperature: float = 1.0, seed: int = 0) -> nn.Module:
-    """Train ``student`` to match ``teacher``'s logits (KL divergence) on unlabeled ``images``.
-
-    Both run in eval mode: norm layers use (and keep) their running statistics, so the student learns
-    the function it will compute at inference, and recalibrated statistics are not overwritten by
-    noisy batch statistics. Measured in ``convert/HEALING.md``: after BatchNorm recalibration this
-    brings the converted net closest to its source.
-    """
-    if steps < 0:
-        raise ValueError(f'distillation steps must be >= 0, got {steps}')
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    teacher.eval()
-    student.eval()
-    for _ in range(steps):
-        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        with torch.no_grad():
-            target = nn.functional.log_softmax(teacher(batch) / temperature, -1)
-        loss = nn.functional.kl_div(nn.functional.log_softmax(student(batch) / temperature, -1), target,
-                                    log_target=True, reduction='batchmean')
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return student
-
-
-def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024) -> torch.Tensor:
-    """Unlabeled images for healing: ``sklearn/digits`` or a folder of images (resized, normalised)."""
-    if spec == 'sklearn/digits':
-        from .finetune import DigitsDataset
-        return DigitsDataset('train', None, img_size, in_chans).images[:limit]
-    if not Path(spec).is_dir():
-        raise ConversionError(f'healing images {spec}: not sklearn/digits or a folder of images')
-    from timm.data import create_dataset, create_transform
     try:
-        dataset = create_dataset('', root=spec, transform=create_transform((in_chans, img_size, img_size)))
-    except RuntimeError as e:  # timm refuses a folder without images
-        raise ConversionError(f'healing images {spec}: no images found ({_first_line(e)})') from None
-    if len(dataset) == 0:
-        raise ConversionError(f'healing images {spec}: no images found')
-    return torch.stack([dataset[i][0] for i in range(min(len(dataset), limit))])
+        write_folder_atomically(out_dir, write)
+    except OSError as e:
+        raise ConversionError(f'cannot write {out_dir}: {describe_os_error(e)}; nothing was written') from None
+    return out_dir
 
 
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
@@ -579,7 +466,7 @@ def upload_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = Non
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet')
     except Exception as e:
-        raise ConversionError(f'upload to {repo_id} failed ({_first_line(e)}); '
+        raise ConversionError(f'upload to {repo_id} failed ({first_line(e)}); '
                               f'the converted folder {out_dir} is complete and can be uploaded later') from None
     return plan
 

@@ -1,4 +1,4 @@
-"""Writing files so that nothing is ever half-written: write a temp file beside the target, then rename."""
+"""Writing files and folders so that nothing is ever half-written: build a temp beside the target, then rename."""
 import errno
 import os
 import shutil
@@ -68,4 +68,53 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def recover_interrupted_folder(out_dir: Union[str, os.PathLike]) -> None:
+    """Undo what a ``write_folder_atomically`` killed mid-write left: put back a replaced folder that a swap
+    cut between its two renames left in ``.OUT.old-*/previous``, and remove the temp folders of killed writes."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return
+    for old in sorted(out_dir.parent.glob(f'.{out_dir.name}.old-*')):
+        previous = old / 'previous'
+        if previous.is_dir() and not out_dir.exists():
+            os.replace(previous, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temps(out_dir.parent, out_dir.name)
+
+
+def write_folder_atomically(out_dir: Union[str, os.PathLike], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_folder)`` on a temp folder beside ``out_dir``, then rename it into place, replacing
+    ``out_dir`` if it exists.
+
+    On failure nothing is left: no temp folder, no parent folders this call created, and ``out_dir`` as it was.
+    A replacement moves the old folder aside before renaming the new one in; a run killed between the two
+    renames leaves the old one in ``.OUT.old-*/previous``, which ``recover_interrupted_folder`` puts back.
+    """
+    out_dir = Path(out_dir)
+    recover_interrupted_folder(out_dir)
+    created: List[Path] = []
+    tmp = old = None
+    try:
+        created = make_parents(out_dir)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.tmp-'))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the folder follows the umask
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.old-'))
+            os.replace(out_dir, old / 'previous')
+        os.replace(tmp, out_dir)
+        tmp = None
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists() and (old / 'previous').is_dir():
+            os.replace(old / 'previous', out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        remove_folders(created)
         raise

@@ -2,11 +2,8 @@
 
 ``timm-momentum finetune --config configs/NAME.yaml [--key value ...]``, ``python -m timm_momentum.finetune``
 or ``torchrun --nproc_per_node=N -m timm_momentum.finetune ...``. Config keys follow timm's train.py names.
-``timm-momentum demo`` runs the offline digits pipeline: a plain ResNet trained on digits 0-4, converted
-to a Momentum ResNet, fine-tuned on digits 5-9 in memory-efficient mode.
 """
 import argparse
-import contextlib
 import csv
 import difflib
 import errno
@@ -24,11 +21,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
+from .convert import write_model_folder
+from .data import build_datasets, build_loader
+from .errors import ConfigError, ConversionError, first_line
 from .files import atomic_write
 from .memory import vm_hwm_bytes
 
-__all__ = ['DEFAULTS', 'ConfigError', 'load_config', 'validate_config', 'DigitsDataset', 'build_datasets',
-           'load_initial_checkpoint', 'seed_everything', 'load_resume_state', 'train', 'run_demo']
+__all__ = ['DEFAULTS', 'load_config', 'validate_config', 'load_initial_checkpoint', 'seed_everything',
+           'load_resume_state', 'train', 'find_batch_size']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -48,10 +48,6 @@ DEFAULTS: Dict[str, Any] = {
     # run
     'seed': 42, 'output': 'output/finetune', 'resume': False, 'log_interval': 10, 'progress': True,
 }
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the problem."""
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -234,101 +230,6 @@ def _check_device(name: str) -> None:
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
-class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's handwritten digits (8x8, shipped with the package), upsampled, with a class subset.
-
-    Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
-    """
-
-    def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
-                 in_chans: int = 3) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        if split not in ('train', 'validation', 'test'):
-            raise ConfigError(f"digits split must be 'train' or 'validation', got {split!r}")
-        digits = load_digits()
-        classes = list(range(10)) if classes is None else [int(c) for c in classes]
-        keep = np.isin(digits.target, classes)
-        images, labels = digits.images[keep] / 16.0, digits.target[keep]
-        train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
-                                               stratify=labels)
-        idx = train_idx if split == 'train' else test_idx
-        x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
-        x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
-        self.images = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()
-        remap = {c: i for i, c in enumerate(classes)}
-        self.targets = torch.tensor([remap[int(t)] for t in labels[idx]])
-        self.num_classes = len(classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        return self.images[index], int(self.targets[index])
-
-
-def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any, Any, int]:
-    """The training and validation datasets and the number of classes.
-
-    The validation set takes the training set's class indices; a validation class that training lacks is an error.
-    """
-    if cfg['dataset'] == 'sklearn/digits':
-        size = cfg['img_size'] or 32
-        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'])
-        val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
-        return train_set, val_set, train_set.num_classes
-    from timm.data import create_dataset, create_transform, resolve_data_config
-
-    if cfg['data_dir'] and not Path(cfg['data_dir']).exists() and not cfg['download']:
-        raise ConfigError(f"dataset path {cfg['data_dir']} does not exist")
-    if not cfg['data_dir'] and not cfg['dataset'].startswith(('hfds/', 'hfids/')):
-        raise ConfigError(f"dataset {cfg['dataset']!r} needs data_dir")
-    data_config = resolve_data_config({'input_size': (cfg['in_chans'], cfg['img_size'], cfg['img_size'])}
-                                      if cfg['img_size'] else {}, model=model)
-
-    def open_split(split: str, training: bool, class_map: Optional[Dict[str, int]] = None) -> Any:
-        try:
-            return create_dataset(cfg['dataset'], root=cfg['data_dir'], split=split, is_training=training,
-                                  download=cfg['download'], batch_size=cfg['batch_size'],
-                                  **({'class_map': class_map} if class_map else {}))
-        except Exception as e:
-            raise ConfigError(f"cannot open dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']}: {e}") from None
-
-    train_set = open_split(cfg['train_split'], True)
-    val_set = open_split(cfg['val_split'], False)
-    class_to_idx = _class_to_idx(train_set)
-    if class_to_idx is not None:  # folders and tar files: indices come from the class names each split finds
-        unknown = sorted(set(_class_to_idx(val_set) or {}) - set(class_to_idx))
-        if unknown:
-            raise ConfigError(f"validation split {cfg['val_split']!r} has classes the training split "
-                              f"{cfg['train_split']!r} lacks: {unknown[:10]}")
-        val_set = open_split(cfg['val_split'], False, class_to_idx)
-    for dataset, training in ((train_set, True), (val_set, False)):
-        if cfg['crop_padding'] is not None:
-            dataset.transform = _padded_crop_transform(data_config, training, cfg)
-        else:
-            dataset.transform = create_transform(**data_config, is_training=training, hflip=cfg['hflip'],
-                                                 **({'scale': tuple(cfg['scale'])} if cfg['scale'] else {}))
-    num_classes = len(getattr(train_set, 'classes', None) or class_to_idx or []) or cfg['num_classes']
-    return train_set, val_set, num_classes
-
-
-def _class_to_idx(dataset: Any) -> Optional[Dict[str, int]]:
-    return getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or None
-
-
-def _padded_crop_transform(data_config: Dict[str, Any], training: bool, cfg: Dict[str, Any]):
-    """Random crop with padding and horizontal flip (the paper's CIFAR augmentation), then normalise."""
-    from torchvision import transforms
-
-    size = data_config['input_size'][-1]
-    steps = [transforms.RandomCrop(size, padding=cfg['crop_padding']), transforms.RandomHorizontalFlip(cfg['hflip'])] \
-        if training else [transforms.CenterCrop(size)]
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(data_config['mean'], data_config['std'])])
-
-
 def _device(cfg: Dict[str, Any]) -> torch.device:
     if cfg['device'] == 'auto':
         return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
@@ -368,7 +269,7 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as e:
         raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
-                          f'(corrupt, truncated, or it holds code): {_first_line(e)}') from None
+                          f'(corrupt, truncated, or it holds code): {first_line(e)}') from None
     expected = model.state_dict()
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     head = [k for k in expected if k.startswith(f'{classifier}.')]
@@ -385,11 +286,6 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         raise ConfigError(f'initial_checkpoint {path} does not match {type(model).__name__} '
                           f'({model.pretrained_cfg.get("architecture")}): ' + '; '.join(problems))
     model.load_state_dict(state, strict=not head_differs)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _is_distributed() -> bool:
@@ -428,7 +324,65 @@ def _plot(rows: List[Dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype]) -> Tuple[float, float]:
+def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader: Any,
+                    optimizer: torch.optim.Optimizer, criterion: nn.Module, cfg: Dict[str, Any], device: torch.device,
+                    amp: Optional[torch.dtype], scaler: Any = None, ema: Any = None, mixup: Any = None,
+                    last_good: str = '') -> Dict[str, float]:
+    """One pass over ``loader``: forward ``train_model`` (``model``, maybe wrapped in DDP or compiled), step the
+    optimiser every ``grad_accum_steps`` batches, update the EMA. Returns the mean loss, accuracy and images seen.
+
+    A non-finite loss stops training with FloatingPointError; ``last_good`` says where the last good checkpoint is.
+    """
+    model.train()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
+    bar = _progress(loader, epoch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg['channels_last']:
+            x = x.to(memory_format=torch.channels_last)
+        target = y
+        if mixup:
+            x, target = mixup(x, y)
+        try:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = train_model(x)
+                loss = criterion(logits.float(), target)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. '
+                                         f'{last_good}; lower lr or enable clip_grad.')
+            scaled = loss / cfg['grad_accum_steps']
+            update = (step + 1) % cfg['grad_accum_steps'] == 0 or step + 1 == len(loader)
+            if scaler is not None:
+                scaler(scaled, optimizer, clip_grad=cfg['clip_grad'], parameters=model.parameters(),
+                       need_update=update)
+            else:
+                scaled.backward()
+                if update:
+                    if cfg['clip_grad']:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg['clip_grad'])
+                    optimizer.step()
+            if update:
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(
+                f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
+                f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(-1) == y).sum())
+        if hasattr(bar, 'set_postfix'):
+            bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100.0 * correct / seen:.2f}',
+                            img_s=f'{seen / (time.perf_counter() - started):.1f}')
+    return {'loss': loss_sum / max(seen, 1), 'acc': 100.0 * correct / max(seen, 1), 'images': seen}
+
+
+def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype]) -> Tuple[float, float]:
+    """The validation loss and top-1 accuracy (%) of ``model`` on ``loader``, summed over every rank."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -443,18 +397,6 @@ def _evaluate(model: nn.Module, loader: Any, device: torch.device, amp: Optional
         dist.all_reduce(stats)
         loss_sum, correct, total = stats.tolist()
     return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
-
-
-def _loader(dataset: Any, cfg: Dict[str, Any], training: bool, device: torch.device, epoch_seed: int):
-    sampler = None
-    generator = torch.Generator().manual_seed(epoch_seed)
-    if _is_distributed():
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=training, seed=cfg['seed'])
-    workers = 0 if isinstance(dataset, DigitsDataset) else cfg['workers']
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg['batch_size'], shuffle=training and sampler is None, sampler=sampler,
-        generator=generator, num_workers=workers, pin_memory=cfg['pin_mem'] and device.type == 'cuda',
-        drop_last=training and len(dataset) > cfg['batch_size'])
 
 
 def seed_everything(seed: int) -> None:
@@ -490,12 +432,40 @@ def load_resume_state(path: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
-                          f'finetune (corrupt, truncated, or it holds code): {_first_line(e)}') from None
+                          f'finetune (corrupt, truncated, or it holds code): {first_line(e)}') from None
     needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng'}
     if not isinstance(state, dict) or not needed <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {keys}')
     return state
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                    ema: Any, epoch: int, best_acc: float, rows: List[Dict[str, Any]], cfg: Dict[str, Any]) -> None:
+    """Write the resume checkpoint atomically: weights, optimiser, scheduler, scaler, EMA, metrics, RNG states."""
+    atomic_write(path, lambda tmp: torch.save({
+        'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+        'scaler': scaler.state_dict() if scaler else None, 'ema': ema.state_dict() if ema else None,
+        'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()}, tmp))
+
+
+def resume_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                      ema: Any) -> Tuple[int, float, List[Dict[str, Any]]]:
+    """Restore what ``save_checkpoint`` wrote; returns the epoch to start from, the best accuracy and the metrics."""
+    state = load_resume_state(path)
+    try:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if scaler and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
+        if ema and state.get('ema'):
+            ema.load_state_dict(state['ema'])
+        _set_rng_states(state['rng'])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f'cannot resume from {path}: it does not fit this config ({first_line(e)}); '
+                          f'use another output folder or resume: false') from None
+    return state['epoch'] + 1, state['best_acc'], state['rows']
 
 
 def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -550,85 +520,31 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
             yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
     if cfg['resume'] and last.exists():
-        state = load_resume_state(last)
-        try:
-            model.load_state_dict(state['model'])
-            optimizer.load_state_dict(state['optimizer'])
-            scheduler.load_state_dict(state['scheduler'])
-            if scaler and state.get('scaler'):
-                scaler.load_state_dict(state['scaler'])
-            if ema and state.get('ema'):
-                ema.load_state_dict(state['ema'])
-            _set_rng_states(state['rng'])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ConfigError(f'cannot resume from {last}: it does not fit this config ({_first_line(e)}); '
-                              f'use another output folder or resume: false') from None
-        start_epoch, best_acc, rows = state['epoch'] + 1, state['best_acc'], state['rows']
+        start_epoch, best_acc, rows = resume_checkpoint(last, model, optimizer, scheduler, scaler, ema)
         if _rank() == 0:
             print(f'resuming from {last} at epoch {start_epoch}', flush=True)
 
     steps_per_epoch = None
     for epoch in range(start_epoch, cfg['epochs']):
         seed_everything(cfg['seed'] * 1000 + epoch)  # resume replays the same draws as an unbroken run
-        loader = _loader(train_set, cfg, True, device, cfg['seed'] + epoch)
+        loader = build_loader(train_set, cfg, True, device, cfg['seed'] + epoch, _is_distributed())
         if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
             loader.sampler.set_epoch(epoch)
         steps_per_epoch = len(loader)
         epoch_lr = optimizer.param_groups[0]['lr']
-        model.train()
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
-        bar = _progress(loader, epoch, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg['channels_last']:
-                x = x.to(memory_format=torch.channels_last)
-            target = y
-            if mixup:
-                x, target = mixup(x, y)
-            try:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    logits = train_model(x)
-                    loss = criterion(logits.float(), target)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. '
-                                             f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
-                scaled = loss / cfg['grad_accum_steps']
-                update = (step + 1) % cfg['grad_accum_steps'] == 0 or step + 1 == len(loader)
-                if scaler is not None:
-                    scaler(scaled, optimizer, clip_grad=cfg['clip_grad'], parameters=model.parameters(),
-                           need_update=update)
-                else:
-                    scaled.backward()
-                    if update:
-                        if cfg['clip_grad']:
-                            nn.utils.clip_grad_norm_(model.parameters(), cfg['clip_grad'])
-                        optimizer.step()
-                if update:
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(model)
-            except torch.cuda.OutOfMemoryError:
-                raise RuntimeError(
-                    f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
-                    f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            if hasattr(bar, 'set_postfix'):
-                bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100.0 * correct / seen:.2f}',
-                                img_s=f'{seen / (time.perf_counter() - started):.1f}')
+        started = time.perf_counter()
+        trained = train_one_epoch(epoch, model, train_model, loader, optimizer, criterion, cfg, device, amp, scaler,
+                                  ema, mixup, _last_good(last, rows))
         scheduler.step(epoch + 1)
         if _is_distributed():  # each rank tracked BatchNorm statistics on its own shard: average them
             from timm.utils import distribute_bn
             distribute_bn(model, dist.get_world_size(), reduce=True)
         eval_model = ema.module if ema is not None else model
-        val_loss, val_acc = _evaluate(eval_model, _loader(val_set, cfg, False, device, 0), device, amp)
-        row = {'epoch': epoch, 'train_loss': loss_sum / max(seen, 1), 'train_acc': 100.0 * correct / max(seen, 1),
+        val_loss, val_acc = validate(eval_model, build_loader(val_set, cfg, False, device, 0, _is_distributed()),
+                                     device, amp)
+        row = {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
                'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
-               'images_per_s': seen / (time.perf_counter() - started),
+               'images_per_s': trained['images'] / (time.perf_counter() - started),
                'peak_memory_mib': _peak_memory(device) / 2 ** 20}
         diverged = not math.isfinite(val_loss) or not all(
             bool(torch.isfinite(t).all()) for m in (model, eval_model) for t in m.state_dict().values()
@@ -648,10 +564,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             if val_acc > best_acc:
                 best_acc = val_acc
                 _export(eval_model, out / 'best', cfg, row)
-            atomic_write(last, lambda tmp: torch.save({
-                'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'scaler': scaler.state_dict() if scaler else None, 'ema': ema.state_dict() if ema else None,
-                'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()}, tmp))
+            save_checkpoint(last, model, optimizer, scheduler, scaler, ema, epoch, best_acc, rows, cfg)
     if _rank() == 0 and rows:
         _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1])
     return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
@@ -683,8 +596,6 @@ def _write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
 
 
 def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any]) -> None:
-    from .convert import write_model_folder
-
     momentum_cfg = getattr(model, 'momentum_cfg', {})
     model_args = {'num_classes': model.num_classes, **({'in_chans': cfg['in_chans']} if cfg['in_chans'] != 3 else {}),
                   **{k: v for k, v in momentum_cfg.items() if k in ('gamma', 'block_fn')}}
@@ -712,45 +623,7 @@ def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:
     return max(found, 1)
 
 
-def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_source: int = 15,
-             epochs_target: int = 15, img_size: int = 32) -> Dict[str, Any]:
-    """The offline pipeline: train resnet18 on digits 0-4, convert (gamma 0.9), fine-tune on digits 5-9."""
-    from safetensors.torch import save_file
-
-    from .convert import convert
-    from .memory import saved_tensor_bytes
-
-    out = Path(output)
-    started = time.perf_counter()
-    base = dict(DEFAULTS, dataset='sklearn/digits', img_size=img_size, in_chans=3, batch_size=64, opt='adamw',
-                lr=2e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1, progress=False)
-    if source is None:
-        upstream = train(dict(base, model='resnet18', classes=[0, 1, 2, 3, 4], epochs=epochs_source,
-                              output=str(out / 'upstream')))
-        checkpoint = out / 'upstream' / 'resnet18_digits0-4.safetensors'
-        save_file({k: v.contiguous() for k, v in upstream['model'].state_dict().items()}, str(checkpoint))
-        source = str(checkpoint)
-        upstream_acc = upstream['metrics']['val_acc']
-    else:
-        upstream_acc = None
-    converted = convert(source, out / 'converted', gamma=0.9, force=True, img_size=img_size)
-    result = train(dict(base, model=f'local-dir:{converted.out_dir}', pretrained=True, classes=[5, 6, 7, 8, 9],
-                        num_classes=5, epochs=epochs_target, gamma=0.9, memory_efficient=True,
-                        output=str(out / 'finetune')))
-    import timm
-    x = torch.randn(base['batch_size'], 3, img_size, img_size)
-    momentum_bytes = saved_tensor_bytes(timm.create_model(f'local-dir:{converted.out_dir}', memory_efficient=True,
-                                                          num_classes=5).train(), x)
-    plain_bytes = saved_tensor_bytes(timm.create_model('resnet18', num_classes=5).train(), x)
-    report = {'upstream_val_acc_digits0-4': upstream_acc, 'test_acc_digits5-9': result['metrics']['val_acc'],
-              'saved_activation_bytes_momentum': momentum_bytes, 'saved_activation_bytes_resnet18': plain_bytes,
-              'activation_ratio': momentum_bytes / plain_bytes, 'seconds': time.perf_counter() - started,
-              'output': str(out)}
-    return report
-
-
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .convert import ConversionError
     from .files import describe_os_error
 
     try:
@@ -776,35 +649,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from .convert import ConversionError
-
-    try:
-        report = run_demo(args.output, args.source, args.epochs_source, args.epochs_target)
-    except (ConfigError, ConversionError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    print(f"digits 5-9 test accuracy after fine-tuning: {report['test_acc_digits5-9']:.2f}% "
-          f"(upstream resnet18 on digits 0-4: {report['upstream_val_acc_digits0-4']})")
-    print(f"activation bytes saved for backward, batch 64 at 32x32: momentum memory-efficient "
-          f"{report['saved_activation_bytes_momentum'] / 2 ** 20:.1f} MiB vs resnet18 "
-          f"{report['saved_activation_bytes_resnet18'] / 2 ** 20:.1f} MiB ({report['activation_ratio']:.2f}x)")
-    print(f"time {report['seconds']:.0f} s; outputs, metrics.csv and plots in {report['output']}")
-    return 0
-
-
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` and ``demo`` subcommands."""
+    """Add the ``finetune`` subcommand."""
     parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config')
     parser.add_argument('--config', default=None, help='YAML config in configs/; any other --key value '
                         'overrides that key (names as in timm train.py, plus gamma and memory_efficient)')
     parser.set_defaults(func=_run_finetune, accepts_overrides=True, overrides=[])
-    demo = subparsers.add_parser('demo', help='offline digits pipeline: train resnet18, convert, fine-tune')
-    demo.add_argument('--output', default='output/demo')
-    demo.add_argument('--source', default=None, help='a ResNet checkpoint or timm tag instead of training one')
-    demo.add_argument('--epochs-source', type=int, default=15)
-    demo.add_argument('--epochs-target', type=int, default=15)
-    demo.set_defaults(func=_run_demo)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

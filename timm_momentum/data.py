@@ -1,0 +1,122 @@
+"""Where training data comes from: scikit-learn's digits, timm's datasets (folders, tar files, torchvision,
+Hugging Face), their transforms, and the loaders that batch them. Fine-tuning and healing both read from here.
+"""
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError
+
+__all__ = ['DigitsDataset', 'build_datasets', 'build_loader']
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's handwritten digits (8x8, shipped with the package), upsampled, with a class subset.
+
+    Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
+    """
+
+    def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
+                 in_chans: int = 3) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ('train', 'validation', 'test'):
+            raise ConfigError(f"digits split must be 'train' or 'validation', got {split!r}")
+        digits = load_digits()
+        classes = list(range(10)) if classes is None else [int(c) for c in classes]
+        keep = np.isin(digits.target, classes)
+        images, labels = digits.images[keep] / 16.0, digits.target[keep]
+        train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
+                                               stratify=labels)
+        idx = train_idx if split == 'train' else test_idx
+        x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
+        x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
+        self.images = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()
+        remap = {c: i for i, c in enumerate(classes)}
+        self.targets = torch.tensor([remap[int(t)] for t in labels[idx]])
+        self.num_classes = len(classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any, Any, int]:
+    """The training and validation datasets and the number of classes.
+
+    The validation set takes the training set's class indices; a validation class that training lacks is an error.
+    """
+    if cfg['dataset'] == 'sklearn/digits':
+        size = cfg['img_size'] or 32
+        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'])
+        val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
+        return train_set, val_set, train_set.num_classes
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    if cfg['data_dir'] and not Path(cfg['data_dir']).exists() and not cfg['download']:
+        raise ConfigError(f"dataset path {cfg['data_dir']} does not exist")
+    if not cfg['data_dir'] and not cfg['dataset'].startswith(('hfds/', 'hfids/')):
+        raise ConfigError(f"dataset {cfg['dataset']!r} needs data_dir")
+    data_config = resolve_data_config({'input_size': (cfg['in_chans'], cfg['img_size'], cfg['img_size'])}
+                                      if cfg['img_size'] else {}, model=model)
+
+    def open_split(split: str, training: bool, class_map: Optional[Dict[str, int]] = None) -> Any:
+        try:
+            return create_dataset(cfg['dataset'], root=cfg['data_dir'], split=split, is_training=training,
+                                  download=cfg['download'], batch_size=cfg['batch_size'],
+                                  **({'class_map': class_map} if class_map else {}))
+        except Exception as e:
+            raise ConfigError(f"cannot open dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']}: {e}") from None
+
+    train_set = open_split(cfg['train_split'], True)
+    val_set = open_split(cfg['val_split'], False)
+    class_to_idx = _class_to_idx(train_set)
+    if class_to_idx is not None:  # folders and tar files: indices come from the class names each split finds
+        unknown = sorted(set(_class_to_idx(val_set) or {}) - set(class_to_idx))
+        if unknown:
+            raise ConfigError(f"validation split {cfg['val_split']!r} has classes the training split "
+                              f"{cfg['train_split']!r} lacks: {unknown[:10]}")
+        val_set = open_split(cfg['val_split'], False, class_to_idx)
+    for dataset, training in ((train_set, True), (val_set, False)):
+        if cfg['crop_padding'] is not None:
+            dataset.transform = _padded_crop_transform(data_config, training, cfg)
+        else:
+            dataset.transform = create_transform(**data_config, is_training=training, hflip=cfg['hflip'],
+                                                 **({'scale': tuple(cfg['scale'])} if cfg['scale'] else {}))
+    num_classes = len(getattr(train_set, 'classes', None) or class_to_idx or []) or cfg['num_classes']
+    return train_set, val_set, num_classes
+
+
+def _class_to_idx(dataset: Any) -> Optional[Dict[str, int]]:
+    return getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or None
+
+
+def _padded_crop_transform(data_config: Dict[str, Any], training: bool, cfg: Dict[str, Any]):
+    """Random crop with padding and horizontal flip (the paper's CIFAR augmentation), then normalise."""
+    from torchvision import transforms
+
+    size = data_config['input_size'][-1]
+    steps = [transforms.RandomCrop(size, padding=cfg['crop_padding']), transforms.RandomHorizontalFlip(cfg['hflip'])] \
+        if training else [transforms.CenterCrop(size)]
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(data_config['mean'], data_config['std'])])
+
+
+def build_loader(dataset: Any, cfg: Dict[str, Any], training: bool, device: torch.device, epoch_seed: int,
+                 distributed: bool = False) -> torch.utils.data.DataLoader:
+    """A loader of ``dataset`` as ``cfg`` says; with ``distributed``, each rank reads its own shard."""
+    sampler = None
+    generator = torch.Generator().manual_seed(epoch_seed)
+    if distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=training, seed=cfg['seed'])
+    workers = 0 if isinstance(dataset, DigitsDataset) else cfg['workers']
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg['batch_size'], shuffle=training and sampler is None, sampler=sampler,
+        generator=generator, num_workers=workers, pin_memory=cfg['pin_mem'] and device.type == 'cuda',
+        drop_last=training and len(dataset) > cfg['batch_size'])
