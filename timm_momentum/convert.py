@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -32,7 +33,6 @@ _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottlenec
            ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
 _TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
 _MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MResNet
-_MODEL_CARD = Path(__file__).resolve().parent.parent / 'MODEL_CARD.md'
 
 
 @dataclass
@@ -290,7 +290,8 @@ def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_a
 
 
 def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: Dict[str, Any]) -> str:
-    template = _MODEL_CARD.read_text() if _MODEL_CARD.is_file() else '# {model_name}\n\nConverted from {source}.\n'
+    # package data: a copy of the repository's MODEL_CARD.md (tests/test_packaging.py keeps the two identical)
+    template = resources.files(__package__).joinpath('MODEL_CARD.md').read_text()
     values = {
         'model_name': arch, 'source': checkpoint.source, 'source_layout': checkpoint.layout,
         'source_sha256': checkpoint.sha256, 'gamma': gamma, 'license': checkpoint.pretrained_cfg.get('license', 'other'),

@@ -1,0 +1,41 @@
+"""What a non-editable install ships: the model card travels as package data."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import timm_momentum
+
+ROOT = Path(timm_momentum.__file__).parent.parent
+CARD = 'MODEL_CARD.md'
+
+
+def test_the_packaged_model_card_is_the_repositorys():
+    """timm_momentum/MODEL_CARD.md is a copy of the top-level one; after editing that, copy it over."""
+    assert (ROOT / 'timm_momentum' / CARD).read_text() == (ROOT / CARD).read_text(), \
+        f'cp {CARD} timm_momentum/{CARD}'
+
+
+def test_a_wheel_install_finds_the_model_card(tmp_path):
+    """``pip install .`` (not editable) into a folder; there importlib.resources finds the full card template."""
+    pytest.importorskip('setuptools', reason='a build without isolation needs setuptools installed')
+    source = tmp_path / 'source'
+    source.mkdir()
+    for name in ('pyproject.toml', 'README.md', CARD):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / 'timm_momentum', source / 'timm_momentum', ignore=shutil.ignore_patterns('__pycache__'))
+    site = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                    '--disable-pip-version-check', '--target', str(site), str(source)],
+                   check=True, cwd=tmp_path, capture_output=True)
+    script = ('import importlib.resources, timm_momentum; '
+              'print(timm_momentum.__file__); '
+              f'print(importlib.resources.files("timm_momentum").joinpath("{CARD}").read_text(), end="")')
+    found = subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, 'PYTHONPATH': str(site)}).stdout
+    where, card = found.split('\n', 1)
+    assert Path(where).parent == site / 'timm_momentum'
+    assert card == (ROOT / CARD).read_text()
