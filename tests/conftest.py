@@ -19,3 +19,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make ``import name`` (and its submodules, also those imported already) raise ImportError, as if not installed."""
+    import sys
+
+    for module in [m for m in sys.modules if m == name or m.startswith(name + '.')] + [name]:
+        monkeypatch.setitem(sys.modules, module, None)

@@ -15,6 +15,7 @@ from timm_momentum.cli import main
 from timm_momentum.convert import convert, infer_architecture, plan_upload, upload_to_hub
 from timm_momentum.errors import ConversionError
 
+from conftest import hide_package
 from test_loading import _add_repo
 
 
@@ -371,3 +372,11 @@ def test_healing_brings_the_converted_net_back_toward_its_source():
     distilled_kl = _kl_to(distill(recalibrated, teacher, images, steps=30), reference, held_out.images)
     assert recalibrated_kl < unhealed, (recalibrated_kl, unhealed)
     assert distilled_kl < recalibrated_kl, (distilled_kl, recalibrated_kl)
+
+
+def test_healing_on_digits_without_scikit_learn_is_a_conversion_error(monkeypatch):
+    from timm_momentum.heal import load_images
+
+    hide_package(monkeypatch, 'sklearn')
+    with pytest.raises(ConversionError, match='healing images sklearn/digits: .*needs scikit-learn'):
+        load_images('sklearn/digits', 3, 16)

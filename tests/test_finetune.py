@@ -23,6 +23,8 @@ from timm_momentum.demo import run_demo
 from timm_momentum.errors import ConfigError
 from timm_momentum.finetune import DEFAULTS, load_config, train
 
+from conftest import hide_package
+
 CONFIGS = Path(__file__).parent.parent / 'configs'
 
 
@@ -315,3 +317,19 @@ def test_exported_json_is_strict(tmp_path):
 
     config = json.loads((tmp_path / 'out' / 'config.json').read_text(), parse_constant=refuse)
     assert config['metrics']['val_loss'] is None
+
+
+def test_without_matplotlib_training_skips_the_plots_with_one_message(tmp_path, monkeypatch, capsys):
+    hide_package(monkeypatch, 'matplotlib')
+    train(_tiny(tmp_path, batch_size=512))
+    out = tmp_path / 'run'
+    assert capsys.readouterr().err.count('matplotlib is not installed') == 1  # once for two epochs
+    assert not list(out.glob('*.png')) and len(list(csv.DictReader(open(out / 'metrics.csv')))) == 2
+
+
+def test_without_scikit_learn_the_digits_name_the_extra(monkeypatch):
+    from timm_momentum.data import DigitsDataset
+
+    hide_package(monkeypatch, 'sklearn')
+    with pytest.raises(ConfigError, match=r'needs scikit-learn: pip install "timm-momentum\[train\]"'):
+        DigitsDataset('train')

@@ -1,4 +1,5 @@
-"""What a non-editable install ships: the model card travels as package data."""
+"""What a non-editable install ships, and what the core needs: the model card travels as package data, and
+``import timm_momentum``, ``create_model`` and ``convert`` work without the ``train`` extra."""
 import os
 import shutil
 import subprocess
@@ -39,3 +40,26 @@ def test_a_wheel_install_finds_the_model_card(tmp_path):
     where, card = found.split('\n', 1)
     assert Path(where).parent == site / 'timm_momentum'
     assert card == (ROOT / CARD).read_text()
+
+
+def test_the_core_needs_no_training_extra(tmp_path):
+    """With scikit-learn and matplotlib unimportable: import, create_model, and a conversion that writes the
+    full model card."""
+    script = f'''
+import sys
+sys.modules['sklearn'] = None
+sys.modules['matplotlib'] = None
+import timm, torch
+import timm_momentum
+from safetensors.torch import save_file
+from timm_momentum.convert import convert
+model = timm.create_model('momentum_resnet18')
+assert type(model).__name__ == 'MomentumResNet'
+save_file(timm.create_model('resnet18', num_classes=3).state_dict(), r'{tmp_path / "r18.safetensors"}')
+convert(r'{tmp_path / "r18.safetensors"}', r'{tmp_path / "out"}', img_size=32)
+assert 'sklearn' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]
+'''
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, env=env)
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert '## How this checkpoint was obtained' in card and 'r18.safetensors' in card

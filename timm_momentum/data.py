@@ -21,8 +21,11 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
                  in_chans: int = 3) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        try:
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+        except ImportError:
+            raise ConfigError('the sklearn/digits dataset needs scikit-learn: pip install "timm-momentum[train]"') from None
 
         if split not in ('train', 'validation', 'test'):
             raise ConfigError(f"digits split must be 'train' or 'validation', got {split!r}")

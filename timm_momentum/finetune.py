@@ -302,6 +302,17 @@ def _peak_memory(device: torch.device) -> int:
     return vm_hwm_bytes()
 
 
+def _can_plot() -> bool:
+    """Whether matplotlib is installed (the ``train`` extra); without it, say once that there will be no plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('matplotlib is not installed: no loss and accuracy plots (pip install "timm-momentum[train]")',
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def _plot(rows: List[Dict[str, Any]], out: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -519,6 +530,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             remove_stale_temps(out, name)
         atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
             yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
+    plots = _rank() == 0 and _can_plot()
     if cfg['resume'] and last.exists():
         start_epoch, best_acc, rows = resume_checkpoint(last, model, optimizer, scheduler, scaler, ema)
         if _rank() == 0:
@@ -559,8 +571,9 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                                      f'that are not finite); stopping, nothing of epoch {epoch} saved. '
                                      f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
         rows.append(row)
-        if _rank() == 0:
+        if plots:
             _plot(rows, out)
+        if _rank() == 0:
             if val_acc > best_acc:
                 best_acc = val_acc
                 _export(eval_model, out / 'best', cfg, row)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .data import DigitsDataset
-from .errors import ConversionError, first_line
+from .errors import ConfigError, ConversionError, first_line
 
 __all__ = ['recalibrate_batchnorm', 'distill', 'load_images']
 
@@ -59,7 +59,10 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps:
 def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024) -> torch.Tensor:
     """Unlabeled images for healing: ``sklearn/digits`` or a folder of images (resized, normalised)."""
     if spec == 'sklearn/digits':
-        return DigitsDataset('train', None, img_size, in_chans).images[:limit]
+        try:
+            return DigitsDataset('train', None, img_size, in_chans).images[:limit]
+        except ConfigError as e:
+            raise ConversionError(f'healing images {spec}: {e}') from None
     if not Path(spec).is_dir():
         raise ConversionError(f'healing images {spec}: not sklearn/digits or a folder of images')
     from timm.data import create_dataset, create_transform
