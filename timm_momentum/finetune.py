@@ -38,6 +38,7 @@ DEFAULTS: Dict[str, Any] = {
     'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
     'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
     'crop_padding': None,  # the CIFAR recipe: random crop of img_size with this padding, then hflip
+    'train_per_class': None,  # few-shot (digits only): this many training images per class, drawn by seed
     # optimisation
     'batch_size': 64, 'grad_accum_steps': 1, 'epochs': 10, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
     'weight_decay': 5e-4, 'sched': 'cosine', 'warmup_epochs': 0, 'min_lr': 0.0,
@@ -98,7 +99,7 @@ def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None
 # Keys whose default (None, or one of two forms) does not tell their type; every other key takes its default's.
 _OPTIONAL_TYPES: Dict[str, type] = {
     'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
-    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int,
+    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int,
 }
 # Inclusive bounds of numeric keys.
 _RANGES: Dict[str, Tuple[float, float]] = {
@@ -107,7 +108,7 @@ _RANGES: Dict[str, Tuple[float, float]] = {
     'epochs': (1, math.inf), 'lr': (0, math.inf), 'momentum': (0, math.inf), 'weight_decay': (0, math.inf),
     'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
     'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
-    'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf),
+    'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf), 'train_per_class': (1, math.inf),
 }
 _AMP = ('auto', 'bf16', 'fp16', 'none')
 
@@ -195,6 +196,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
                 or len(out['classes']) < 2:
             raise ConfigError(f"classes must be two or more different digits 0-9, got {cfg['classes']!r}")
+    if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
+        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {out['dataset']!r}")
     if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
         close = difflib.get_close_matches(out['model'], timm.list_models(), n=1)
         raise ConfigError(f"model: unknown model {out['model']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
@@ -238,10 +241,12 @@ class DigitsDataset(torch.utils.data.Dataset):
     """scikit-learn's handwritten digits (8x8, shipped with the package), upsampled, with a class subset.
 
     Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
+    ``per_class`` keeps that many training images of each class, drawn by ``seed`` (few-shot); the test
+    split is never subsampled.
     """
 
     def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, per_class: Optional[int] = None, seed: int = 0) -> None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -254,6 +259,8 @@ class DigitsDataset(torch.utils.data.Dataset):
         train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
                                                stratify=labels)
         idx = train_idx if split == 'train' else test_idx
+        if per_class is not None and split == 'train':
+            idx = _draw_per_class(idx, labels[idx], per_class, seed)
         x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
         x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
         self.images = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()
@@ -268,6 +275,19 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.images[index], int(self.targets[index])
 
 
+def _draw_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """``per_class`` entries of ``idx`` for each label, drawn by ``seed``, in their original order."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label in np.unique(labels):
+        of_label = idx[labels == label]
+        if len(of_label) < per_class:
+            raise ConfigError(f'train_per_class={per_class}, but digit {label} has only {len(of_label)} '
+                              f'training images')
+        kept.append(rng.choice(of_label, per_class, replace=False))
+    return np.sort(np.concatenate(kept))
+
+
 def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any, Any, int]:
     """The training and validation datasets and the number of classes.
 
@@ -275,7 +295,7 @@ def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any
     """
     if cfg['dataset'] == 'sklearn/digits':
         size = cfg['img_size'] or 32
-        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'])
+        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'], cfg['train_per_class'], cfg['seed'])
         val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
         return train_set, val_set, train_set.num_classes
     from timm.data import create_dataset, create_transform, resolve_data_config
