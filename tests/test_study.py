@@ -26,3 +26,12 @@ def test_train_per_class_is_checked():
         validate_config(dict(DEFAULTS, train_per_class=0))
     with pytest.raises(ConfigError, match='train_per_class is supported for sklearn/digits only'):
         validate_config(dict(DEFAULTS, dataset='folder', data_dir='/tmp', train_per_class=5))
+
+
+def test_grad_checkpointing_key_turns_on_timm_checkpointing(tmp_path):
+    from timm_momentum.finetune import train
+
+    result = train(dict(DEFAULTS, model='resnet18', dataset='sklearn/digits', classes=[0, 1], img_size=16,
+                        epochs=1, batch_size=32, progress=False, device='cpu', grad_checkpointing=True,
+                        output=str(tmp_path / 'run')))
+    assert result['model'].grad_checkpointing

@@ -34,6 +34,7 @@ DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
     'model': 'momentum_resnet50', 'pretrained': False, 'initial_checkpoint': None, 'num_classes': None,
     'in_chans': 3, 'img_size': None, 'gamma': 0.9, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
+    'grad_checkpointing': False,  # timm's set_grad_checkpointing(): recompute each block in backward
     # data
     'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
     'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
@@ -377,6 +378,8 @@ def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
     if cfg['initial_checkpoint']:
         load_initial_checkpoint(model, cfg['initial_checkpoint'])
+    if cfg['grad_checkpointing']:
+        model.set_grad_checkpointing(True)
     return model
 
 
