@@ -35,3 +35,14 @@ def test_grad_checkpointing_key_turns_on_timm_checkpointing(tmp_path):
                         epochs=1, batch_size=32, progress=False, device='cpu', grad_checkpointing=True,
                         output=str(tmp_path / 'run')))
     assert result['model'].grad_checkpointing
+
+
+def test_plots_and_checkpoints_can_be_turned_off(tmp_path):
+    from timm_momentum.finetune import train
+
+    train(dict(DEFAULTS, model='resnet18', dataset='sklearn/digits', classes=[0, 1], img_size=16, epochs=2,
+               batch_size=32, progress=False, device='cpu', plots=False, checkpoints=False,
+               output=str(tmp_path / 'run')))
+    assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['args.yaml', 'final', 'metrics.csv']
+    with pytest.raises(ConfigError, match='resume needs checkpoints: true'):
+        validate_config(dict(DEFAULTS, resume=True, checkpoints=False))

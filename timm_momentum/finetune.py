@@ -49,6 +49,8 @@ DEFAULTS: Dict[str, Any] = {
     'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
     # run
     'seed': 42, 'output': 'output/finetune', 'resume': False, 'log_interval': 10, 'progress': True,
+    'plots': True,  # loss/accuracy plots, redrawn every epoch
+    'checkpoints': True,  # last.pth.tar and best/ every epoch; without them only metrics.csv and final/ are written
 }
 
 
@@ -214,6 +216,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _check_device(out['device'])
     if out['initial_checkpoint'] and not Path(out['initial_checkpoint']).is_file():
         raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
+    if out['resume'] and not out['checkpoints']:
+        raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
     output = Path(out['output'])
     if output.exists() and not output.is_dir():
         raise ConfigError(f'output: {output} exists and is not a folder')
@@ -666,8 +670,9 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                                      f'that are not finite); stopping, nothing of epoch {epoch} saved. '
                                      f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
         rows.append(row)
-        if _rank() == 0:
+        if _rank() == 0 and cfg['plots']:
             _plot(rows, out)
+        if _rank() == 0 and cfg['checkpoints']:
             if val_acc > best_acc:
                 best_acc = val_acc
                 _export(eval_model, out / 'best', cfg, row)
