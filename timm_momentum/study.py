@@ -326,7 +326,7 @@ def plot_study(study: Dict[str, Any], path: Path) -> bool:
         for i, row in enumerate(r for r in study['summary'] if r['regime'] == regime):
             ax.errorbar(row['peak_step_mib'], row['test_acc_mean'], yerr=row['test_acc_std'] or 0, capsize=4,
                         marker=markers[row['kind']], color=f'C{i}', linestyle='none', label=row['arm'])
-        ax.set(xscale='log', xlabel='peak step memory (MiB, log scale)', ylabel='test accuracy (%), last epoch',
+        ax.set(xlabel='peak step memory (MiB)', ylabel='test accuracy (%), last epoch',
                title=f'{regime}')
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.02, 0.5))
