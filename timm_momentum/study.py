@@ -344,7 +344,6 @@ def plot_study(study: Dict[str, Any], path: Path) -> bool:
 def run_study(out: str = 'output/study', seeds: Optional[int] = None, quick: bool = False,
               log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every arm, regime and seed; write study.json, study.md and (with matplotlib) study.png into ``out``."""
-    import json
     import platform
 
     from .convert import strict_json
@@ -380,7 +379,6 @@ def run_study(out: str = 'output/study', seeds: Optional[int] = None, quick: boo
                    f'{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end',
         'seconds': time.perf_counter() - started, 'records': records, 'summary': summarize(records),
     }
-    json.loads(strict_json(study))  # refuses NaN before anything is written
     atomic_write(out_dir / 'study.json', lambda tmp: Path(tmp).write_text(strict_json(study)))
     atomic_write(out_dir / 'study.md', lambda tmp: Path(tmp).write_text(format_markdown(study)))
     if not plot_study(study, out_dir / 'study.png'):
