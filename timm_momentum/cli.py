@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 # Modules whose register_cli adds a subcommand, in the order they show in --help.
-_SUBCOMMAND_MODULES = ('finetune', 'demo', 'example', 'convert', 'bench')
+_SUBCOMMAND_MODULES = ('finetune', 'demo', 'example', 'convert', 'bench', 'study')
 
 
 def build_parser() -> argparse.ArgumentParser:

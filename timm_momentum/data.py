@@ -17,10 +17,12 @@ class DigitsDataset(torch.utils.data.Dataset):
     """scikit-learn's handwritten digits (8x8, shipped with the package), upsampled, with a class subset.
 
     Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
+    ``per_class`` keeps that many training images of each class, drawn by ``seed`` (few-shot); the test
+    split is never subsampled.
     """
 
     def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, per_class: Optional[int] = None, seed: int = 0) -> None:
         try:
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
@@ -36,6 +38,8 @@ class DigitsDataset(torch.utils.data.Dataset):
         train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
                                                stratify=labels)
         idx = train_idx if split == 'train' else test_idx
+        if per_class is not None and split == 'train':
+            idx = _draw_per_class(idx, labels[idx], per_class, seed)
         x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
         x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
         self.images = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()
@@ -50,6 +54,18 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.images[index], int(self.targets[index])
 
 
+def _draw_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """``per_class`` entries of ``idx`` for each label, drawn by ``seed``, in their original order."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label in np.unique(labels):
+        of_label = idx[labels == label]
+        if len(of_label) < per_class:
+            raise ConfigError(f'train_per_class={per_class}, but digit {label} has only {len(of_label)} '
+                              f'training images')
+        kept.append(rng.choice(of_label, per_class, replace=False))
+    return np.sort(np.concatenate(kept))
+
 def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any, Any, int]:
     """The training and validation datasets and the number of classes.
 
@@ -57,7 +73,7 @@ def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any
     """
     if cfg['dataset'] == 'sklearn/digits':
         size = cfg['img_size'] or 32
-        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'])
+        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'], cfg['train_per_class'], cfg['seed'])
         val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
         return train_set, val_set, train_set.num_classes
     from timm.data import create_dataset, create_transform, resolve_data_config

@@ -34,10 +34,12 @@ DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
     'model': 'momentum_resnet50', 'pretrained': False, 'initial_checkpoint': None, 'num_classes': None,
     'in_chans': 3, 'img_size': None, 'gamma': 0.9, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
+    'grad_checkpointing': False,  # timm's set_grad_checkpointing(): recompute each block in backward
     # data
     'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
     'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
     'crop_padding': None,  # the CIFAR recipe: random crop of img_size with this padding, then hflip
+    'train_per_class': None,  # few-shot (digits only): this many training images per class, drawn by seed
     # optimisation
     'batch_size': 64, 'grad_accum_steps': 1, 'epochs': 10, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
     'weight_decay': 5e-4, 'sched': 'cosine', 'warmup_epochs': 0, 'min_lr': 0.0,
@@ -47,6 +49,8 @@ DEFAULTS: Dict[str, Any] = {
     'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
     # run
     'seed': 42, 'output': 'output/finetune', 'resume': False, 'log_interval': 10, 'progress': True,
+    'plots': True,  # loss/accuracy plots, redrawn every epoch
+    'checkpoints': True,  # last.pth.tar and best/ every epoch; without them only metrics.csv and final/ are written
 }
 
 
@@ -94,7 +98,7 @@ def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None
 # Keys whose default (None, or one of two forms) does not tell their type; every other key takes its default's.
 _OPTIONAL_TYPES: Dict[str, type] = {
     'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
-    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int,
+    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int,
 }
 # Inclusive bounds of numeric keys.
 _RANGES: Dict[str, Tuple[float, float]] = {
@@ -103,7 +107,7 @@ _RANGES: Dict[str, Tuple[float, float]] = {
     'epochs': (1, math.inf), 'lr': (0, math.inf), 'momentum': (0, math.inf), 'weight_decay': (0, math.inf),
     'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
     'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
-    'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf),
+    'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf), 'train_per_class': (1, math.inf),
 }
 _AMP = ('auto', 'bf16', 'fp16', 'none')
 
@@ -191,6 +195,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
                 or len(out['classes']) < 2:
             raise ConfigError(f"classes must be two or more different digits 0-9, got {cfg['classes']!r}")
+    if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
+        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {out['dataset']!r}")
     if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
         close = difflib.get_close_matches(out['model'], timm.list_models(), n=1)
         raise ConfigError(f"model: unknown model {out['model']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
@@ -206,6 +212,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _check_device(out['device'])
     if out['initial_checkpoint'] and not Path(out['initial_checkpoint']).is_file():
         raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
+    if out['resume'] and not out['checkpoints']:
+        raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
     output = Path(out['output'])
     if output.exists() and not output.is_dir():
         raise ConfigError(f'output: {output} exists and is not a folder')
@@ -258,6 +266,8 @@ def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
     if cfg['initial_checkpoint']:
         load_initial_checkpoint(model, cfg['initial_checkpoint'])
+    if cfg['grad_checkpointing']:
+        model.set_grad_checkpointing(True)
     return model
 
 
@@ -530,7 +540,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             remove_stale_temps(out, name)
         atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
             yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
-    plots = _rank() == 0 and _can_plot()
+    plots = _rank() == 0 and cfg['plots'] and _can_plot()
     if cfg['resume'] and last.exists():
         start_epoch, best_acc, rows = resume_checkpoint(last, model, optimizer, scheduler, scaler, ema)
         if _rank() == 0:
@@ -573,7 +583,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         rows.append(row)
         if plots:
             _plot(rows, out)
-        if _rank() == 0:
+        if _rank() == 0 and cfg['checkpoints']:
             if val_acc > best_acc:
                 best_acc = val_acc
                 _export(eval_model, out / 'best', cfg, row)
