@@ -333,3 +333,17 @@ def test_without_scikit_learn_the_digits_name_the_extra(monkeypatch):
     hide_package(monkeypatch, 'sklearn')
     with pytest.raises(ConfigError, match=r'needs scikit-learn: pip install "timm-momentum\[train\]"'):
         DigitsDataset('train')
+
+
+def test_a_local_dir_model_trains_in_the_configured_mode(tmp_path):
+    """local-dir: names hide the architecture (this path holds no word "momentum"); gamma and
+    memory_efficient must still reach the model."""
+    from timm_momentum.convert import write_model_folder
+
+    saved = timm.create_model('momentum_resnet18', num_classes=2, gamma=0.9, memory_efficient=False)
+    folder = write_model_folder(tmp_path / 'saved', saved, dict(saved.momentum_cfg), dict(saved.pretrained_cfg))
+    result = train(_tiny(tmp_path, model=f'local-dir:{folder}', pretrained=True, epochs=1, gamma=0.5,
+                         memory_efficient=True, plots=False, checkpoints=False))
+    model = result['model']
+    assert model.momentum_cfg['memory_efficient'] is True and model.momentum_cfg['gamma'] == 0.5
+    assert all(stage.memory_efficient and stage.gamma == 0.5 for stage in model.stages)

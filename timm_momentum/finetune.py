@@ -26,6 +26,7 @@ from .data import build_datasets, build_loader
 from .errors import ConfigError, ConversionError, first_line
 from .files import atomic_write
 from .memory import vm_hwm_bytes
+from .momentum_resnet import MomentumResNet
 
 __all__ = ['DEFAULTS', 'load_config', 'validate_config', 'load_initial_checkpoint', 'seed_everything',
            'load_resume_state', 'train', 'find_batch_size']
@@ -258,12 +259,13 @@ def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
 
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
                                   drop_path_rate=cfg['drop_path'])
-    if 'momentum' in cfg['model']:
-        kwargs.update(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
     try:
         model = timm.create_model(cfg['model'], pretrained=cfg['pretrained'] and not cfg['initial_checkpoint'], **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
+    # Asked of the model, not its name: local-dir: and hf-hub: names do not say they hold a momentum net.
+    if isinstance(model, MomentumResNet):
+        model.set_momentum(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
     if cfg['initial_checkpoint']:
         load_initial_checkpoint(model, cfg['initial_checkpoint'])
     if cfg['grad_checkpointing']:
