@@ -56,11 +56,13 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps:
     return student
 
 
-def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024) -> torch.Tensor:
-    """Unlabeled images for healing: ``sklearn/digits`` or a folder of images (resized, normalised)."""
+def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024,
+                split: str = 'train') -> torch.Tensor:
+    """Unlabeled images for healing or evaluation: ``sklearn/digits`` (its ``split``) or a folder of images
+    (resized, normalised), at most ``limit`` of them."""
     if spec == 'sklearn/digits':
         try:
-            return DigitsDataset('train', None, img_size, in_chans).images[:limit]
+            return DigitsDataset(split, None, img_size, in_chans).images[:limit]
         except ConfigError as e:
             raise ConversionError(f'healing images {spec}: {e}') from None
     if not Path(spec).is_dir():
