@@ -333,3 +333,33 @@ def test_without_scikit_learn_the_digits_name_the_extra(monkeypatch):
     hide_package(monkeypatch, 'sklearn')
     with pytest.raises(ConfigError, match=r'needs scikit-learn: pip install "timm-momentum\[train\]"'):
         DigitsDataset('train')
+
+
+def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
+    from timm_momentum.finetune import _curves_figure
+
+    rows = [{'epoch': e, 'train_loss': 2.0 / (e + 1) ** 3, 'val_loss': 1.5 / (e + 1) ** 2, 'train_acc': 50.0 + 10 * e,
+             'val_acc': 55.0 + 9 * e} for e in range(4)]
+    fig = _curves_figure(rows, 'momentum_resnet18 on sklearn/digits, output/run')
+    ax_loss, ax_acc = fig.axes
+    assert ax_loss.get_yscale() == 'log' and ax_acc.get_yscale() == 'linear'
+    for ax in (ax_loss, ax_acc):
+        assert 'momentum_resnet18 on sklearn/digits, output/run' in ax.get_title()
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'validation']
+
+
+def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
+    from timm_momentum.finetune import describe_config
+
+    assert describe_config(load_config()).splitlines() == [
+        'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma 0.9, '
+        'memory_efficient True, output output/finetune (all keys: output/finetune/args.yaml)',
+        'changed from the defaults: nothing']
+    out = tmp_path / 'run'
+    assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0, 1]', '--img_size', '16',
+                 '--epochs', '1', '--batch_size', '512', '--progress', 'false', '--output', str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('finetune momentum_resnet18 on sklearn/digits classes [0, 1] for 1 epochs, batch 512')
+    assert lines[1] == (f"changed from the defaults: model='momentum_resnet18', img_size=16, classes=[0, 1], "
+                        f"batch_size=512, epochs=1, output='{out}', progress=False")
+    assert lines[2].startswith('epoch 0: ')

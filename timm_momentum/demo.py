@@ -69,8 +69,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser('demo', help='offline digits pipeline: train resnet18, convert, fine-tune')
-    parser.add_argument('--output', default='output/demo')
-    parser.add_argument('--source', default=None, help='a ResNet checkpoint or timm tag instead of training one')
-    parser.add_argument('--epochs-source', type=int, default=15)
-    parser.add_argument('--epochs-target', type=int, default=15)
+    parser.add_argument('--output', default='output/demo', help='folder for every stage\'s outputs')
+    parser.add_argument('--source', default=None, help='a ResNet checkpoint or timm tag to convert instead of '
+                        'training one (default: train resnet18 on digits 0-4)')
+    parser.add_argument('--epochs-source', type=int, default=15, help='epochs of the upstream resnet18 on digits 0-4')
+    parser.add_argument('--epochs-target', type=int, default=15, help='fine-tuning epochs on digits 5-9')
     parser.set_defaults(func=_run_demo)
