@@ -221,6 +221,9 @@ def test_healing_images_from_an_empty_folder_is_a_clear_error(tmp_path, capsys):
                  '--heal-images', str(tmp_path / 'empty'), '--recalibrate-bn']) == 2
     assert 'no images found' in capsys.readouterr().err
     assert _no_leftovers(tmp_path / 'out')
+    assert main(['convert', str(tmp_path / 'a.safetensors'), '--out', str(tmp_path / 'out'), '--img-size', '32',
+                 '--eval-images', str(tmp_path / 'absent')]) == 2
+    assert 'evaluation images' in capsys.readouterr().err and _no_leftovers(tmp_path / 'out')
 
 
 @pytest.mark.parametrize('failure, message', [

@@ -176,17 +176,42 @@ def test_bad_input(tmp_path, capsys):
 
 def test_reduced_demo_pipeline(tmp_path):
     from timm_momentum.data import DigitsDataset
+    from timm_momentum.demo import folder_bytes
 
-    report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16)
+    lines = []
+    report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16, progress=False,
+                      log=lines.append)
+    # each stage: a heading and one result line
+    assert [line.split(':')[0] for line in lines] == [
+        '== 1/3 upstream', 'upstream resnet18', '== 2/3 conversion', 'converted to momentum_resnet18',
+        '== 3/3 fine-tuning', 'fine-tuned momentum_resnet18']
+    assert re.search(r'agrees with the source\'s on \d+\.\d% of 256 val digits', lines[3])
     verify = json.loads((tmp_path / 'demo' / 'converted' / 'verify.json').read_text())
     assert verify['equivalence']['passed']
-    # the reported accuracy is that of the exported model on the digits 5-9 test split
+    # the reported accuracy is that of the exported model on the digits 5-9 val split
     model = timm.create_model(f"local-dir:{tmp_path / 'demo' / 'finetune' / 'final'}", pretrained=True).eval()
-    test = DigitsDataset('validation', [5, 6, 7, 8, 9], 16)
+    val = DigitsDataset('validation', [5, 6, 7, 8, 9], 16)
     with torch.no_grad():
-        accuracy = 100.0 * float((model(test.images).argmax(-1) == test.targets).float().mean())
-    assert report['test_acc_digits5-9'] == pytest.approx(accuracy, abs=1e-6)
+        accuracy = 100.0 * float((model(val.images).argmax(-1) == val.targets).float().mean())
+    assert report['val_acc_digits5-9'] == pytest.approx(accuracy, abs=1e-6)
+    assert f'val accuracy {accuracy:.2f}% on digits 5-9' in lines[-1]
     assert report['saved_activation_bytes_momentum'] < report['saved_activation_bytes_resnet18']
+    assert report['output_bytes'] == folder_bytes(tmp_path / 'demo') > report['checkpoint_bytes'] > 0
+
+
+def test_demo_summary_uses_one_split_name_and_rounds(monkeypatch, capsys):
+    import timm_momentum.demo as demo
+
+    monkeypatch.setattr(demo, 'run_demo', lambda *args: {
+        'upstream_val_acc_digits0-4': 99.7245179063361, 'val_acc_digits5-9': 99.4475138121547,
+        'saved_activation_bytes_momentum': 5.5 * 2 ** 20, 'saved_activation_bytes_resnet18': 70.5 * 2 ** 20,
+        'activation_ratio': 5.5 / 70.5, 'seconds': 68.4, 'output': 'output/demo', 'output_bytes': 513_123_456,
+        'checkpoint_bytes': 268_000_000})
+    assert main(['demo']) == 0
+    out = capsys.readouterr().out
+    assert 'digits 5-9 val accuracy after fine-tuning: 99.45% (upstream resnet18 on digits 0-4: 99.72% val)' in out
+    assert 'output/demo holds 513 MB (268 MB of it the last.pth.tar' in out and 'time 68 s' in out
+    assert 'test' not in out and '99.447' not in out
 
 
 @pytest.mark.parametrize('overrides, message', [

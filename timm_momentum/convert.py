@@ -351,7 +351,8 @@ def _drift_images(spec: Optional[str], heal_images: Optional[str], input_size: T
     if spec is None:
         torch.manual_seed(0)
         return torch.randn(2, *input_size), 'synthetic random normal, 2 images'
-    images = load_images(spec, input_size[0], input_size[-1], limit=DRIFT_IMAGES, split='validation')
+    role = 'healing images' if spec == heal_images else 'evaluation images'
+    images = load_images(spec, input_size[0], input_size[-1], limit=DRIFT_IMAGES, split='validation', role=role)
     if spec == 'sklearn/digits':
         where = 'the held-out split, not the healing images'
     else:

@@ -701,7 +701,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m timm_momentum.finetune --config ... [--key value]``."""
     parser = argparse.ArgumentParser(prog='python -m timm_momentum.finetune')
-    parser.add_argument('--config', default=None)
+    parser.add_argument('--config', default=None, help='YAML config; any other --key value overrides that key')
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
     return _run_finetune(args)
