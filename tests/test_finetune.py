@@ -370,7 +370,7 @@ def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
     assert ax_loss.get_yscale() == 'log' and ax_acc.get_yscale() == 'linear'
     for ax in (ax_loss, ax_acc):
         assert 'momentum_resnet18 on sklearn/digits, output/run' in ax.get_title()
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'validation']
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'val']  # as the epoch lines say
 
 
 def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):

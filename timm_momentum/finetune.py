@@ -328,13 +328,14 @@ def _curves_figure(rows: List[Dict[str, Any]], run: str) -> Any:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r['epoch'] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
-    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='validation')
+    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='val')  # as the epoch lines say
     ax_acc.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
-    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='validation')
+    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='val')
     ax_loss.set(xlabel='epoch', ylabel='loss')
     if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss')):  # late epochs are lost on a linear scale
         ax_loss.set(yscale='log', ylabel='loss (log scale)')
@@ -342,6 +343,7 @@ def _curves_figure(rows: List[Dict[str, Any]], run: str) -> Any:
     for ax, what in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
         ax.set_title(f'{what}: {run}', fontsize=8)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
