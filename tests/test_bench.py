@@ -12,6 +12,8 @@ import timm_momentum.bench as bench
 from timm_momentum.bench import CONFIGS, check_targets, format_table, plot_results, run_benchmark
 from timm_momentum.cli import main
 
+from conftest import hide_package
+
 
 @pytest.fixture(scope='module')
 def results():
@@ -216,3 +218,12 @@ def test_readme_links_stay_inside_the_repository():
     for link in local:
         assert not link.startswith(('..', '/')), link
         assert (root / link).is_file(), link
+
+
+def test_plot_without_matplotlib_is_one_clear_message_before_measuring(tmp_path, monkeypatch, capsys):
+    hide_package(monkeypatch, 'matplotlib')
+    monkeypatch.setattr(bench, 'run_benchmark', lambda *a, **k: pytest.fail('measured although it cannot plot'))
+    assert main(['bench', '--models', 'momentum_resnet18', '--plot', str(tmp_path / 'r.png')]) == 2
+    err = capsys.readouterr().err
+    assert 'error: --plot needs matplotlib' in err and 'timm-momentum[train]' in err and 'Traceback' not in err
+    assert not (tmp_path / 'r.png').exists()

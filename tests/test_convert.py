@@ -51,9 +51,15 @@ def test_timm_safetensors_round_trip(tmp_path):
     verify = json.loads((out / 'verify.json').read_text())
     assert verify['equivalence']['passed'] and verify['equivalence']['max_abs_logit_diff_gamma0'] <= 1e-5
     assert verify['drift_at_gamma']['max_abs_logit_diff'] > 0
+    # without images the drift says it comes from noise, and gives no top-1 agreement (of 2 noise images)
+    assert verify['drift_at_gamma']['input'] == 'synthetic random normal, 2 images'
+    assert 'top1_agreement' not in verify['drift_at_gamma']
     assert verify['num_params'] == sum(p.numel() for p in source.parameters())
     card = (out / 'README.md').read_text()
     assert 'library_name: timm' in card and 'momentum_resnet18' in card and '{' + 'model_name}' not in card
+    # a local file carries no metadata: its dataset and license are unknown, never guessed
+    assert 'imagenet' not in card.lower() and 'datasets:' not in card and 'Trained on: unknown' in card
+    assert 'license: unknown' in card and config['pretrained_cfg']['license'] == 'unknown'
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert model.momentum_cfg['gamma'] == 0.9
     model.set_momentum(gamma=0.0)
@@ -106,11 +112,21 @@ def test_timm_tag_from_the_hub_cache_and_hf_hub_output(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
     state = _resnet(18).state_dict()
-    _add_repo(cache, 'timm/resnet18.a1_in1k', {'model.safetensors': lambda p: save_file(state, p)})
+    hub_card = '---\nlicense: apache-2.0\ndatasets:\n  - imagenet-1k\n---\n# resnet18.a1_in1k\n'
+    _add_repo(cache, 'timm/resnet18.a1_in1k', {'model.safetensors': lambda p: save_file(state, p),
+                                               'README.md': lambda p: p.write_text(hub_card)})
     result = convert('resnet18.a1_in1k', tmp_path / 'out', gamma=0.5)
     config = json.loads((result.out_dir / 'config.json').read_text())
     assert config['provenance']['source'] == 'resnet18.a1_in1k' and config['provenance']['revision'] == 'a' * 40
     assert config['pretrained_cfg']['interpolation'] == 'bicubic'  # the source tag's cfg
+    # dataset and license come from the source's hub card and cfg, and the card agrees with config.json
+    card = (result.out_dir / 'README.md').read_text()
+    assert 'datasets:\n  - imagenet-1k\n---' in card and 'Trained on: imagenet-1k.' in card
+    assert f"license: {config['pretrained_cfg']['license']}\n" in card and config['pretrained_cfg']['license'] == 'apache-2.0'
+    # a Hub repo's files on disk convert as a folder, with the same metadata
+    folder = convert(f'local-dir:{cache / "models--timm--resnet18.a1_in1k" / "snapshots" / ("a" * 40)}',
+                     tmp_path / 'from-folder', gamma=0.5)
+    assert 'Trained on: imagenet-1k.' in (folder.out_dir / 'README.md').read_text()
     files = {p.name: p for p in result.out_dir.iterdir()}
     _add_repo(cache, 'me/momentum-resnet18', {n: (lambda dst, src=p: dst.write_bytes(src.read_bytes()))
                                                for n, p in files.items()})
@@ -134,6 +150,20 @@ def test_bad_options_are_refused_before_the_source_is_read(tmp_path, options, me
     assert main(['convert', str(tmp_path / 'absent.safetensors'), '--out', str(tmp_path / 'out')] + options) == 2
     assert message in capsys.readouterr().err
     assert _no_leftovers(tmp_path / 'out')
+
+
+def test_an_absent_repo_offline_names_hf_hub_offline_and_the_ways_to_work_offline(tmp_path):
+    import subprocess
+    import sys
+    empty_cache = tmp_path / 'hub'
+    empty_cache.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(empty_cache))
+    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', 'convert', 'hf-hub:nobody/absent-resnet',
+                           '--out', str(tmp_path / 'out')], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert 'HF_HUB_OFFLINE=1 is set' in proc.stderr and 'local-dir:PATH' in proc.stderr
+    assert 'huggingface-cli download nobody/absent-resnet' in proc.stderr and str(empty_cache) in proc.stderr
+    assert not (tmp_path / 'out').exists()
 
 
 def test_infer_architecture_reads_the_state_dict():
@@ -191,6 +221,9 @@ def test_healing_images_from_an_empty_folder_is_a_clear_error(tmp_path, capsys):
                  '--heal-images', str(tmp_path / 'empty'), '--recalibrate-bn']) == 2
     assert 'no images found' in capsys.readouterr().err
     assert _no_leftovers(tmp_path / 'out')
+    assert main(['convert', str(tmp_path / 'a.safetensors'), '--out', str(tmp_path / 'out'), '--img-size', '32',
+                 '--eval-images', str(tmp_path / 'absent')]) == 2
+    assert 'evaluation images' in capsys.readouterr().err and _no_leftovers(tmp_path / 'out')
 
 
 @pytest.mark.parametrize('failure, message', [
@@ -316,9 +349,23 @@ def test_healing_options_run(tmp_path):
     result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', heal_images='sklearn/digits',
                      recalibrate_bn=True, distill_steps=2, img_size=32)
     assert json.loads((result.out_dir / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 32]
-    assert result.verify['healing'] == {'images': 'sklearn/digits', 'recalibrate_bn': True, 'distill_steps': 2}
+    assert result.verify['healing'] == {'images': 'sklearn/digits', 'num_images': 1024, 'recalibrate_bn': True,
+                                        'distill_steps': 2}
     healed = load_file(result.out_dir / 'model.safetensors')
-    plain = load_file(convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'plain', img_size=32).out_dir / 'model.safetensors')
+    unhealed = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'plain', img_size=32, eval_images='sklearn/digits')
+    plain = load_file(unhealed.out_dir / 'model.safetensors')
+    # the card and verify.json say what healing did, and drift is measured after it, on real held-out images
+    card = (result.out_dir / 'README.md').read_text()
+    assert 'unchanged' not in card and 'recalibrated at γ = 0.9 on 1024 images of sklearn/digits' in card
+    assert 'distilled from the source ResNet (γ = 0) for 2 steps' in card and 'after healing' in card
+    assert 'unchanged' in (unhealed.out_dir / 'README.md').read_text()
+    drift = json.loads((result.out_dir / 'verify.json').read_text())['drift_at_gamma']
+    unhealed_drift = json.loads((unhealed.out_dir / 'verify.json').read_text())['drift_at_gamma']
+    assert drift['after_healing'] and not unhealed_drift['after_healing']
+    assert drift['images'] == unhealed_drift['images'] == 256 and 'held-out split' in drift['input']
+    assert drift['max_abs_logit_diff'] != unhealed_drift['max_abs_logit_diff']
+    assert drift['top1_agreement'] != unhealed_drift['top1_agreement']
+    assert 0 <= unhealed_drift['top1_agreement'] <= 1 and unhealed_drift['top1_agreement'] * 256 % 1 == 0
     recalibrated = load_file(convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'recalibrated', img_size=32,
                                      heal_images='sklearn/digits', recalibrate_bn=True).out_dir / 'model.safetensors')
     # recalibration changes only BatchNorm statistics; distillation then changes the weights too

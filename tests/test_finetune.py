@@ -176,17 +176,42 @@ def test_bad_input(tmp_path, capsys):
 
 def test_reduced_demo_pipeline(tmp_path):
     from timm_momentum.data import DigitsDataset
+    from timm_momentum.demo import folder_bytes
 
-    report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16)
+    lines = []
+    report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16, progress=False,
+                      log=lines.append)
+    # each stage: a heading and one result line
+    assert [line.split(':')[0] for line in lines] == [
+        '== 1/3 upstream', 'upstream resnet18', '== 2/3 conversion', 'converted to momentum_resnet18',
+        '== 3/3 fine-tuning', 'fine-tuned momentum_resnet18']
+    assert re.search(r'agrees with the source\'s on \d+\.\d% of 256 val digits', lines[3])
     verify = json.loads((tmp_path / 'demo' / 'converted' / 'verify.json').read_text())
     assert verify['equivalence']['passed']
-    # the reported accuracy is that of the exported model on the digits 5-9 test split
+    # the reported accuracy is that of the exported model on the digits 5-9 val split
     model = timm.create_model(f"local-dir:{tmp_path / 'demo' / 'finetune' / 'final'}", pretrained=True).eval()
-    test = DigitsDataset('validation', [5, 6, 7, 8, 9], 16)
+    val = DigitsDataset('validation', [5, 6, 7, 8, 9], 16)
     with torch.no_grad():
-        accuracy = 100.0 * float((model(test.images).argmax(-1) == test.targets).float().mean())
-    assert report['test_acc_digits5-9'] == pytest.approx(accuracy, abs=1e-6)
+        accuracy = 100.0 * float((model(val.images).argmax(-1) == val.targets).float().mean())
+    assert report['val_acc_digits5-9'] == pytest.approx(accuracy, abs=1e-6)
+    assert f'val accuracy {accuracy:.2f}% on digits 5-9' in lines[-1]
     assert report['saved_activation_bytes_momentum'] < report['saved_activation_bytes_resnet18']
+    assert report['output_bytes'] == folder_bytes(tmp_path / 'demo') > report['checkpoint_bytes'] > 0
+
+
+def test_demo_summary_uses_one_split_name_and_rounds(monkeypatch, capsys):
+    import timm_momentum.demo as demo
+
+    monkeypatch.setattr(demo, 'run_demo', lambda *args: {
+        'upstream_val_acc_digits0-4': 99.7245179063361, 'val_acc_digits5-9': 99.4475138121547,
+        'saved_activation_bytes_momentum': 5.5 * 2 ** 20, 'saved_activation_bytes_resnet18': 70.5 * 2 ** 20,
+        'activation_ratio': 5.5 / 70.5, 'seconds': 68.4, 'output': 'output/demo', 'output_bytes': 513_123_456,
+        'checkpoint_bytes': 268_000_000})
+    assert main(['demo']) == 0
+    out = capsys.readouterr().out
+    assert 'digits 5-9 val accuracy after fine-tuning: 99.45% (upstream resnet18 on digits 0-4: 99.72% val)' in out
+    assert 'output/demo holds 513 MB (268 MB of it the last.pth.tar' in out and 'time 68 s' in out
+    assert 'test' not in out and '99.447' not in out
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -347,3 +372,33 @@ def test_a_local_dir_model_trains_in_the_configured_mode(tmp_path):
     model = result['model']
     assert model.momentum_cfg['memory_efficient'] is True and model.momentum_cfg['gamma'] == 0.5
     assert all(stage.memory_efficient and stage.gamma == 0.5 for stage in model.stages)
+
+
+def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
+    from timm_momentum.finetune import _curves_figure
+
+    rows = [{'epoch': e, 'train_loss': 2.0 / (e + 1) ** 3, 'val_loss': 1.5 / (e + 1) ** 2, 'train_acc': 50.0 + 10 * e,
+             'val_acc': 55.0 + 9 * e} for e in range(4)]
+    fig = _curves_figure(rows, 'momentum_resnet18 on sklearn/digits, output/run')
+    ax_loss, ax_acc = fig.axes
+    assert ax_loss.get_yscale() == 'log' and ax_acc.get_yscale() == 'linear'
+    for ax in (ax_loss, ax_acc):
+        assert 'momentum_resnet18 on sklearn/digits, output/run' in ax.get_title()
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'val']  # as the epoch lines say
+
+
+def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
+    from timm_momentum.finetune import describe_config
+
+    assert describe_config(load_config()).splitlines() == [
+        'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma 0.9, '
+        'memory_efficient True, output output/finetune (all keys: output/finetune/args.yaml)',
+        'changed from the defaults: nothing']
+    out = tmp_path / 'run'
+    assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0, 1]', '--img_size', '16',
+                 '--epochs', '1', '--batch_size', '512', '--progress', 'false', '--output', str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('finetune momentum_resnet18 on sklearn/digits classes [0, 1] for 1 epochs, batch 512')
+    assert lines[1] == (f"changed from the defaults: model='momentum_resnet18', img_size=16, classes=[0, 1], "
+                        f"batch_size=512, epochs=1, output='{out}', progress=False")
+    assert lines[2].startswith('epoch 0: ')

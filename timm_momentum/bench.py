@@ -590,6 +590,13 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.plot:  # before the measurements, which take minutes
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print('error: --plot needs matplotlib, which is not installed: pip install "timm-momentum[train]"',
+                  file=sys.stderr)
+            return 2
     try:
         results = run_benchmark(
             [m.strip() for m in args.models.split(',') if m.strip()], args.batch_size, args.img_size,
@@ -614,8 +621,7 @@ def _run(args: argparse.Namespace) -> int:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand."""
     parser = subparsers.add_parser(
-        'bench', help='memory, speed and gradient error against ResNet and checkpointing',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        'bench', help='memory, speed and gradient error against ResNet and checkpointing')
     parser.add_argument('--models', default='momentum_resnet50,momentum_resnet101,momentum_resnet152',
                         help='comma-separated momentum models; each is compared with its source resnet')
     parser.add_argument('--batch-size', type=int, default=16, help='batch of the peak-memory measurements')
@@ -628,7 +634,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--steps', type=int, default=3, help='timed steps per configuration (median reported)')
     parser.add_argument('--compile', nargs='?', const=','.join(DEFAULT_COMPILED), default=None,
                         metavar='KEYS', help=f'also measure torch.compile\'d configurations, comma-separated from '
-                        f'{", ".join(COMPILED_CONFIGS)}; alone: {",".join(DEFAULT_COMPILED)}')
+                        f'{", ".join(COMPILED_CONFIGS)}; alone: {",".join(DEFAULT_COMPILED)} (default: none compiled)')
     parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend of --compile')
     parser.add_argument('--no-peak', action='store_true', help='skip peak memory (one subprocess per row on CPU)')
     parser.add_argument('--no-max-batch', action='store_true', help='on CUDA, skip the largest-batch search')
@@ -637,6 +643,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--max-batch-limit', type=int, default=8192, help='largest batch the search tries')
     parser.add_argument('--max-batch-seconds', type=float, default=120.0,
                         help='search time per model and configuration before it stops')
-    parser.add_argument('--out', default=None, help='write the results as JSON')
-    parser.add_argument('--plot', default=None, help='draw memory, time and time against memory as PNG')
+    parser.add_argument('--out', default=None, help='write the results as JSON to this file (default: print only)')
+    parser.add_argument('--plot', default=None, help='draw memory, time and time against memory as PNG to this file '
+                        '(default: no plot; needs matplotlib)')
     parser.set_defaults(func=_run)

@@ -1,7 +1,8 @@
 """The ``timm-momentum`` command line. It only parses arguments and calls library functions.
 
 Each feature module that offers a subcommand defines ``register_cli(subparsers)``, which adds its
-parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code). Every option
+gets a one-line ``help``; each subcommand's ``--help`` shows the defaults (``tests/test_cli.py`` checks both).
 """
 import argparse
 import importlib
@@ -12,12 +13,29 @@ from typing import List, Optional
 _SUBCOMMAND_MODULES = ('finetune', 'demo', 'example', 'convert', 'bench', 'study')
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, unless the help already says it or the option is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or 'default' in (action.help or ''):
+            return action.help or ''
+        return super()._get_help_string(action)
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its ``--help`` shows each option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault('formatter_class', _DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand."""
     parser = argparse.ArgumentParser(
         prog='timm-momentum',
         description='Invertible Momentum ResNets for timm (Sander et al., ICML 2021, arXiv:2102.07870).')
-    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', parser_class=_SubcommandParser)
     for name in _SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(f'timm_momentum.{name}')

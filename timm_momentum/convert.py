@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architectu
            'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
+DRIFT_IMAGES = 256  # enough real images for top-1 agreement to mean something, few enough for a CPU
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
            ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
 _TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
@@ -45,6 +46,16 @@ class SourceCheckpoint:
     sha256: str = ''
     revision: Optional[str] = None
     pretrained_cfg: Dict[str, Any] = field(default_factory=dict)
+    card_metadata: Dict[str, Any] = field(default_factory=dict)  # the YAML header of the source's model card
+
+    def license(self) -> str:
+        """The source's license as its metadata states it, else 'unknown'."""
+        return str(self.pretrained_cfg.get('license') or self.card_metadata.get('license') or 'unknown')
+
+    def datasets(self) -> List[str]:
+        """The datasets the source's model card names; empty when it names none."""
+        datasets = self.card_metadata.get('datasets') or []
+        return [str(d) for d in ([datasets] if isinstance(datasets, str) else datasets)]
 
 
 @dataclass
@@ -126,6 +137,38 @@ def _to_timm_layout(state: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[st
     return out, layout, block_fn
 
 
+def _hub_error(source: str, repo_id: str, error: Exception) -> ConversionError:
+    """Why the Hub gave no weights, and how to convert without it."""
+    from huggingface_hub import constants
+
+    mode = ('HF_HUB_OFFLINE=1 is set, so only the local Hugging Face cache was searched' if constants.HF_HUB_OFFLINE
+            else 'offline, or no such repo? Without network, set HF_HUB_OFFLINE=1 to skip the retries')
+    return ConversionError(
+        f'{source}: cannot fetch weights from the Hugging Face Hub ({mode}): {first_line(error)}. '
+        f'To convert offline, pass a local weights file (.safetensors/.pth/.bin) or a folder holding one '
+        f'(local-dir:PATH, e.g. from `huggingface-cli download {repo_id} --local-dir PATH` on a machine with '
+        f'network), or fill the cache ({constants.HF_HUB_CACHE}) with that repo first')
+
+
+def _metadata_from(config_path: Optional[Path], card_path: Optional[Path]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The pretrained_cfg of a config.json and the YAML header of a model card, each {} when absent or unreadable."""
+    from huggingface_hub import metadata_load
+
+    pretrained_cfg: Dict[str, Any] = {}
+    card: Dict[str, Any] = {}
+    if config_path is not None and config_path.is_file():
+        try:
+            pretrained_cfg = dict(json.loads(config_path.read_text()).get('pretrained_cfg') or {})
+        except (ValueError, AttributeError, TypeError):
+            pass
+    if card_path is not None and card_path.is_file():
+        try:
+            card = metadata_load(card_path) or {}
+        except Exception:  # a card without a valid YAML header says nothing about the weights
+            pass
+    return pretrained_cfg, card
+
+
 def _load_hub(repo_id: str, source: str) -> SourceCheckpoint:
     from huggingface_hub import hf_hub_download
     revision = None
@@ -137,23 +180,40 @@ def _load_hub(repo_id: str, source: str) -> SourceCheckpoint:
         except Exception:
             path = Path(hf_hub_download(repo_id, 'pytorch_model.bin', revision=revision))
     except Exception as e:
-        raise ConversionError(f'{source}: cannot fetch weights from the Hugging Face Hub '
-                              f'(offline, or no such repo?): {first_line(e)}') from None
-    config = {}
-    try:
-        config = json.loads(Path(hf_hub_download(repo_id, 'config.json', revision=revision)).read_text())
-    except Exception:
-        pass
+        raise _hub_error(source, repo_id, e) from None
+
+    def optional(name: str) -> Optional[Path]:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision))
+        except Exception:
+            return None
+
+    pretrained_cfg, card = _metadata_from(optional('config.json'), optional('README.md'))
     state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(path), source), source)
     return SourceCheckpoint(state, source, block_fn, layout, _sha256_file(path),
-                            revision or path.parent.name, dict(config.get('pretrained_cfg', {})))
+                            revision or path.parent.name, pretrained_cfg, card)
+
+
+def _load_folder(folder: Path, source: str) -> SourceCheckpoint:
+    """A model folder (a Hub repo's files on disk): its weights, config.json and model card."""
+    weights = [folder / n for n in ('model.safetensors', 'pytorch_model.bin') if (folder / n).is_file()]
+    if not weights:
+        raise ConversionError(f'{source}: the folder holds neither model.safetensors nor pytorch_model.bin')
+    state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(weights[0]), source), source)
+    pretrained_cfg, card = _metadata_from(folder / 'config.json', folder / 'README.md')
+    return SourceCheckpoint(state, source, block_fn, layout, _sha256_file(weights[0]), None, pretrained_cfg, card)
 
 
 def load_source(source: str) -> SourceCheckpoint:
-    """Load SOURCE: a local file, ``hf-hub:ORG/NAME``, or a timm ResNet name/tag (``resnet50.a1_in1k``)."""
+    """Load SOURCE: a local file or model folder (``local-dir:PATH``), ``hf-hub:ORG/NAME``, or a timm ResNet
+    name/tag (``resnet50.a1_in1k``)."""
     import timm
 
-    path = Path(source)
+    path = Path(source[len('local-dir:'):] if source.startswith('local-dir:') else source)
+    if path.is_dir():
+        return _load_folder(path, source)
+    if source.startswith('local-dir:'):
+        raise ConversionError(f'{source}: no such folder')
     if path.suffix in ('.safetensors', '.pth', '.bin', '.pt') or path.exists():
         state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(path), source), source)
         return SourceCheckpoint(state, str(path), block_fn, layout, _sha256_file(path))
@@ -252,8 +312,8 @@ def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], arch: str) ->
 
 
 def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_args: Dict[str, Any],
-            gamma: float, block_fn: str, input_size: Tuple[int, ...]) -> Dict[str, Any]:
-    """gamma = 0 equivalence with the plain ResNet, counts, and the drift at the target gamma."""
+            block_fn: str, input_size: Tuple[int, ...]) -> Dict[str, Any]:
+    """Parameter and buffer counts, and the gamma = 0 equivalence with the plain ResNet on a random batch."""
     import timm
 
     torch.manual_seed(0)
@@ -261,41 +321,85 @@ def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_a
     report: Dict[str, Any] = {
         'num_params': sum(p.numel() for p in model.parameters()),
         'num_buffers': sum(b.numel() for b in model.buffers()),
-        'input_size': list(input_size), 'gamma': gamma,
+        'input_size': list(input_size), 'gamma': model.momentum_cfg['gamma'],
     }
-    model.eval().set_momentum(gamma=0.0)
-    with torch.no_grad():
-        at_zero = model(x)
-        model.set_momentum(gamma=gamma)
-        at_gamma = model(x)
     if block_fn == 'dropin':
         plain_args = {k: v for k, v in model_args.items() if k not in ('gamma', 'block_fn', 'memory_efficient')}
         if not plain_args.get('cifar_stem'):
             source = timm.create_model(arch.replace('momentum_', '').replace('mresnet', 'resnet'), **plain_args)
             source.load_state_dict(state, strict=True)
-            with torch.no_grad():
-                reference = source.eval()(x)
-            diff = float((at_zero - reference).abs().max())
+            diff = float((_logits_at(model, x, 0.0) - _logits_at(source, x)).abs().max())
             report['equivalence'] = {'max_abs_logit_diff_gamma0': diff, 'tolerance': EQUIVALENCE_TOL,
-                                     'passed': diff <= EQUIVALENCE_TOL}
+                                     'passed': diff <= EQUIVALENCE_TOL, 'input': 'synthetic random normal, 2 images'}
     if 'equivalence' not in report:
         report['equivalence'] = {'skipped': 'no plain timm ResNet has this block function and stem'}
-    drift = (at_gamma - at_zero).abs()
-    report['drift_at_gamma'] = {
-        'max_abs_logit_diff': float(drift.max()),
-        'relative_logit_diff': float((at_gamma - at_zero).norm() / at_zero.norm().clamp_min(1e-12)),
-        'top1_agreement': float((at_gamma.argmax(-1) == at_zero.argmax(-1)).float().mean()),
-    }
     return report
+
+
+def _logits_at(model: nn.Module, images: torch.Tensor, gamma: Optional[float] = None,
+               batch_size: int = 32) -> torch.Tensor:
+    """The eval-mode logits of ``model`` on ``images`` (at ``gamma`` when given), in batches."""
+    model.eval()
+    if gamma is not None:
+        model.set_momentum(gamma=gamma)
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _drift_images(spec: Optional[str], heal_images: Optional[str], input_size: Tuple[int, ...]) -> Tuple[torch.Tensor, str]:
+    """The images drift is measured on, and what they are: real ones when given, else 2 of random noise."""
+    if spec is None:
+        torch.manual_seed(0)
+        return torch.randn(2, *input_size), 'synthetic random normal, 2 images'
+    role = 'healing images' if spec == heal_images else 'evaluation images'
+    images = load_images(spec, input_size[0], input_size[-1], limit=DRIFT_IMAGES, split='validation', role=role)
+    if spec == 'sklearn/digits':
+        where = 'the held-out split, not the healing images'
+    else:
+        where = 'the healing images' if spec == heal_images else 'not the healing images'
+    return images, f'{spec} ({where}), {len(images)} images'
+
+
+def _drift(at_gamma: torch.Tensor, reference: torch.Tensor, input_description: str, healed: bool) -> Dict[str, Any]:
+    """How far the converted net's logits are from the source ResNet's; top-1 agreement only on real images."""
+    drift: Dict[str, Any] = {
+        'against': 'the source ResNet (gamma = 0, source weights)',
+        'after_healing': healed,
+        'input': input_description,
+        'images': len(reference),
+        'max_abs_logit_diff': float((at_gamma - reference).abs().max()),
+        'relative_logit_diff': float((at_gamma - reference).norm() / reference.norm().clamp_min(1e-12)),
+    }
+    if not input_description.startswith('synthetic'):  # on noise, the top-1 class means nothing
+        drift['top1_agreement'] = float((at_gamma.argmax(-1) == reference.argmax(-1)).float().mean())
+    return drift
 
 
 def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: Dict[str, Any]) -> str:
     # package data: a copy of the repository's MODEL_CARD.md (tests/test_packaging.py keeps the two identical)
     template = resources.files(__package__).joinpath('MODEL_CARD.md').read_text()
+    datasets = checkpoint.datasets()
+    healing = report.get('healing')
+    if healing:
+        steps = []
+        if healing['recalibrate_bn']:
+            steps.append(f"BatchNorm statistics recalibrated at γ = {gamma} on {healing['num_images']} images "
+                         f"of {healing['images']}")
+        if healing['distill_steps']:
+            steps.append(f"distilled from the source ResNet (γ = 0) for {healing['distill_steps']} steps on "
+                         f"{healing['num_images']} images of {healing['images']}")
+        weights = 'The weights are the source\'s, healed: ' + '; then '.join(steps) + f'. The config sets γ = {gamma}.'
+    else:
+        weights = f'The weights are the source\'s, unchanged; the config sets γ = {gamma}.'
+    drift = report['drift_at_gamma']
     values = {
         'model_name': arch, 'source': checkpoint.source, 'source_layout': checkpoint.layout,
-        'source_sha256': checkpoint.sha256, 'gamma': gamma, 'license': checkpoint.pretrained_cfg.get('license', 'other'),
-        'equivalence': json.dumps(report.get('equivalence')), 'drift': json.dumps(report.get('drift_at_gamma')),
+        'source_sha256': checkpoint.sha256, 'gamma': gamma, 'license': checkpoint.license(),
+        'datasets_metadata': 'datasets:\n' + ''.join(f'  - {d}\n' for d in datasets) if datasets else '',
+        'datasets': ', '.join(datasets) if datasets else 'unknown (the source\'s metadata names none)',
+        'weights': weights, 'equivalence': json.dumps(report.get('equivalence')),
+        'drift_when': 'after healing' if healing else 'as converted', 'drift_input': drift['input'],
+        'drift': json.dumps({k: v for k, v in drift.items() if k not in ('against', 'input', 'after_healing')}),
     }
     for key, value in values.items():
         template = template.replace('{' + key + '}', str(value))
@@ -325,7 +429,8 @@ def validate_repo_id(repo_id: str) -> str:
 
 def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
             force: bool = False, push_to_hub: Optional[str] = None, heal_images: Optional[str] = None,
-            recalibrate_bn: bool = False, distill_steps: int = 0, img_size: Optional[int] = None) -> ConvertResult:
+            recalibrate_bn: bool = False, distill_steps: int = 0, img_size: Optional[int] = None,
+            eval_images: Optional[str] = None) -> ConvertResult:
     """Convert SOURCE into a Momentum ResNet model folder at OUT_DIR.
 
     Args:
@@ -339,6 +444,8 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         recalibrate_bn: Re-estimate BatchNorm statistics at the target gamma on ``heal_images``.
         distill_steps: Then distil the source ResNet (gamma = 0) into the momentum net for this many steps.
         img_size: Input resolution of verification and healing, and of the saved config (default: the source's).
+        eval_images: Images to measure drift from the source on (up to DRIFT_IMAGES; default: ``heal_images``,
+            its held-out split for ``sklearn/digits``); without either, 2 images of random noise.
 
     Returns:
         The folder, architecture, model kwargs and the verification report.
@@ -378,6 +485,7 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
                       if k in ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean',
                                'std', 'pool_size', 'first_conv', 'classifier', 'license', 'origin_url', 'paper_ids')}
     pretrained_cfg['num_classes'] = model.num_classes
+    pretrained_cfg['license'] = checkpoint.license()  # the weights' license, not the momentum model's default
     pretrained_cfg['notes'] = f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma={gamma}.'
     input_size = tuple(pretrained_cfg.get('input_size', (3, 224, 224)))
     input_size = (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size is not None else tuple(input_size[1:]))
@@ -385,8 +493,14 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     if img_size is not None:
         pretrained_cfg.pop('test_input_size', None)
         pretrained_cfg.pop('pool_size', None)
-    report = _verify(model, state, arch, model_args, gamma, block_fn, input_size)
-    if recalibrate_bn or distill_steps:
+    report = _verify(model, state, arch, model_args, block_fn, input_size)
+    if report['equivalence'].get('passed') is False:
+        raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
+                              f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
+    drift_images, drift_input = _drift_images(eval_images or heal_images, heal_images, input_size)
+    reference = _logits_at(model, drift_images, 0.0)  # the source's function: weights unchanged so far
+    healed = bool(recalibrate_bn or distill_steps)
+    if healed:
         images = load_images(heal_images, input_size[0], input_size[-1])
         teacher = timm.create_model(arch, **{**model_args, 'gamma': 0.0})
         teacher.load_state_dict(state)
@@ -395,15 +509,14 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
             recalibrate_batchnorm(model, images)
         if distill_steps:  # after recalibration: it fits the weights to the statistics the model keeps
             distill(model, teacher, images, distill_steps)
-        model.set_momentum(gamma=gamma)
-        report['healing'] = {'images': heal_images, 'recalibrate_bn': recalibrate_bn, 'distill_steps': distill_steps}
+        report['healing'] = {'images': heal_images, 'num_images': len(images), 'recalibrate_bn': recalibrate_bn,
+                             'distill_steps': distill_steps}
+    report['drift_at_gamma'] = _drift(_logits_at(model, drift_images, gamma), reference, drift_input, healed)
     report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
-                        'sha256': checkpoint.sha256}
+                        'sha256': checkpoint.sha256, 'license': checkpoint.license(),
+                        'datasets': checkpoint.datasets() or 'unknown'}
     provenance = {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
                   'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}'}
-    if report['equivalence'].get('passed') is False:
-        raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
-                              f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
     write_model_folder(out_dir, model, model_args, pretrained_cfg, {'provenance': provenance},
                        _model_card(arch, checkpoint, gamma, report), force, {'verify.json': report})
     if push_to_hub:
@@ -476,7 +589,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = convert(args.source, args.out, gamma=args.gamma, arch=args.arch, force=args.force,
                          push_to_hub=args.push_to_hub, heal_images=args.heal_images,
-                         recalibrate_bn=args.recalibrate_bn, distill_steps=args.distill_steps, img_size=args.img_size)
+                         recalibrate_bn=args.recalibrate_bn, distill_steps=args.distill_steps, img_size=args.img_size,
+                         eval_images=args.eval_images)
     except ConversionError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -488,14 +602,21 @@ def _run(args: argparse.Namespace) -> int:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand."""
     parser = subparsers.add_parser('convert', help='convert a pretrained ResNet checkpoint into a Momentum ResNet repo')
-    parser.add_argument('source', help='local .safetensors/.pth/.bin file, hf-hub:ORG/NAME, or a timm ResNet name/tag')
+    parser.add_argument('source', help='local .safetensors/.pth/.bin file, a model folder (local-dir:PATH), '
+                        'hf-hub:ORG/NAME, or a timm ResNet name/tag')
     parser.add_argument('--out', required=True, help='output folder (Hugging Face / timm layout)')
-    parser.add_argument('--gamma', type=float, default=0.9)
-    parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50')
+    parser.add_argument('--gamma', type=float, default=0.9, help='momentum stored in the config, in [0, 1)')
+    parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50 '
+                        '(default: inferred from the weights)')
     parser.add_argument('--force', action='store_true', help='replace a non-empty output folder')
-    parser.add_argument('--push-to-hub', default=None, metavar='ORG/NAME')
+    parser.add_argument('--push-to-hub', default=None, metavar='ORG/NAME',
+                        help='upload the folder to this Hub repo afterwards (default: no upload)')
     parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the source cfg)')
-    parser.add_argument('--heal-images', default=None, help='unlabeled images for healing: sklearn/digits or a folder')
+    parser.add_argument('--heal-images', default=None, help='unlabeled images for healing: sklearn/digits or a folder '
+                        '(default: none, no healing)')
     parser.add_argument('--recalibrate-bn', action='store_true', help='re-estimate BatchNorm statistics at --gamma')
     parser.add_argument('--distill-steps', type=int, default=0, help='then distil the source ResNet for N steps (100 is a good start)')
+    parser.add_argument('--eval-images', default=None,
+                        help=f'images to measure drift from the source on, up to {DRIFT_IMAGES} (sklearn/digits or a '
+                        f'folder; default: --heal-images, else 2 images of random noise)')
     parser.set_defaults(func=_run)

@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``example`` subcommand."""
     parser = subparsers.add_parser('example', help='compare stored activations of ResNet and Momentum ResNet')
-    parser.add_argument('--depths', default='50,101,152')
-    parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--img-size', type=int, default=64)
+    parser.add_argument('--depths', default='50,101,152', help='comma-separated ResNet depths to compare')
+    parser.add_argument('--batch-size', type=int, default=2, help='batch of the measured training step')
+    parser.add_argument('--img-size', type=int, default=64, help='input resolution')
     parser.set_defaults(func=_run)

@@ -28,8 +28,8 @@ from .files import atomic_write
 from .memory import vm_hwm_bytes
 from .momentum_resnet import MomentumResNet
 
-__all__ = ['DEFAULTS', 'load_config', 'validate_config', 'load_initial_checkpoint', 'seed_everything',
-           'load_resume_state', 'train', 'find_batch_size']
+__all__ = ['DEFAULTS', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
+           'seed_everything', 'load_resume_state', 'train', 'find_batch_size']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -221,6 +221,16 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def describe_config(cfg: Dict[str, Any]) -> str:
+    """What a run will do, in two lines: the main settings, then every key that differs from DEFAULTS."""
+    classes = f" classes {cfg['classes']}" if cfg['classes'] is not None else ''
+    changed = ', '.join(f'{k}={v!r}' for k, v in cfg.items() if k in DEFAULTS and v != DEFAULTS[k])
+    return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {cfg['epochs']} epochs, batch "
+            f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {cfg['gamma']}, memory_efficient "
+            f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
+            f"changed from the defaults: {changed or 'nothing'}")
+
+
 def _check_device(name: str) -> None:
     if name == 'auto':
         return
@@ -325,21 +335,36 @@ def _can_plot() -> bool:
     return True
 
 
-def _plot(rows: List[Dict[str, Any]], out: Path) -> None:
+def _curves_figure(rows: List[Dict[str, Any]], run: str) -> Any:
+    """Loss (log scale) and accuracy per epoch, train and validation, each panel titled with ``run``."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r['epoch'] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
-    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='validation')
+    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='val')  # as the epoch lines say
     ax_acc.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
-    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='validation')
+    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='val')
     ax_loss.set(xlabel='epoch', ylabel='loss')
+    if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss')):  # late epochs are lost on a linear scale
+        ax_loss.set(yscale='log', ylabel='loss (log scale)')
     ax_acc.set(xlabel='epoch', ylabel='accuracy (%)')
-    ax_loss.legend()
+    for ax, what in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
+        ax.set_title(f'{what}: {run}', fontsize=8)
+        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    return fig
+
+
+def _plot(rows: List[Dict[str, Any]], out: Path, run: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _curves_figure(rows, run)
+    ax_loss, ax_acc = fig.axes
     for name, ax in (('loss.png', ax_loss), ('accuracy.png', ax_acc)):
         extent = ax.get_tightbbox(fig.canvas.get_renderer()).transformed(fig.dpi_scale_trans.inverted())
         fig.savefig(out / name, bbox_inches=extent.expanded(1.05, 1.1))
@@ -584,7 +609,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
                                      f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
         rows.append(row)
         if plots:
-            _plot(rows, out)
+            _plot(rows, out, f"{cfg['model']} on {cfg['dataset']}, {out}")
         if _rank() == 0 and cfg['checkpoints']:
             if val_acc > best_acc:
                 best_acc = val_acc
@@ -658,6 +683,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
             dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        if _rank() == 0:
+            print(describe_config(cfg), flush=True)
         result = train(cfg)
     except (ConfigError, ConversionError, FloatingPointError) as e:
         print(f'error: {e}', file=sys.stderr)
@@ -676,16 +703,19 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``finetune`` subcommand."""
-    parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config')
+    keys = ', '.join(f'{k} ({v})' for k, v in DEFAULTS.items())
+    parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config',
+                                   epilog=f'config keys, each settable as --key value, with their defaults: {keys}')
     parser.add_argument('--config', default=None, help='YAML config in configs/; any other --key value '
-                        'overrides that key (names as in timm train.py, plus gamma and memory_efficient)')
+                        'overrides that key (names as in timm train.py, plus gamma and memory_efficient; '
+                        'default: none, the defaults listed below)')
     parser.set_defaults(func=_run_finetune, accepts_overrides=True, overrides=[])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m timm_momentum.finetune --config ... [--key value]``."""
     parser = argparse.ArgumentParser(prog='python -m timm_momentum.finetune')
-    parser.add_argument('--config', default=None)
+    parser.add_argument('--config', default=None, help='YAML config; any other --key value overrides that key')
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
     return _run_finetune(args)

@@ -56,20 +56,22 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps:
     return student
 
 
-def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024) -> torch.Tensor:
-    """Unlabeled images for healing: ``sklearn/digits`` or a folder of images (resized, normalised)."""
+def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024,
+                split: str = 'train', role: str = 'healing images') -> torch.Tensor:
+    """Unlabeled images for healing or evaluation: ``sklearn/digits`` (its ``split``) or a folder of images
+    (resized, normalised), at most ``limit`` of them. ``role`` names them in errors."""
     if spec == 'sklearn/digits':
         try:
-            return DigitsDataset('train', None, img_size, in_chans).images[:limit]
+            return DigitsDataset(split, None, img_size, in_chans).images[:limit]
         except ConfigError as e:
-            raise ConversionError(f'healing images {spec}: {e}') from None
+            raise ConversionError(f'{role} {spec}: {e}') from None
     if not Path(spec).is_dir():
-        raise ConversionError(f'healing images {spec}: not sklearn/digits or a folder of images')
+        raise ConversionError(f'{role} {spec}: not sklearn/digits or a folder of images')
     from timm.data import create_dataset, create_transform
     try:
         dataset = create_dataset('', root=spec, transform=create_transform((in_chans, img_size, img_size)))
     except RuntimeError as e:  # timm refuses a folder without images
-        raise ConversionError(f'healing images {spec}: no images found ({first_line(e)})') from None
+        raise ConversionError(f'{role} {spec}: no images found ({first_line(e)})') from None
     if len(dataset) == 0:
-        raise ConversionError(f'healing images {spec}: no images found')
+        raise ConversionError(f'{role} {spec}: no images found')
     return torch.stack([dataset[i][0] for i in range(min(len(dataset), limit))])
