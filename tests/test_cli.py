@@ -3,6 +3,8 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from timm_momentum.cli import build_parser, main
 from timm_momentum.example import compare_saved_activations
 
@@ -38,3 +40,26 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', '--help'], capture_output=True, text=True)
     assert proc.returncode == 0 and 'example' in proc.stdout
+
+
+def test_user_errors_become_one_line_and_bugs_still_raise(capsys):
+    import errno
+
+    from timm_momentum.errors import ConfigError, run_reporting_user_errors, user_error_message
+
+    full = OSError(errno.ENOSPC, 'No space left on device', '/out/metrics.csv')
+    assert user_error_message(full) == 'cannot write: no space left on device (/out/metrics.csv)'
+    assert user_error_message(ConfigError('lr must be a number')) == 'lr must be a number'
+    assert user_error_message(FileNotFoundError(errno.ENOENT, 'gone')) is None  # not the disk's state: a bug
+    assert user_error_message(RuntimeError('shape mismatch')) is None
+
+    def fail(error: BaseException):
+        def run():
+            raise error
+        return run
+
+    assert run_reporting_user_errors(fail(full)) is None
+    assert capsys.readouterr().err == 'error: cannot write: no space left on device (/out/metrics.csv)\n'
+    with pytest.raises(RuntimeError, match='shape mismatch'):
+        run_reporting_user_errors(fail(RuntimeError('shape mismatch')))
+    assert run_reporting_user_errors(lambda: 7) == 7

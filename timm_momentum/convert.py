@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .errors import ConversionError, first_line
-from .files import describe_os_error, recover_interrupted_folder, write_folder_atomically
+from .errors import ConversionError, describe_os_error, first_line
+from .files import recover_interrupted_folder, write_folder_atomically
 from .heal import distill, load_images, recalibrate_batchnorm
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',

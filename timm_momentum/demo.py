@@ -5,7 +5,6 @@ Each digit set is split 80/20 (stratified); every accuracy the demo prints is on
 sees, which it calls "val" throughout, as fine-tuning's epoch lines do.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -13,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .convert import convert
-from .errors import ConfigError, ConversionError
+from .errors import run_reporting_user_errors
 from .finetune import DEFAULTS, train
 from .memory import saved_tensor_bytes
 
@@ -80,10 +79,9 @@ def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_s
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    try:
-        report = run_demo(args.output, args.source, args.epochs_source, args.epochs_target)
-    except (ConfigError, ConversionError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    report = run_reporting_user_errors(lambda: run_demo(args.output, args.source, args.epochs_source,
+                                                        args.epochs_target))
+    if report is None:
         return 2
     upstream = report['upstream_val_acc_digits0-4']
     print('== summary')

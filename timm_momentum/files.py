@@ -1,10 +1,10 @@
 """Writing files and folders so that nothing is ever half-written: build a temp beside the target, then rename."""
-import errno
+import csv
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 
 def current_umask() -> int:
@@ -48,14 +48,6 @@ def remove_stale_temps(folder: Union[str, os.PathLike], name: str) -> List[Path]
     return stale
 
 
-def describe_os_error(error: OSError) -> str:
-    """A short reason for a failed write: 'no space left on device', 'read-only file system', ..."""
-    reasons = {errno.ENOSPC: 'no space left on device', errno.EROFS: 'read-only file system',
-               errno.EACCES: 'permission denied', errno.EPERM: 'permission denied', errno.EDQUOT: 'disk quota exceeded'}
-    where = f' ({error.filename})' if error.filename else ''
-    return reasons.get(error.errno, error.strerror or str(error)) + where
-
-
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temp file in the target's folder, then rename it onto ``path``."""
     path = Path(path)
@@ -69,6 +61,17 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_csv(path: Union[str, os.PathLike], rows: Sequence[Dict[str, Any]]) -> None:
+    """Write ``rows`` (dicts with the same keys, the first row's order) as a CSV file, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def recover_interrupted_folder(out_dir: Union[str, os.PathLike]) -> None:

@@ -4,9 +4,7 @@
 or ``torchrun --nproc_per_node=N -m timm_momentum.finetune ...``. Config keys follow timm's train.py names.
 """
 import argparse
-import csv
 import difflib
-import errno
 import math
 import os
 import random
@@ -23,8 +21,8 @@ import yaml
 
 from .convert import write_model_folder
 from .data import build_datasets, build_loader
-from .errors import ConfigError, ConversionError, first_line
-from .files import atomic_write
+from .errors import ConfigError, first_line, run_reporting_user_errors
+from .files import atomic_write, write_csv
 from .memory import vm_hwm_bytes
 from .momentum_resnet import MomentumResNet
 
@@ -602,7 +600,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.2f} | {row['images_per_s']:.1f} img/s | "
                   f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
-            _write_csv(rows + [row], out / 'metrics.csv')
+            write_csv(out / 'metrics.csv', rows + [row])
         if diverged:  # neither best/ nor last.pth.tar may hold a diverged model
             raise FloatingPointError(f'the model diverged in epoch {epoch} (validation loss {val_loss}, or weights '
                                      f'that are not finite); stopping, nothing of epoch {epoch} saved. '
@@ -635,15 +633,6 @@ def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
     return tqdm(loader, desc=f'epoch {epoch}', leave=False, file=sys.stderr)
 
 
-def _write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
 
 def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any]) -> None:
     momentum_cfg = getattr(model, 'momentum_cfg', {})
@@ -674,31 +663,27 @@ def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .files import describe_os_error
-
     try:
-        cfg = load_config(args.config, args.overrides)
-        world = int(os.environ.get('WORLD_SIZE', 1))
-        if world > 1 and not _is_distributed():
-            dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        if _rank() == 0:
-            print(describe_config(cfg), flush=True)
-        result = train(cfg)
-    except (ConfigError, ConversionError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
-            raise
-        print(f'error: cannot write: {describe_os_error(e)}', file=sys.stderr)
-        return 2
+        result = run_reporting_user_errors(lambda: _configure_and_train(args))
     finally:
         if _is_distributed():
             dist.destroy_process_group()
+    if result is None:
+        return 2
     print(f"final: {result['metrics']}")
     return 0
+
+
+def _configure_and_train(args: argparse.Namespace) -> Dict[str, Any]:
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and not _is_distributed():
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    if _rank() == 0:
+        print(describe_config(cfg), flush=True)
+    return train(cfg)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -10,7 +10,6 @@ the number of epochs is fixed beforehand, and no best checkpoint or early stop i
 """
 import argparse
 import csv
-import errno
 import os
 import shutil
 import statistics
@@ -23,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .files import atomic_write
+from .errors import ConfigError, run_reporting_user_errors
+from .files import atomic_write, write_csv
 
 __all__ = ['Arm', 'StudySettings', 'study_settings', 'study_arms', 'run_study', 'read_metrics', 'summarize',
            'format_markdown', 'plot_study']
@@ -92,7 +92,7 @@ class StudySettings:
 def study_settings(seeds: Optional[int] = None, quick: bool = False) -> StudySettings:
     """The default study (3 seeds, resnet18 and resnet50, 32x32), or with ``quick`` a tiny one (1 seed, resnet18, 16x16, 1 epoch)."""
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
-        raise ValueError(f'seeds must be an integer >= 1, got {seeds!r}')
+        raise ConfigError(f'seeds must be an integer >= 1, got {seeds!r}')
     if quick:
         return StudySettings(img_size=16, batch_size=64, few_shot_per_class=5, few_shot_batch_size=5,
                              epochs_upstream=1, epochs_full=1, epochs_few_shot=1, seeds=seeds or 1,
@@ -123,15 +123,6 @@ def _read_rows(path: Path) -> List[Dict[str, str]]:
     with open(path, newline='') as f:
         return list(csv.DictReader(f))
 
-
-def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def _held_out_accuracy(model: nn.Module, classes: Sequence[int], img_size: int) -> float:
@@ -190,7 +181,7 @@ def _prepare_starts(out: Path, settings: StudySettings, arms: List[Arm], log: Ca
                 model = timm.create_model(f'local-dir:{converted.out_dir}', pretrained=True)
                 before_rows.append({'start': arm.key, 'accuracy': _held_out_accuracy(model, UPSTREAM_CLASSES,
                                                                                      settings.img_size)})
-    _write_csv(out / 'before.csv', before_rows)
+    write_csv(out / 'before.csv', before_rows)
     return starts
 
 
@@ -205,7 +196,7 @@ def _measure_memory(out: Path, settings: StudySettings, arms: List[Arm], log: Ca
                                 model_kwargs={'num_classes': len(TARGET_CLASSES)}, after_warmup=True)
         rows.append({'model': model, 'mode': mode, 'batch_size': settings.batch_size, 'img_size': settings.img_size,
                      'peak_bytes': peak})
-    _write_csv(out / 'memory.csv', rows)
+    write_csv(out / 'memory.csv', rows)
 
 
 def _run_config(arm: Arm, regime: str, seed: int, settings: StudySettings, starts: Dict[str, Any],
@@ -352,7 +343,7 @@ def run_study(out: str = 'output/study', seeds: Optional[int] = None, quick: boo
     settings = study_settings(seeds, quick)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f'--out {out_dir} exists and is not a folder')
+        raise ConfigError(f'--out {out_dir} exists and is not a folder')
     started = time.perf_counter()
     arms = study_arms(settings.depths)
     starts = _prepare_starts(out_dir, settings, arms, log)
@@ -387,22 +378,11 @@ def run_study(out: str = 'output/study', seeds: Optional[int] = None, quick: boo
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .convert import ConversionError
-    from .files import describe_os_error
-    from .finetune import ConfigError
-
     if args.seeds is not None and args.seeds < 1:
         print(f'error: --seeds must be >= 1, got {args.seeds}', file=sys.stderr)
         return 2
-    try:
-        study = run_study(args.out, args.seeds, args.quick)
-    except (ValueError, ConfigError, ConversionError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
-            raise
-        print(f'error: cannot write: {describe_os_error(e)}', file=sys.stderr)
+    study = run_reporting_user_errors(lambda: run_study(args.out, args.seeds, args.quick))
+    if study is None:
         return 2
     print(format_markdown(study))
     print(f'wrote study.json, study.md and study.png in {args.out}')
