@@ -44,6 +44,9 @@ def test_timm_safetensors_round_trip(tmp_path):
     out = result.out_dir
     assert out.stat().st_mode & 0o777 == 0o755  # the umask's, not mkdtemp's 0700
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'verify.json']
+    # every file too, model.safetensors included (safetensors creates its files 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ['README.md', 'config.json', 'model.safetensors', 'verify.json'], 0o644)
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'momentum_resnet18' and config['model_args']['gamma'] == 0.9
     assert config['model_args']['block_fn'] == 'dropin' and config['num_classes'] == 5

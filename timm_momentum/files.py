@@ -105,6 +105,8 @@ def write_folder_atomically(out_dir: Union[str, os.PathLike], write: Callable[[P
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.tmp-'))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the folder follows the umask
         write(tmp)
+        for path in tmp.rglob('*'):  # some writers (safetensors) create files 0600; everything follows the umask
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.old-'))
             os.replace(out_dir, old / 'previous')
