@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     'BlockFn', 'ChainPlan', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
     'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats', 'set_strict_check',
+    'register_deterministic',
 ]
 
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
@@ -212,6 +213,33 @@ class _ChainSpec:
         self.params = [list(block.parameters()) for block in self.blocks]
 
 
+# Module types whose own training forward draws no random numbers (their children are checked apart). A
+# block made only of these needs no RNG state captured and replayed for its recompute; any other module
+# (dropout, drop path, a user's own) gets it. Model code adds its block containers with ``register_deterministic``.
+_DETERMINISTIC: List[type] = [
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.modules.conv._ConvNd, nn.Linear,
+    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd]
+
+
+def register_deterministic(*module_types: type) -> None:
+    """Declare module types whose own forward draws no random numbers (children are checked on their own)."""
+    _DETERMINISTIC.extend(t for t in module_types if t not in _DETERMINISTIC)
+
+
+def _draws_random_numbers(block: nn.Module) -> bool:
+    """Whether a training forward of ``block`` may draw random numbers (then its recompute replays them)."""
+    deterministic = tuple(_DETERMINISTIC)
+    for module in block.modules():
+        if not module.training or isinstance(module, deterministic):
+            continue
+        if getattr(module, 'drop_prob', None) == 0.0 or getattr(module, 'p', None) == 0.0:
+            continue  # timm's DropPath/DropBlock2d and torch's dropouts at rate 0 return their input
+        return True
+    return False
+
+
 def _capture_rng(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     device_state = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
     return torch.get_rng_state(), device_state
@@ -312,7 +340,6 @@ class _InvertibleMomentum(torch.autograd.Function):
                 f'gamma={spec.gamma} cannot be inverted; use memory_efficient=False '
                 f'or gamma >= {min_safe_gamma(len(spec.blocks), work_dtype):.3g}')
         gamma = spec.gamma
-        stochastic = any(m.training for block in spec.blocks for m in block.modules())
         rng_states: List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = []
         x_state = x.to(carrier, copy=True)
         v_state = None
@@ -325,7 +352,7 @@ class _InvertibleMomentum(torch.autograd.Function):
                 stored.append(x_state.to(x.dtype, copy=True))
             elif n and n % span == 0:
                 stored += [x_state.clone(), v_state.clone()]
-            rng_states.append(_capture_rng(x.device) if stochastic else None)
+            rng_states.append(_capture_rng(x.device) if _draws_random_numbers(block) else None)
             fx = spec.block_fn(block, x_state.to(x.dtype))
             v_state = _velocity(v_state, fx, carrier, gamma, inplace=True)
             del fx
@@ -355,7 +382,6 @@ class _InvertibleMomentum(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         _check_pending()
         spec: _ChainSpec = ctx.spec
-        gamma = spec.gamma
         # The saved state is rebuilt in place, so a second backward through this node fails loudly
         # (autograd's "modified by an inplace operation") instead of using stale activations.
         if ctx.store_inputs:
@@ -363,12 +389,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         else:
             inputs = None
             x_state, v_state, signs, input_sketch, *stored = ctx.saved_tensors
-        grad_dtype = torch.promote_types(grad_out.dtype, torch.float32)
-        # The adjoint (PAPER.md) carries g_x = dL/dx_n and the block's output gradient (1 - gamma) * g,
-        # g = g_x + dL/dv_n, so the blocks' parameter gradients need no rescaling:
-        #   g_x <- g_x + J_x^T [(1 - gamma) g];   (1 - gamma) g <- lerp(g_x, (1 - gamma) g, gamma).
-        grad_x: Optional[torch.Tensor] = None
-        grad_step = torch.mul(grad_out, 1.0 - gamma).to(grad_dtype)
+        adjoint = _Adjoint(grad_out, spec.gamma)
         param_grads: List[List[Optional[torch.Tensor]]] = []
         gaps = []
         for n in range(len(spec.blocks) - 1, -1, -1):
@@ -377,32 +398,74 @@ class _InvertibleMomentum(torch.autograd.Function):
                 k = 2 * ((n + 1) // ctx.span - 1)
                 gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
                 x_state, v_state = stored[k], stored[k + 1]
-            block = spec.blocks[n]
+            x_in = inputs[n] if inputs is not None else _previous_position(x_state, v_state, ctx.in_dtype)
+            with _replay(spec.blocks[n], ctx.rng_states[n], grad_out.device, ctx.autocast):
+                fx, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
             if inputs is None:
-                x_state.sub_(v_state)
-            with _replay(block, ctx.rng_states[n], grad_out.device, ctx.autocast):
-                x_in = (inputs[n] if inputs is not None else x_state.to(ctx.in_dtype)).detach().requires_grad_(True)
-                fx = spec.block_fn(block, x_in)
-            trainable = [p for p in spec.params[n] if p.requires_grad]
-            grads = torch.autograd.grad(fx, [x_in] + trainable, grad_step.to(fx.dtype), allow_unused=True)
-            if inputs is None:
-                v_state = _previous_velocity(v_state, fx.detach(), gamma)
+                v_state = _previous_velocity(v_state, fx, spec.gamma)
             del fx, x_in
-            if grad_x is None:
-                grad_x = grad_out.to(grad_dtype, copy=True) if grads[0] is None else torch.add(grad_out, grads[0])
-                grad_x = grad_x.to(grad_dtype)
-            elif grads[0] is not None:
-                grad_x.add_(grads[0])
-            if n:
-                torch.lerp(grad_x, grad_step, gamma, out=grad_step)
-            by_param = iter(grads[1:])
-            param_grads.append([next(by_param) if p.requires_grad else None for p in spec.params[n]])
-            del grads
+            adjoint.accumulate(grad_in, dropin=spec.block_fn is dropin_fn, last_step=n == 0)
+            param_grads.append(grads)
         if inputs is None and grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
             gaps.append(_gap(_sketch(x_state, signs), input_sketch))
-            _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, gamma, len(spec.blocks))
+            _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, spec.gamma, len(spec.blocks))
         flat = [g for block_grads in reversed(param_grads) for g in block_grads]
-        return (grad_x.to(ctx.in_dtype), None, *flat)
+        return (adjoint.grad_x.to(ctx.in_dtype), None, *flat)
+
+
+def _previous_position(x_state: torch.Tensor, v_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse step for the position, in place: x_{n-1} = x_n - v_n; returns the block input in ``dtype``."""
+    return x_state.sub_(v_state).to(dtype)
+
+
+def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.Tensor
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Recompute f_n(x_{n-1}) and pull ``block_grad`` back through it.
+
+    Returns f (detached), J_x^T block_grad (None if f ignores x) and J_theta^T block_grad for each of the
+    block's parameters (None for frozen ones). For the drop-in f = block(x) - x, J_x^T leaves out the
+    identity's -block_grad, which ``_Adjoint.accumulate`` subtracts in place (cheaper than autograd's
+    negation and sum).
+    """
+    block, params = spec.blocks[n], spec.params[n]
+    trainable = [p for p in params if p.requires_grad]
+    x_in = x_in.detach().requires_grad_(True)
+    if spec.block_fn is dropin_fn:
+        out = block(x_in)
+        fx = torch.sub(out.detach(), x_in.detach())
+    else:
+        out = spec.block_fn(block, x_in)
+        fx = out.detach()
+    grads = torch.autograd.grad(out, [x_in] + trainable, block_grad.to(out.dtype), allow_unused=True)
+    by_param = iter(grads[1:])
+    return fx, grads[0], [next(by_param) if p.requires_grad else None for p in params]
+
+
+class _Adjoint:
+    """The adjoint of the momentum rule (PAPER.md), walked from the chain's end to its start.
+
+    It carries g_x = dL/dx_n and the blocks' output gradient (1 - gamma) g with g = g_x + dL/dv_n, so the
+    blocks' parameter gradients come out already scaled; both in float32 or wider.
+    """
+
+    def __init__(self, grad_out: torch.Tensor, gamma: float) -> None:
+        self.gamma = gamma
+        self.grad_out = grad_out
+        self.grad_x: Optional[torch.Tensor] = None
+        self.block_grad = torch.mul(grad_out, 1.0 - gamma).to(torch.promote_types(grad_out.dtype, torch.float32))
+
+    def accumulate(self, grad_in: Optional[torch.Tensor], dropin: bool, last_step: bool) -> None:
+        """g_x += J_x^T [(1 - gamma) g] (less (1 - gamma) g for the drop-in identity), then, for the step
+        before, (1 - gamma) g <- (1 - gamma) g_x + gamma (1 - gamma) g: one lerp."""
+        if self.grad_x is None:
+            grad_x = self.grad_out if grad_in is None else torch.add(self.grad_out, grad_in)
+            self.grad_x = grad_x.to(self.block_grad.dtype, copy=grad_in is None)
+        elif grad_in is not None:
+            self.grad_x.add_(grad_in)
+        if dropin:
+            self.grad_x.sub_(self.block_grad)
+        if not last_step:
+            torch.lerp(self.grad_x, self.block_grad, self.gamma, out=self.block_grad)
 
 
 _STRICT_CHECK = False

@@ -25,7 +25,8 @@ from timm.models import register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain, validate_gamma
+from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain, register_deterministic
+from .invertible import validate_gamma
 
 __all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS']
 
@@ -51,6 +52,10 @@ def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
+
+# timm's blocks draw random numbers only in their children (drop_block, drop_path), which are checked
+# apart: a chain without those replays no RNG state in its recompute.
+register_deterministic(BasicBlock, Bottleneck)
 
 
 def _block_fn(name: str) -> BlockFn:
