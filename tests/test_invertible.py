@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_momentum import invertible
 from timm_momentum.invertible import min_safe_gamma, momentum_chain, plan_chain
@@ -109,6 +110,42 @@ def test_paper_block_function_gradients_match_standard_backprop():
     # compared as one vector: the training-mode norms after each stage make the loss blind to a constant
     # added per channel, so the chains' bn3.bias gradients are rounding noise (1e-7 of the others) in both
     assert relative_error(torch.cat([g.flatten() for g in gp_e]), torch.cat([g.flatten() for g in gp_s])) <= 1e-5
+
+
+class _Float64Kernels(TorchDispatchMode):
+    """Counts aten kernels that read or write a float64 tensor of ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in list(args) + [out] if isinstance(t, torch.Tensor)]
+        self.count += any(t.dtype == torch.float64 and t.numel() == self.numel for t in tensors)
+        return out
+
+
+def test_standard_backward_carries_gradients_in_the_input_dtype():
+    # the float64 carrier is a forward matter: the adjoint of the linear rule needs no float64 pass
+    torch.manual_seed(0)
+    blocks = [nn.Conv2d(8, 8, 1) for _ in range(12)]
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    assert plan_chain(0.9, 12).carrier == torch.float64
+    out = momentum_chain(x, blocks, 0.9)
+    counter = _Float64Kernels(x.numel())
+    with counter:
+        out.backward(torch.ones_like(out))
+    assert counter.count == 0
+
+
+def test_standard_mode_gradients_are_exact_to_second_order():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()).double() for _ in range(5)]
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    for gamma in (0.0, 0.5, 0.9):
+        assert torch.autograd.gradcheck(lambda x: momentum_chain(x, blocks, gamma), (x,))
+        assert torch.autograd.gradgradcheck(lambda x: momentum_chain(x, blocks, gamma), (x,))
 
 
 def test_rng_state_is_kept_only_for_blocks_that_draw_random_numbers():

@@ -405,6 +405,7 @@ class _InvertibleMomentum(torch.autograd.Function):
                 v_state = _previous_velocity(v_state, fx, spec.gamma)
             del fx, x_in
             adjoint.accumulate(grad_in, dropin=spec.block_fn is dropin_fn, last_step=n == 0)
+            del grad_in  # not alive at the next block's recompute, where the step's memory peaks
             param_grads.append(grads)
         if inputs is None and grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
             gaps.append(_gap(_sketch(x_state, signs), input_sketch))
@@ -430,13 +431,11 @@ def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.T
     block, params = spec.blocks[n], spec.params[n]
     trainable = [p for p in params if p.requires_grad]
     x_in = x_in.detach().requires_grad_(True)
-    if spec.block_fn is dropin_fn:
-        out = block(x_in)
-        fx = torch.sub(out.detach(), x_in.detach())
-    else:
-        out = spec.block_fn(block, x_in)
-        fx = out.detach()
+    dropin = spec.block_fn is dropin_fn
+    out = block(x_in) if dropin else spec.block_fn(block, x_in)
     grads = torch.autograd.grad(out, [x_in] + trainable, block_grad.to(out.dtype), allow_unused=True)
+    # the graph is gone: block(x) - x in block(x)'s own storage keeps one activation-sized tensor alive, not two
+    fx = out.detach().sub_(x_in.detach()) if dropin else out.detach()
     by_param = iter(grads[1:])
     return fx, grads[0], [next(by_param) if p.requires_grad else None for p in params]
 
@@ -559,13 +558,66 @@ def momentum_chain(
         carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
     else:  # eval and no_grad: the plain forward, in the input's dtype
         carrier = x.dtype
-    x_state, v_state = x.to(carrier), None
+    # Eager backprop of float32/float64 inputs takes _MomentumStep's short backward; torch.compile fuses the
+    # plain ops itself, and half-precision inputs keep autograd's float32 gradients through the carrier.
+    stepped = needs_grad and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    state = _CarrierState(x.detach().to(carrier) if stepped else x.to(carrier))
+    position, token = x, None
     for block in blocks:
-        x_in = x_state.to(x.dtype)
+        x_in = position if stepped else state.x.to(x.dtype)
         if grad_checkpointing and needs_grad:
             fx = checkpoint_blocks(functools.partial(block_fn, block), x_in, [block])
         else:
             fx = block_fn(block, x_in)
-        v_state = _velocity(v_state, fx, carrier, gamma)
-        x_state = x_state + v_state
-    return x_state.to(x.dtype)
+        if stepped:
+            position, token = _MomentumStep.apply(fx, position, token, state, gamma)
+        else:
+            state.update(fx, gamma)
+    return position if stepped else state.x.to(x.dtype)
+
+
+class _CarrierState:
+    """A chain's state (x, v) in its carrier dtype, with v = 0 at the start."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.v: Optional[torch.Tensor] = None
+
+    def update(self, fx: torch.Tensor, gamma: float) -> None:
+        """v <- gamma * v + (1 - gamma) * f;  x <- x + v, in new tensors (the old ones may be in use)."""
+        self.v = _velocity(self.v, fx, self.x.dtype, gamma)
+        self.x = self.x + self.v
+
+
+class _MomentumStep(torch.autograd.Function):
+    """One block's update in standard backprop, with the adjoint of the memory-efficient backward.
+
+    Autograd sees the position x_n rounded to the input dtype (the next block's input and the chain's output)
+    and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The carrier
+    state is updated outside autograd and needs nothing saved, since the rule is linear. So each block's
+    backward is one lerp in the input dtype, where autograd through the carrier ops made eight passes, half of
+    them over float64 tensors (benchmarks/RESULTS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, fx: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
+                gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.gamma, ctx.fx_dtype, ctx.first = gamma, fx.dtype, token is None
+        state.update(fx, gamma)
+        position = state.x.to(position.dtype)
+        return position, position.new_zeros(()).expand(position.shape)
+
+    @staticmethod
+    def backward(ctx, grad_position: Optional[torch.Tensor], grad_token: Optional[torch.Tensor]
+                 ) -> Tuple[Optional[torch.Tensor], ...]:
+        # (1 - gamma) g_n = (1 - gamma) dL/dx_n + gamma (1 - gamma) g_{n+1}; dL/dx_{n-1} gets dL/dx_n unchanged
+        if grad_position is None and grad_token is None:
+            return None, None, None, None, None
+        if grad_token is None:
+            block_grad = grad_position * (1.0 - ctx.gamma)
+        elif grad_position is None:
+            block_grad = grad_token * ctx.gamma
+        else:
+            block_grad = torch.lerp(grad_position, grad_token, ctx.gamma)
+        return block_grad.to(ctx.fx_dtype), grad_position, None if ctx.first else block_grad, None, None
