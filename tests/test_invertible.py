@@ -148,6 +148,17 @@ def test_standard_mode_gradients_are_exact_to_second_order():
         assert torch.autograd.gradgradcheck(lambda x: momentum_chain(x, blocks, gamma), (x,))
 
 
+def test_dropin_block_that_returns_its_input_keeps_the_saved_inputs():
+    # a short chain keeps its block inputs; f = block(x) - x is formed in block(x)'s storage, never in x's
+    blocks = [nn.Linear(6, 6), nn.Identity(), nn.Linear(6, 6)]
+    x = torch.randn(3, 6, requires_grad=True)
+    out = momentum_chain(x, blocks, 0.9, memory_efficient=True)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    assert torch.allclose(x.grad, 2 * first)
+
+
 def test_rng_state_is_kept_only_for_blocks_that_draw_random_numbers():
     x = torch.randn(2, 3, 32, 32)
     for drop_path_rate, captures in ((0.0, 0), (0.1, 12)):  # resnet50's chains hold 2 + 3 + 5 + 2 blocks

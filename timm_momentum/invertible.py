@@ -263,6 +263,11 @@ def _replay(block: nn.Module, rng: Optional[Tuple[torch.Tensor, Optional[torch.T
         yield
 
 
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _gap(rebuilt: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Relative distance between a rebuilt tensor and the exact one, as a 0-dim tensor."""
     return (rebuilt - exact).norm() / exact.norm().clamp_min(torch.finfo(exact.dtype).tiny)
@@ -356,7 +361,7 @@ class _InvertibleMomentum(torch.autograd.Function):
             fx = spec.block_fn(block, x_state.to(x.dtype))
             v_state = _velocity(v_state, fx, carrier, gamma, inplace=True)
             del fx
-            if v_state.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
+            if _aliases(v_state, x_state):
                 v_state = v_state.clone()  # a block_fn that returned its input
             x_state.add_(v_state)
         ctx.store_inputs = store_inputs
@@ -370,7 +375,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         if store_inputs:
             ctx.save_for_backward(*stored)
             return out
-        if out.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
+        if _aliases(out, x_state):
             # The backward rebuilds x in the saved state's storage; the caller's output must not move.
             # The copy costs memory only until the next stage's backward, not at this one's peak.
             out = out.clone()
@@ -434,8 +439,11 @@ def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.T
     dropin = spec.block_fn is dropin_fn
     out = block(x_in) if dropin else spec.block_fn(block, x_in)
     grads = torch.autograd.grad(out, [x_in] + trainable, block_grad.to(out.dtype), allow_unused=True)
-    # the graph is gone: block(x) - x in block(x)'s own storage keeps one activation-sized tensor alive, not two
-    fx = out.detach().sub_(x_in.detach()) if dropin else out.detach()
+    fx = out.detach()
+    if dropin:
+        # the graph is gone: block(x) - x in block(x)'s own storage keeps one activation-sized tensor alive,
+        # not two (unless block returned its input, which may be the saved state)
+        fx = torch.sub(fx, x_in.detach()) if _aliases(fx, x_in) else fx.sub_(x_in.detach())
     by_param = iter(grads[1:])
     return fx, grads[0], [next(by_param) if p.requires_grad else None for p in params]
 
