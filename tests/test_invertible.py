@@ -148,6 +148,18 @@ def test_standard_mode_gradients_are_exact_to_second_order():
         assert torch.autograd.gradgradcheck(lambda x: momentum_chain(x, blocks, gamma), (x,))
 
 
+def test_standard_mode_works_under_torch_func_transforms():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(6)])
+    x = torch.randn(3, 4)
+    grad = torch.func.grad(lambda x: momentum_chain(x, blocks, 0.9).square().sum())(x)
+    x_ = x.clone().requires_grad_(True)
+    momentum_chain(x_, blocks, 0.9).square().sum().backward()
+    assert torch.allclose(grad, x_.grad, rtol=1e-6, atol=1e-7)
+    batched = torch.func.vmap(lambda row: momentum_chain(row, blocks, 0.9))(x)
+    assert torch.allclose(batched, torch.stack([momentum_chain(row, blocks, 0.9) for row in x]), rtol=1e-6)
+
+
 def test_dropin_block_that_returns_its_input_keeps_the_saved_inputs():
     # a short chain keeps its block inputs; f = block(x) - x is formed in block(x)'s storage, never in x's
     blocks = [nn.Linear(6, 6), nn.Identity(), nn.Linear(6, 6)]

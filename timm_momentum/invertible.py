@@ -607,14 +607,20 @@ class _MomentumStep(torch.autograd.Function):
     them over float64 tensors (benchmarks/RESULTS.md).
     """
 
+    generate_vmap_rule = True  # torch.func transforms (grad, vmap, ...) work as through the plain ops
+
     @staticmethod
-    def forward(ctx, fx: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
+    def forward(fx: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
                 gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        ctx.set_materialize_grads(False)
-        ctx.gamma, ctx.fx_dtype, ctx.first = gamma, fx.dtype, token is None
         state.update(fx, gamma)
         position = state.x.to(position.dtype)
         return position, position.new_zeros(()).expand(position.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        fx, _, token, _, gamma = inputs
+        ctx.set_materialize_grads(False)
+        ctx.gamma, ctx.fx_dtype, ctx.first = gamma, fx.dtype, token is None
 
     @staticmethod
     def backward(ctx, grad_position: Optional[torch.Tensor], grad_token: Optional[torch.Tensor]
