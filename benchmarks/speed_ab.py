@@ -16,11 +16,14 @@ Two parts:
 
       PYTHONPATH=$PWD python benchmarks/speed_ab.py time --depths 101,152 --steps 5 --threads 2
 
-  ``--before path/to/old/invertible.py`` adds a configuration that runs the memory-efficient chains with
-  that file's ``momentum_chain`` (same weights, same process, interleaved), for a before/after ratio
-  under the same load.
+  ``--before path/to/old/invertible.py`` adds two configurations that run the standard and the
+  memory-efficient chains with that file's ``momentum_chain`` (same weights, same process, interleaved),
+  for before/after ratios under the same load. ``--cpu-time --threads 1`` times steps by the process's
+  CPU seconds, which other jobs on a shared machine barely move.
 """
 import argparse
+import os
+import resource
 import statistics
 import time
 from collections import defaultdict
@@ -33,7 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 IGNORED = {'aten.convolution.default', 'aten.convolution_backward.default', 'aten.detach.default',
            'aten.view.default', 'aten._to_copy.default', 'aten.empty_like.default', 'aten.empty.memory_format',
            'aten.empty_strided.default', 'aten.alias.default', 'aten.t.default', 'aten.ones_like.default',
-           'aten.zeros_like.default', 'aten.as_strided.default', 'aten.slice.Tensor', 'aten._unsafe_view.default'}
+           'aten.zeros_like.default', 'aten.as_strided.default', 'aten.slice.Tensor', 'aten._unsafe_view.default',
+           'aten.expand.default', 'aten.new_zeros.default'}  # views and 0-dim tensors move no activation bytes
 
 
 class PassCounter(TorchDispatchMode):
@@ -123,9 +127,20 @@ def _load_module(path: str):
     return module
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int, top: int,
-               before: str = '') -> None:
-    """Interleaved step times as ratios to plain, then a profiler table per configuration."""
+               before: str = '', cpu_time: bool = False) -> None:
+    """Interleaved step times as ratios to plain, then a profiler table per configuration.
+
+    ``cpu_time`` times each step by this process's CPU seconds instead of the wall clock: with one torch
+    thread that is nearly blind to other processes on a shared machine (their cache and memory traffic
+    still show), where wall-clock ratios swing by tens of percent.
+    """
+    clock = _cpu_seconds if cpu_time else time.perf_counter
     from torch.profiler import ProfilerActivity, profile
 
     import timm
@@ -145,22 +160,25 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
             models[label] = build_model(f'{family}{depth}', mode)
             models[label].load_state_dict(state)
         if before:
-            old = build_model(f'momentum_resnet{depth}', 'memory_efficient')
-            old.load_state_dict(state)
-            models['memory-efficient, before'] = _WithChain(old, _load_module(before).momentum_chain)
+            old_chain = _load_module(before).momentum_chain
+            for label, mode in (('momentum standard, before', 'plain'), ('memory-efficient, before', 'memory_efficient')):
+                old = build_model(f'momentum_resnet{depth}', mode)
+                old.load_state_dict(state)
+                models[label] = _WithChain(old, old_chain)
         x = torch.randn(batch, 3, img, img)
         target = torch.randint(0, 1000, (batch,))
         optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
         times: Dict[str, List[float]] = {k: [] for k in models}
         for step in range(warmup + steps):
             for label, model in models.items():
-                start = time.perf_counter()
+                start = clock()
                 train_step(model, x, target, optimizers[label])
                 if step >= warmup:
-                    times[label].append(time.perf_counter() - start)
+                    times[label].append(clock() - start)
         plain = statistics.median(times['plain'])
         print(f'\n== resnet{depth}, batch {batch}, {img}px, {torch.get_num_threads()} threads, '
-              f'median of {steps} interleaved steps')
+              f'median of {steps} interleaved steps, {"CPU" if cpu_time else "wall"} time, '
+              f'load average {os.getloadavg()[0]:.1f}')
         for label, values in times.items():
             ratios = [v / plain for v in values]
             print(f'{label:<28} {statistics.median(values) / plain:6.3f}x plain   '
@@ -170,6 +188,8 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
         if before:
             old = statistics.median(times['memory-efficient, before'])
             print(f'memory-efficient before / checkpointing: {old / ck:.3f}x; after / before: {me / old:.3f}x')
+            std, old_std = (statistics.median(times[k]) for k in ('momentum standard', 'momentum standard, before'))
+            print(f'momentum standard after / before: {std / old_std:.3f}x')
         for label, model in models.items() if top else ():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 train_step(model, x, target, optimizers[label])
@@ -191,6 +211,7 @@ def main() -> None:
     timing.add_argument('--top', type=int, default=15)
     timing.add_argument('--before', default='', help='an older invertible.py to time alongside')
     timing.add_argument('--no-profile', action='store_true')
+    timing.add_argument('--cpu-time', action='store_true', help='time steps by process CPU seconds (use --threads 1)')
     args = parser.parse_args()
     if args.what == 'passes':
         for memory_efficient in (False, True):
@@ -202,7 +223,7 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         time_steps([int(d) for d in args.depths.split(',')], args.steps, args.warmup, args.batch, args.img,
-                   0 if args.no_profile else args.top, args.before)
+                   0 if args.no_profile else args.top, args.before, args.cpu_time)
 
 
 if __name__ == '__main__':

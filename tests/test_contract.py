@@ -104,3 +104,21 @@ def test_group_matcher_in_chans_and_num_classes(name):
     assert len(coarse) < len(groups)
     out = model.eval()(_input(model, in_chans=1))
     assert out.shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize('indices', [None, 2, [0, -1], (1, 3)])
+def test_forward_intermediates_takes_the_indices_timm_takes(indices):
+    # gamma = 0 drop-in is timm's resnet18: the same intermediates for every way of naming them
+    model = timm.create_model('momentum_resnet18', gamma=0.0).eval()
+    reference = timm.create_model('resnet18').eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for stop_early in (False, True):
+            ours = model.forward_intermediates(x, indices=indices, stop_early=stop_early, intermediates_only=True)
+            theirs = reference.forward_intermediates(x, indices=indices, stop_early=stop_early,
+                                                     intermediates_only=True)
+            assert [t.shape for t in ours] == [t.shape for t in theirs]
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match='out of range'):
+        model.forward_intermediates(x, indices=[5])

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_momentum import invertible
 from timm_momentum.invertible import min_safe_gamma, momentum_chain, plan_chain
@@ -94,6 +95,93 @@ def test_drop_path_masks_are_replayed():
     assert max(relative_error(a, b) for a, b in zip(gp_e, gp_s)) <= 1e-5
     _, _, gp_other = _grads(efficient, x, seed=8)  # other masks really give other gradients
     assert relative_error(gp_other[0], gp_s[0]) > 1e-3
+
+
+def test_paper_block_function_gradients_match_standard_backprop():
+    # the residual-branch f goes through the generic vector-Jacobian product, the drop-in one a shortcut
+    standard = timm.create_model('momentum_mresnet50', num_classes=10, zero_init_last=False)
+    efficient = copy.deepcopy(standard)
+    efficient.set_momentum(memory_efficient=True)
+    x = torch.randn(2, 3, 64, 64)
+    out_s, gx_s, gp_s = _grads(standard, x)
+    out_e, gx_e, gp_e = _grads(efficient, x)
+    assert torch.equal(out_s, out_e)
+    assert relative_error(gx_e, gx_s) <= 1e-5
+    # compared as one vector: the training-mode norms after each stage make the loss blind to a constant
+    # added per channel, so the chains' bn3.bias gradients are rounding noise (1e-7 of the others) in both
+    assert relative_error(torch.cat([g.flatten() for g in gp_e]), torch.cat([g.flatten() for g in gp_s])) <= 1e-5
+
+
+class _Float64Kernels(TorchDispatchMode):
+    """Counts aten kernels that read or write a float64 tensor of ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in list(args) + [out] if isinstance(t, torch.Tensor)]
+        self.count += any(t.dtype == torch.float64 and t.numel() == self.numel for t in tensors)
+        return out
+
+
+def test_standard_backward_carries_gradients_in_the_input_dtype():
+    # the float64 carrier is a forward matter: the adjoint of the linear rule needs no float64 pass
+    torch.manual_seed(0)
+    blocks = [nn.Conv2d(8, 8, 1) for _ in range(12)]
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    assert plan_chain(0.9, 12).carrier == torch.float64
+    out = momentum_chain(x, blocks, 0.9)
+    counter = _Float64Kernels(x.numel())
+    with counter:
+        out.backward(torch.ones_like(out))
+    assert counter.count == 0
+
+
+def test_standard_mode_gradients_are_exact_to_second_order():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()).double() for _ in range(5)]
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    for gamma in (0.0, 0.5, 0.9):
+        assert torch.autograd.gradcheck(lambda x: momentum_chain(x, blocks, gamma), (x,))
+        assert torch.autograd.gradgradcheck(lambda x: momentum_chain(x, blocks, gamma), (x,))
+
+
+def test_standard_mode_works_under_torch_func_transforms():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(6)])
+    x = torch.randn(3, 4)
+    grad = torch.func.grad(lambda x: momentum_chain(x, blocks, 0.9).square().sum())(x)
+    x_ = x.clone().requires_grad_(True)
+    momentum_chain(x_, blocks, 0.9).square().sum().backward()
+    assert torch.allclose(grad, x_.grad, rtol=1e-6, atol=1e-7)
+    batched = torch.func.vmap(lambda row: momentum_chain(row, blocks, 0.9))(x)
+    assert torch.allclose(batched, torch.stack([momentum_chain(row, blocks, 0.9) for row in x]), rtol=1e-6)
+
+
+def test_dropin_block_that_returns_its_input_keeps_the_saved_inputs():
+    # a short chain keeps its block inputs; f = block(x) - x is formed in block(x)'s storage, never in x's
+    blocks = [nn.Linear(6, 6), nn.Identity(), nn.Linear(6, 6)]
+    x = torch.randn(3, 6, requires_grad=True)
+    out = momentum_chain(x, blocks, 0.9, memory_efficient=True)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    assert torch.allclose(x.grad, 2 * first)
+
+
+def test_rng_state_is_kept_only_for_blocks_that_draw_random_numbers():
+    x = torch.randn(2, 3, 32, 32)
+    for drop_path_rate, captures in ((0.0, 0), (0.1, 12)):  # resnet50's chains hold 2 + 3 + 5 + 2 blocks
+        model = timm.create_model('momentum_resnet50', memory_efficient=True, drop_path_rate=drop_path_rate)
+        with mock.patch.object(invertible, '_capture_rng', wraps=invertible._capture_rng) as capture:
+            model(x).sum().backward()
+        assert capture.call_count == captures
+    assert not invertible._draws_random_numbers(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Dropout(0.0)))
+    assert invertible._draws_random_numbers(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Dropout(0.1)))
+    assert invertible._draws_random_numbers(nn.RReLU())  # not known to be deterministic
+    assert not invertible._draws_random_numbers(nn.Dropout(0.1).eval())
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

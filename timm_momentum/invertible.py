@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     'BlockFn', 'ChainPlan', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
     'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats', 'set_strict_check',
+    'register_deterministic',
 ]
 
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
@@ -212,6 +213,33 @@ class _ChainSpec:
         self.params = [list(block.parameters()) for block in self.blocks]
 
 
+# Module types whose own training forward draws no random numbers (their children are checked apart). A
+# block made only of these needs no RNG state captured and replayed for its recompute; any other module
+# (dropout, drop path, a user's own) gets it. Model code adds its block containers with ``register_deterministic``.
+_DETERMINISTIC: List[type] = [
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.modules.conv._ConvNd, nn.Linear,
+    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd]
+
+
+def register_deterministic(*module_types: type) -> None:
+    """Declare module types whose own forward draws no random numbers (children are checked on their own)."""
+    _DETERMINISTIC.extend(t for t in module_types if t not in _DETERMINISTIC)
+
+
+def _draws_random_numbers(block: nn.Module) -> bool:
+    """Whether a training forward of ``block`` may draw random numbers (then its recompute replays them)."""
+    deterministic = tuple(_DETERMINISTIC)
+    for module in block.modules():
+        if not module.training or isinstance(module, deterministic):
+            continue
+        if getattr(module, 'drop_prob', None) == 0.0 or getattr(module, 'p', None) == 0.0:
+            continue  # timm's DropPath/DropBlock2d and torch's dropouts at rate 0 return their input
+        return True
+    return False
+
+
 def _capture_rng(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     device_state = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
     return torch.get_rng_state(), device_state
@@ -233,6 +261,11 @@ def _replay(block: nn.Module, rng: Optional[Tuple[torch.Tensor, Optional[torch.T
             stack.enter_context(torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]))
         stack.enter_context(frozen_norm_stats([block]))
         yield
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _gap(rebuilt: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -312,7 +345,6 @@ class _InvertibleMomentum(torch.autograd.Function):
                 f'gamma={spec.gamma} cannot be inverted; use memory_efficient=False '
                 f'or gamma >= {min_safe_gamma(len(spec.blocks), work_dtype):.3g}')
         gamma = spec.gamma
-        stochastic = any(m.training for block in spec.blocks for m in block.modules())
         rng_states: List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = []
         x_state = x.to(carrier, copy=True)
         v_state = None
@@ -325,11 +357,11 @@ class _InvertibleMomentum(torch.autograd.Function):
                 stored.append(x_state.to(x.dtype, copy=True))
             elif n and n % span == 0:
                 stored += [x_state.clone(), v_state.clone()]
-            rng_states.append(_capture_rng(x.device) if stochastic else None)
+            rng_states.append(_capture_rng(x.device) if _draws_random_numbers(block) else None)
             fx = spec.block_fn(block, x_state.to(x.dtype))
             v_state = _velocity(v_state, fx, carrier, gamma, inplace=True)
             del fx
-            if v_state.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
+            if _aliases(v_state, x_state):
                 v_state = v_state.clone()  # a block_fn that returned its input
             x_state.add_(v_state)
         ctx.store_inputs = store_inputs
@@ -343,7 +375,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         if store_inputs:
             ctx.save_for_backward(*stored)
             return out
-        if out.untyped_storage().data_ptr() == x_state.untyped_storage().data_ptr():
+        if _aliases(out, x_state):
             # The backward rebuilds x in the saved state's storage; the caller's output must not move.
             # The copy costs memory only until the next stage's backward, not at this one's peak.
             out = out.clone()
@@ -355,7 +387,6 @@ class _InvertibleMomentum(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         _check_pending()
         spec: _ChainSpec = ctx.spec
-        gamma = spec.gamma
         # The saved state is rebuilt in place, so a second backward through this node fails loudly
         # (autograd's "modified by an inplace operation") instead of using stale activations.
         if ctx.store_inputs:
@@ -363,12 +394,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         else:
             inputs = None
             x_state, v_state, signs, input_sketch, *stored = ctx.saved_tensors
-        grad_dtype = torch.promote_types(grad_out.dtype, torch.float32)
-        # The adjoint (PAPER.md) carries g_x = dL/dx_n and the block's output gradient (1 - gamma) * g,
-        # g = g_x + dL/dv_n, so the blocks' parameter gradients need no rescaling:
-        #   g_x <- g_x + J_x^T [(1 - gamma) g];   (1 - gamma) g <- lerp(g_x, (1 - gamma) g, gamma).
-        grad_x: Optional[torch.Tensor] = None
-        grad_step = torch.mul(grad_out, 1.0 - gamma).to(grad_dtype)
+        adjoint = _Adjoint(grad_out, spec.gamma)
         param_grads: List[List[Optional[torch.Tensor]]] = []
         gaps = []
         for n in range(len(spec.blocks) - 1, -1, -1):
@@ -377,32 +403,76 @@ class _InvertibleMomentum(torch.autograd.Function):
                 k = 2 * ((n + 1) // ctx.span - 1)
                 gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
                 x_state, v_state = stored[k], stored[k + 1]
-            block = spec.blocks[n]
+            x_in = inputs[n] if inputs is not None else _previous_position(x_state, v_state, ctx.in_dtype)
+            with _replay(spec.blocks[n], ctx.rng_states[n], grad_out.device, ctx.autocast):
+                fx, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
             if inputs is None:
-                x_state.sub_(v_state)
-            with _replay(block, ctx.rng_states[n], grad_out.device, ctx.autocast):
-                x_in = (inputs[n] if inputs is not None else x_state.to(ctx.in_dtype)).detach().requires_grad_(True)
-                fx = spec.block_fn(block, x_in)
-            trainable = [p for p in spec.params[n] if p.requires_grad]
-            grads = torch.autograd.grad(fx, [x_in] + trainable, grad_step.to(fx.dtype), allow_unused=True)
-            if inputs is None:
-                v_state = _previous_velocity(v_state, fx.detach(), gamma)
+                v_state = _previous_velocity(v_state, fx, spec.gamma)
             del fx, x_in
-            if grad_x is None:
-                grad_x = grad_out.to(grad_dtype, copy=True) if grads[0] is None else torch.add(grad_out, grads[0])
-                grad_x = grad_x.to(grad_dtype)
-            elif grads[0] is not None:
-                grad_x.add_(grads[0])
-            if n:
-                torch.lerp(grad_x, grad_step, gamma, out=grad_step)
-            by_param = iter(grads[1:])
-            param_grads.append([next(by_param) if p.requires_grad else None for p in spec.params[n]])
-            del grads
+            adjoint.accumulate(grad_in, dropin=spec.block_fn is dropin_fn, last_step=n == 0)
+            del grad_in  # not alive at the next block's recompute, where the step's memory peaks
+            param_grads.append(grads)
         if inputs is None and grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
             gaps.append(_gap(_sketch(x_state, signs), input_sketch))
-            _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, gamma, len(spec.blocks))
+            _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, spec.gamma, len(spec.blocks))
         flat = [g for block_grads in reversed(param_grads) for g in block_grads]
-        return (grad_x.to(ctx.in_dtype), None, *flat)
+        return (adjoint.grad_x.to(ctx.in_dtype), None, *flat)
+
+
+def _previous_position(x_state: torch.Tensor, v_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse step for the position, in place: x_{n-1} = x_n - v_n; returns the block input in ``dtype``."""
+    return x_state.sub_(v_state).to(dtype)
+
+
+def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.Tensor
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Recompute f_n(x_{n-1}) and pull ``block_grad`` back through it.
+
+    Returns f (detached), J_x^T block_grad (None if f ignores x) and J_theta^T block_grad for each of the
+    block's parameters (None for frozen ones). For the drop-in f = block(x) - x, J_x^T leaves out the
+    identity's -block_grad, which ``_Adjoint.accumulate`` subtracts in place (cheaper than autograd's
+    negation and sum).
+    """
+    block, params = spec.blocks[n], spec.params[n]
+    trainable = [p for p in params if p.requires_grad]
+    x_in = x_in.detach().requires_grad_(True)
+    dropin = spec.block_fn is dropin_fn
+    out = block(x_in) if dropin else spec.block_fn(block, x_in)
+    grads = torch.autograd.grad(out, [x_in] + trainable, block_grad.to(out.dtype), allow_unused=True)
+    fx = out.detach()
+    if dropin:
+        # the graph is gone: block(x) - x in block(x)'s own storage keeps one activation-sized tensor alive,
+        # not two (unless block returned its input, which may be the saved state)
+        fx = torch.sub(fx, x_in.detach()) if _aliases(fx, x_in) else fx.sub_(x_in.detach())
+    by_param = iter(grads[1:])
+    return fx, grads[0], [next(by_param) if p.requires_grad else None for p in params]
+
+
+class _Adjoint:
+    """The adjoint of the momentum rule (PAPER.md), walked from the chain's end to its start.
+
+    It carries g_x = dL/dx_n and the blocks' output gradient (1 - gamma) g with g = g_x + dL/dv_n, so the
+    blocks' parameter gradients come out already scaled; both in float32 or wider.
+    """
+
+    def __init__(self, grad_out: torch.Tensor, gamma: float) -> None:
+        self.gamma = gamma
+        self.grad_out = grad_out
+        self.grad_x: Optional[torch.Tensor] = None
+        self.block_grad = torch.mul(grad_out, 1.0 - gamma).to(torch.promote_types(grad_out.dtype, torch.float32))
+
+    def accumulate(self, grad_in: Optional[torch.Tensor], dropin: bool, last_step: bool) -> None:
+        """g_x += J_x^T [(1 - gamma) g] (less (1 - gamma) g for the drop-in identity), then, for the step
+        before, (1 - gamma) g <- (1 - gamma) g_x + gamma (1 - gamma) g: one lerp."""
+        if self.grad_x is None:
+            grad_x = self.grad_out if grad_in is None else torch.add(self.grad_out, grad_in)
+            self.grad_x = grad_x.to(self.block_grad.dtype, copy=grad_in is None)
+        elif grad_in is not None:
+            self.grad_x.add_(grad_in)
+        if dropin:
+            self.grad_x.sub_(self.block_grad)
+        if not last_step:
+            torch.lerp(self.grad_x, self.block_grad, self.gamma, out=self.block_grad)
 
 
 _STRICT_CHECK = False
@@ -496,13 +566,72 @@ def momentum_chain(
         carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
     else:  # eval and no_grad: the plain forward, in the input's dtype
         carrier = x.dtype
-    x_state, v_state = x.to(carrier), None
+    # Eager backprop of float32/float64 inputs takes _MomentumStep's short backward; torch.compile fuses the
+    # plain ops itself, and half-precision inputs keep autograd's float32 gradients through the carrier.
+    stepped = needs_grad and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    state = _CarrierState(x.detach().to(carrier) if stepped else x.to(carrier))
+    position, token = x, None
     for block in blocks:
-        x_in = x_state.to(x.dtype)
+        x_in = position if stepped else state.x.to(x.dtype)
         if grad_checkpointing and needs_grad:
             fx = checkpoint_blocks(functools.partial(block_fn, block), x_in, [block])
         else:
             fx = block_fn(block, x_in)
-        v_state = _velocity(v_state, fx, carrier, gamma)
-        x_state = x_state + v_state
-    return x_state.to(x.dtype)
+        if stepped:
+            position, token = _MomentumStep.apply(fx, position, token, state, gamma)
+        else:
+            state.update(fx, gamma)
+    return position if stepped else state.x.to(x.dtype)
+
+
+class _CarrierState:
+    """A chain's state (x, v) in its carrier dtype, with v = 0 at the start."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.v: Optional[torch.Tensor] = None
+
+    def update(self, fx: torch.Tensor, gamma: float) -> None:
+        """v <- gamma * v + (1 - gamma) * f;  x <- x + v, in new tensors (the old ones may be in use)."""
+        self.v = _velocity(self.v, fx, self.x.dtype, gamma)
+        self.x = self.x + self.v
+
+
+class _MomentumStep(torch.autograd.Function):
+    """One block's update in standard backprop, with the adjoint of the memory-efficient backward.
+
+    Autograd sees the position x_n rounded to the input dtype (the next block's input and the chain's output)
+    and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The carrier
+    state is updated outside autograd and needs nothing saved, since the rule is linear. So each block's
+    backward is one lerp in the input dtype, where autograd through the carrier ops made eight passes, half of
+    them over float64 tensors (benchmarks/RESULTS.md).
+    """
+
+    generate_vmap_rule = True  # torch.func transforms (grad, vmap, ...) work as through the plain ops
+
+    @staticmethod
+    def forward(fx: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
+                gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        state.update(fx, gamma)
+        position = state.x.to(position.dtype)
+        return position, position.new_zeros(()).expand(position.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        fx, _, token, _, gamma = inputs
+        ctx.set_materialize_grads(False)
+        ctx.gamma, ctx.fx_dtype, ctx.first = gamma, fx.dtype, token is None
+
+    @staticmethod
+    def backward(ctx, grad_position: Optional[torch.Tensor], grad_token: Optional[torch.Tensor]
+                 ) -> Tuple[Optional[torch.Tensor], ...]:
+        # (1 - gamma) g_n = (1 - gamma) dL/dx_n + gamma (1 - gamma) g_{n+1}; dL/dx_{n-1} gets dL/dx_n unchanged
+        if grad_position is None and grad_token is None:
+            return None, None, None, None, None
+        if grad_token is None:
+            block_grad = grad_position * (1.0 - ctx.gamma)
+        elif grad_position is None:
+            block_grad = grad_token * ctx.gamma
+        else:
+            block_grad = torch.lerp(grad_position, grad_token, ctx.gamma)
+        return block_grad.to(ctx.fx_dtype), grad_position, None if ctx.first else block_grad, None, None

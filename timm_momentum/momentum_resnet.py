@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, list_pretrained
 from timm.models import register_model, register_notrace_module
-from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain, validate_gamma
+from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain, register_deterministic
+from .invertible import validate_gamma
 
 __all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS']
 
@@ -52,6 +52,10 @@ def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
 
+# timm's blocks draw random numbers only in their children (drop_block, drop_path), which are checked
+# apart: a chain without those replays no RNG state in its recompute.
+register_deterministic(BasicBlock, Bottleneck)
+
 
 def _block_fn(name: str) -> BlockFn:
     if name not in BLOCK_FNS:
@@ -68,13 +72,10 @@ class MomentumStage(nn.Sequential):
     def __init__(self, *blocks: nn.Module, gamma: float = 0.9, block_fn: str = 'dropin',
                  memory_efficient: bool = False, checkpoint_first: bool = True) -> None:
         super().__init__(*blocks)
-        self.gamma = 0.9
-        self.block_fn = 'dropin'
-        self.memory_efficient = False
         self.grad_checkpointing = False
         # in memory-efficient mode, recompute the first (transition) block instead of storing its activations
         self.checkpoint_first = bool(checkpoint_first)
-        self.set_momentum(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
+        self.apply_momentum(*self.check_momentum(gamma, block_fn, memory_efficient))
 
     def set_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
                      memory_efficient: Optional[bool] = None) -> None:
@@ -98,6 +99,11 @@ class MomentumStage(nn.Sequential):
     def apply_momentum(self, gamma: float, block_fn: str, memory_efficient: bool) -> None:
         """Set values that ``check_momentum`` returned."""
         self.gamma, self.block_fn, self.memory_efficient = gamma, block_fn, memory_efficient
+
+    def recomputes_first_block(self) -> bool:
+        """Whether a training step recomputes the first block in backward instead of storing its activations
+        (and, for layer1, the stem before it)."""
+        return (self.memory_efficient and self.checkpoint_first) or self.grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the first block, then the momentum chain.
@@ -149,7 +155,7 @@ def momentum_stage_forward(stage: MomentumStage, x: torch.Tensor) -> torch.Tenso
     if not (stage.training and torch.is_grad_enabled()) or len(stage) == 0:
         return stage.forward_plain(x)
     first, *chain = list(stage)
-    if (stage.memory_efficient and stage.checkpoint_first) or stage.grad_checkpointing:
+    if stage.recomputes_first_block():
         x = checkpoint_blocks(first, x, [first])
     else:
         x = first(x)
@@ -252,15 +258,18 @@ class MomentumResNet(ResNet):
                 stage.grad_checkpointing = enable
 
     def _checkpoint_stem(self) -> bool:
-        # the stem is checkpointed with the transitions: as layer1's first block is
-        return isinstance(self.layer1, MomentumStage) and self.layer1.memory_efficient \
-            and self.layer1.checkpoint_first
+        # the stem is recomputed when layer1's first block is, as that block's input
+        return self.grad_checkpointing or (isinstance(self.layer1, MomentumStage)
+                                           and self.layer1.recomputes_first_block())
 
     def _stem_modules(self) -> List[nn.Module]:
         return [self.conv1, self.bn1, self.act1, self.maxpool]
 
+    def _stem_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
+
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.maxpool(self._stem_activation(x))
 
     def forward_intermediates(
             self,
@@ -286,8 +295,8 @@ class MomentumResNet(ResNet):
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         intermediates = []
-        take_indices, max_index = feature_take_indices(5, indices)
-        x = self.act1(self.bn1(self.conv1(x)))
+        take_indices, max_index = _take_indices(5, indices)
+        x = self._stem_activation(x)
         if 0 in take_indices:
             intermediates.append(x)
         x = self.maxpool(x)
@@ -304,8 +313,7 @@ class MomentumResNet(ResNet):
         """Stem and the four momentum stages; under TorchScript, the plain forward only (no checkpointing)."""
         # fx tracers trace through this checkpoint (recording the stem's activations as stored), since
         # timm's feature extractors take the stem's act1 output as a graph node
-        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled() \
-                and (self._checkpoint_stem() or self.grad_checkpointing):
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled() and self._checkpoint_stem():
             x = checkpoint_blocks(self._stem, x, self._stem_modules())
         else:
             x = self._stem(x)
@@ -314,6 +322,22 @@ class MomentumResNet(ResNet):
         x = self.layer3(x)
         x = self.layer4(x)
         return x
+
+
+def _take_indices(num_features: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+    """The feature indices ``forward_intermediates`` takes, as timm reads its ``indices`` argument (None: all;
+    an int n: the last n; a list: those, negative ones counted from the end), and the largest."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f'cannot take the last {indices} of {num_features} features')
+        take = list(range(num_features - indices, num_features))
+    else:
+        take = [num_features + i if i < 0 else i for i in indices]
+        if not all(0 <= i < num_features for i in take):
+            raise ValueError(f'feature indices {list(indices)} out of range for {num_features} features')
+    return take, max(take)
 
 
 def _create_momentum_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
