@@ -124,16 +124,14 @@ def _read_rows(path: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-
 def _held_out_accuracy(model: nn.Module, classes: Sequence[int], img_size: int) -> float:
-    """Accuracy (%) of ``model`` on the digits test split of ``classes``."""
+    """Accuracy (%) of ``model`` on the digits test split of ``classes``, counted by ``finetune.validate``."""
     from .data import DigitsDataset
+    from .finetune import validate
 
     test = DigitsDataset('validation', classes, img_size)
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(x).argmax(-1) for x in test.images.split(256)])
-    return 100.0 * int((predicted == test.targets).sum()) / len(test)  # as finetune counts it
+    loader = torch.utils.data.DataLoader(test, batch_size=256)
+    return validate(model, loader, next(model.parameters()).device, None)[1]
 
 
 def _train_images(settings: StudySettings, regime: str) -> Tuple[int, int]:
@@ -212,7 +210,6 @@ def _run_config(arm: Arm, regime: str, seed: int, settings: StudySettings, start
     if arm.kind in ('plain', 'checkpointed'):
         cfg.update(model=arm.depth, initial_checkpoint=str(starts[arm.depth]), grad_checkpointing=arm.kind == 'checkpointed')
     elif arm.kind == 'momentum':
-        # finetune passes gamma and memory_efficient to models whose name says momentum: the folder's name does
         cfg.update(model=f'local-dir:{starts[arm.key]}', pretrained=True)
     else:
         cfg.update(model=arm.model)
