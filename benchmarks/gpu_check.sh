@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check for a lent device machine (no network; its own python3 with torch, timm, pytest,
 # safetensors, huggingface_hub, matplotlib). Runs the project from this tree (PYTHONPATH=., nothing is
-# installed) and writes at most 7 files, flat, to $OUT (default benchmarks/out):
+# installed) and writes at most 8 files, flat, to $OUT (default benchmarks/out):
 #   gpu_summary.txt   versions, GPU, each stage's exit status and seconds
 #   gpu_tests.txt     python -m pytest tests/test_gpu.py
 #   gpu_bench.txt/.json/.png   bench at depths 101 and 152, CUDA bf16, 224²: peak memory (batch 16), step-time
 #                     ratios (batch 64), gradient errors, largest batch and throughput at depth 101
+#   gpu_fused.txt     bench at depth 101 with TIMM_MOMENTUM_FUSED=1 (compiled fused element-wise steps):
+#                     its ratios against gpu_bench.txt's say whether fusing pays on CUDA
 #   gpu_compile.txt/.json      the same at depth 101 with the torch.compile'd rows (batch 64)
-# Every stage has a time limit, so the whole check ends within about 6 minutes; a stage that fails or
+# Every stage has a time limit, so the whole check ends within about 7.5 minutes; a stage that fails or
 # runs out of time is recorded and the next one still runs. Without CUDA it runs a reduced CPU form
 # (tiny sizes, no compile), which the test suite runs so the script cannot rot.
 # Usage: bash benchmarks/gpu_check.sh       (PYTHON=... to choose the interpreter)
@@ -66,14 +68,17 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
         --models momentum_resnet101,momentum_resnet152 --batch-size 16 --time-batch-size 64 --img-size 224 \
         --warmup 3 --steps 10 --max-batch-models momentum_resnet101 --max-batch-limit 16384 \
         --max-batch-seconds 60 --out "$OUT/gpu_bench.json" --plot "$OUT/gpu_bench.png"
-    # Compiling resnet101's training step takes a minute or more: give it what is left of ~6 minutes.
-    LEFT=$((345 - (SECONDS - STARTED)))
+    stage fused 90 "$OUT/gpu_fused.txt" env TIMM_MOMENTUM_FUSED=1 "${BENCH[@]}" --device cuda --amp bf16 \
+        --models momentum_resnet101 --batch-size 16 --time-batch-size 64 --img-size 224 --warmup 3 --steps 10 \
+        --no-max-batch
+    # Compiling resnet101's training step takes a minute or more: give it what is left of ~7.5 minutes.
+    LEFT=$((435 - (SECONDS - STARTED)))
     if [ "$LEFT" -ge 60 ]; then
         stage compile "$LEFT" "$OUT/gpu_compile.txt" "${BENCH[@]}" --device cuda --amp bf16 \
             --models momentum_resnet101 --batch-size 64 --time-batch-size 64 --img-size 224 --warmup 3 \
             --steps 10 --no-max-batch --compile checkpointing,memory-efficient --out "$OUT/gpu_compile.json"
     else
-        echo "compile: skipped, only $LEFT s of the ~6 minutes left" | tee -a "$SUMMARY"
+        echo "compile: skipped, only $LEFT s of the ~7.5 minutes left" | tee -a "$SUMMARY"
     fi
 else
     echo "no CUDA device: running the reduced CPU form" | tee -a "$SUMMARY"

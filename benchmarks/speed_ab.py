@@ -133,18 +133,20 @@ def _cpu_seconds() -> float:
 
 
 def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int, top: int,
-               before: str = '', cpu_time: bool = False) -> None:
+               before: str = '', cpu_time: bool = False, fused: bool = False) -> None:
     """Interleaved step times as ratios to plain, then a profiler table per configuration.
 
     ``cpu_time`` times each step by this process's CPU seconds instead of the wall clock: with one torch
     thread that is nearly blind to other processes on a shared machine (their cache and memory traffic
-    still show), where wall-clock ratios swing by tens of percent.
+    still show), where wall-clock ratios swing by tens of percent. ``fused`` adds both momentum modes again
+    with ``kernels.set_fused(True)`` (compiled fused element-wise steps), same models, interleaved.
     """
     clock = _cpu_seconds if cpu_time else time.perf_counter
     from torch.profiler import ProfilerActivity, profile
 
     import timm
     import timm_momentum
+    from timm_momentum import kernels
     from timm_momentum.memory import build_model, train_step
 
     print(f'timm_momentum from {timm_momentum.__file__}; torch {torch.__version__}, timm {timm.__version__}')
@@ -165,12 +167,16 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
                 old = build_model(f'momentum_resnet{depth}', mode)
                 old.load_state_dict(state)
                 models[label] = _WithChain(old, old_chain)
+        if fused:
+            models['momentum standard, fused'] = models['momentum standard']
+            models['momentum memory-efficient, fused'] = models['momentum memory-efficient']
         x = torch.randn(batch, 3, img, img)
         target = torch.randint(0, 1000, (batch,))
         optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
         times: Dict[str, List[float]] = {k: [] for k in models}
         for step in range(warmup + steps):
             for label, model in models.items():
+                kernels.set_fused(label.endswith(', fused'))
                 start = clock()
                 train_step(model, x, target, optimizers[label])
                 if step >= warmup:
@@ -190,7 +196,13 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
             print(f'memory-efficient before / checkpointing: {old / ck:.3f}x; after / before: {me / old:.3f}x')
             std, old_std = (statistics.median(times[k]) for k in ('momentum standard', 'momentum standard, before'))
             print(f'momentum standard after / before: {std / old_std:.3f}x')
+        if fused:
+            for label in ('momentum standard', 'momentum memory-efficient'):
+                ratio = statistics.median(times[label + ', fused']) / statistics.median(times[label])
+                print(f'{label}, fused / eager kernels: {ratio:.3f}x')
+        kernels.set_fused(False)
         for label, model in models.items() if top else ():
+            kernels.set_fused(label.endswith(', fused'))
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 train_step(model, x, target, optimizers[label])
             print(f'\n-- profile: resnet{depth} {label}')
@@ -212,6 +224,7 @@ def main() -> None:
     timing.add_argument('--before', default='', help='an older invertible.py to time alongside')
     timing.add_argument('--no-profile', action='store_true')
     timing.add_argument('--cpu-time', action='store_true', help='time steps by process CPU seconds (use --threads 1)')
+    timing.add_argument('--fused', action='store_true', help='also time both momentum modes with compiled fused kernels')
     args = parser.parse_args()
     if args.what == 'passes':
         for memory_efficient in (False, True):
@@ -223,7 +236,7 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         time_steps([int(d) for d in args.depths.split(',')], args.steps, args.warmup, args.batch, args.img,
-                   0 if args.no_profile else args.top, args.before, args.cpu_time)
+                   0 if args.no_profile else args.top, args.before, args.cpu_time, args.fused)
 
 
 if __name__ == '__main__':

@@ -36,6 +36,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
+from timm_momentum.kernels import adjoint_step, forward_update, previous_position, previous_state, standard_backward
+
 __all__ = [
     'BlockFn', 'ChainPlan', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
     'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats', 'set_strict_check',
@@ -303,29 +305,6 @@ def _sketch(state: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return torch.cat([signs @ flat[:body].view(-1, _SKETCH_WIDTH), flat[body:]])
 
 
-def _velocity(v_state: Optional[torch.Tensor], fx: torch.Tensor, carrier: torch.dtype, gamma: float,
-              inplace: bool = False) -> torch.Tensor:
-    """v <- gamma * v + (1 - gamma) * f(x) in the carrier dtype, rounded the same way in every mode.
-
-    One fused lerp per block: f + gamma * (v - f). ``inplace`` writes into v, or into f(x)'s storage for
-    the first block; only for tensors that nothing else needs (no autograd graph).
-    """
-    step = fx.to(carrier)
-    if v_state is None:
-        return step.mul_(1.0 - gamma) if inplace else step * (1.0 - gamma)
-    if inplace:
-        return torch.lerp(step, v_state, gamma, out=v_state)
-    return torch.lerp(step, v_state, gamma)
-
-
-def _previous_velocity(v_state: torch.Tensor, fx: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Invert ``_velocity`` in place with one lerp: v_{n-1} = f + (v_n - f) / gamma.
-
-    The same formula gives v_0 = (v_1 - (1 - gamma) f) / gamma for the first block.
-    """
-    return torch.lerp(fx.to(v_state.dtype), v_state, 1.0 / gamma, out=v_state)
-
-
 class _InvertibleMomentum(torch.autograd.Function):
     """One momentum chain as one autograd node that keeps only its final state for backward.
 
@@ -345,25 +324,24 @@ class _InvertibleMomentum(torch.autograd.Function):
                 f'gamma={spec.gamma} cannot be inverted; use memory_efficient=False '
                 f'or gamma >= {min_safe_gamma(len(spec.blocks), work_dtype):.3g}')
         gamma = spec.gamma
+        dropin = spec.block_fn is dropin_fn
         rng_states: List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = []
         x_state = x.to(carrier, copy=True)
         v_state = None
+        x_in = x
         stored = []
         if not store_inputs:
             signs = _sketch_signs(x_state)
             stored += [signs, _sketch(x_state, signs)]
         for n, block in enumerate(spec.blocks):
             if store_inputs:
-                stored.append(x_state.to(x.dtype, copy=True))
+                stored.append(x_in if n else x.clone())
             elif n and n % span == 0:
                 stored += [x_state.clone(), v_state.clone()]
             rng_states.append(_capture_rng(x.device) if _draws_random_numbers(block) else None)
-            fx = spec.block_fn(block, x_state.to(x.dtype))
-            v_state = _velocity(v_state, fx, carrier, gamma, inplace=True)
-            del fx
-            if _aliases(v_state, x_state):
-                v_state = v_state.clone()  # a block_fn that returned its input
-            x_state.add_(v_state)
+            out = block(x_in) if dropin else spec.block_fn(block, x_in)
+            v_state, x_in = forward_update(x_state, v_state, out, x_in if dropin else None, gamma, x.dtype)
+            del out
         ctx.store_inputs = store_inputs
         ctx.spec = spec
         ctx.rng_states = rng_states
@@ -371,16 +349,13 @@ class _InvertibleMomentum(torch.autograd.Function):
         ctx.span = span
         ctx.in_dtype = x.dtype
         ctx.work_dtype = work_dtype
-        out = x_state.to(x.dtype)
+        # x_in is the chain's output, x_state rounded to the input dtype in a tensor of its own: the
+        # backward rebuilds x in the saved state's storage and the caller's output must not move
         if store_inputs:
             ctx.save_for_backward(*stored)
-            return out
-        if _aliases(out, x_state):
-            # The backward rebuilds x in the saved state's storage; the caller's output must not move.
-            # The copy costs memory only until the next stage's backward, not at this one's peak.
-            out = out.clone()
+            return x_in
         ctx.save_for_backward(x_state, v_state, *stored)
-        return out
+        return x_in
 
     @staticmethod
     @once_differentiable
@@ -397,19 +372,29 @@ class _InvertibleMomentum(torch.autograd.Function):
         adjoint = _Adjoint(grad_out, spec.gamma)
         param_grads: List[List[Optional[torch.Tensor]]] = []
         gaps = []
+        dropin = spec.block_fn is dropin_fn
+        x_in = None
         for n in range(len(spec.blocks) - 1, -1, -1):
-            if inputs is None and n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
+            if inputs is not None:
+                x_in = inputs[n]
+            elif n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
                 # start each span from the exact state stored at its end, not the rebuilt one
                 k = 2 * ((n + 1) // ctx.span - 1)
                 gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
                 x_state, v_state = stored[k], stored[k + 1]
-            x_in = inputs[n] if inputs is not None else _previous_position(x_state, v_state, ctx.in_dtype)
+                x_in = previous_position(x_state, v_state, ctx.in_dtype)
+            elif x_in is None:
+                x_in = previous_position(x_state, v_state, ctx.in_dtype)
             with _replay(spec.blocks[n], ctx.rng_states[n], grad_out.device, ctx.autocast):
-                fx, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
-            if inputs is None:
-                v_state = _previous_velocity(v_state, fx, spec.gamma)
-            del fx, x_in
-            adjoint.accumulate(grad_in, dropin=spec.block_fn is dropin_fn, last_step=n == 0)
+                out, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
+            if inputs is None and n > 0:
+                # v_n, then (unless a stored state takes over) the next block's input, in one pass
+                x_in = previous_state(x_state, v_state, out, x_in if dropin else None, spec.gamma, ctx.in_dtype,
+                                      position=n % ctx.span != 0)
+            else:
+                x_in = None
+            del out
+            adjoint.accumulate(grad_in, dropin=dropin, last_step=n == 0)
             del grad_in  # not alive at the next block's recompute, where the step's memory peaks
             param_grads.append(grads)
         if inputs is None and grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
@@ -419,33 +404,22 @@ class _InvertibleMomentum(torch.autograd.Function):
         return (adjoint.grad_x.to(ctx.in_dtype), None, *flat)
 
 
-def _previous_position(x_state: torch.Tensor, v_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse step for the position, in place: x_{n-1} = x_n - v_n; returns the block input in ``dtype``."""
-    return x_state.sub_(v_state).to(dtype)
-
-
 def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.Tensor
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
-    """Recompute f_n(x_{n-1}) and pull ``block_grad`` back through it.
+    """Recompute the block on ``x_in`` and pull ``block_grad`` back through f.
 
-    Returns f (detached), J_x^T block_grad (None if f ignores x) and J_theta^T block_grad for each of the
-    block's parameters (None for frozen ones). For the drop-in f = block(x) - x, J_x^T leaves out the
-    identity's -block_grad, which ``_Adjoint.accumulate`` subtracts in place (cheaper than autograd's
-    negation and sum).
+    Returns the block's output (detached): f itself, or block(x) for the drop-in f = block(x) - x, whose
+    subtraction ``previous_state`` does in the same pass as the inverse. Then J_x^T block_grad (None if f
+    ignores x) and J_theta^T block_grad for each of the block's parameters (None for frozen ones). For the
+    drop-in f, J_x^T leaves out the identity's -block_grad, which ``_Adjoint.accumulate`` subtracts in place.
     """
     block, params = spec.blocks[n], spec.params[n]
     trainable = [p for p in params if p.requires_grad]
     x_in = x_in.detach().requires_grad_(True)
-    dropin = spec.block_fn is dropin_fn
-    out = block(x_in) if dropin else spec.block_fn(block, x_in)
+    out = block(x_in) if spec.block_fn is dropin_fn else spec.block_fn(block, x_in)
     grads = torch.autograd.grad(out, [x_in] + trainable, block_grad.to(out.dtype), allow_unused=True)
-    fx = out.detach()
-    if dropin:
-        # the graph is gone: block(x) - x in block(x)'s own storage keeps one activation-sized tensor alive,
-        # not two (unless block returned its input, which may be the saved state)
-        fx = torch.sub(fx, x_in.detach()) if _aliases(fx, x_in) else fx.sub_(x_in.detach())
     by_param = iter(grads[1:])
-    return fx, grads[0], [next(by_param) if p.requires_grad else None for p in params]
+    return out.detach(), grads[0], [next(by_param) if p.requires_grad else None for p in params]
 
 
 class _Adjoint:
@@ -465,14 +439,8 @@ class _Adjoint:
         """g_x += J_x^T [(1 - gamma) g] (less (1 - gamma) g for the drop-in identity), then, for the step
         before, (1 - gamma) g <- (1 - gamma) g_x + gamma (1 - gamma) g: one lerp."""
         if self.grad_x is None:
-            grad_x = self.grad_out if grad_in is None else torch.add(self.grad_out, grad_in)
-            self.grad_x = grad_x.to(self.block_grad.dtype, copy=grad_in is None)
-        elif grad_in is not None:
-            self.grad_x.add_(grad_in)
-        if dropin:
-            self.grad_x.sub_(self.block_grad)
-        if not last_step:
-            torch.lerp(self.grad_x, self.block_grad, self.gamma, out=self.block_grad)
+            self.grad_x = self.grad_out.to(self.block_grad.dtype, copy=True)
+        adjoint_step(self.grad_x, grad_in, self.block_grad, self.gamma, dropin, last_step)
 
 
 _STRICT_CHECK = False
@@ -569,19 +537,28 @@ def momentum_chain(
     # Eager backprop of float32/float64 inputs takes _MomentumStep's short backward; torch.compile fuses the
     # plain ops itself, and half-precision inputs keep autograd's float32 gradients through the carrier.
     stepped = needs_grad and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-    state = _CarrierState(x.detach().to(carrier) if stepped else x.to(carrier))
+    # _MomentumStep subtracts the drop-in f's input itself, in the update's pass and without autograd's negation
+    step_fn = block_fn
+    if stepped and block_fn is dropin_fn:
+        step_fn = _block_output
+    state = _CarrierState(x.detach().to(carrier, copy=True) if stepped else x.to(carrier))
     position, token = x, None
     for block in blocks:
         x_in = position if stepped else state.x.to(x.dtype)
         if grad_checkpointing and needs_grad:
-            fx = checkpoint_blocks(functools.partial(block_fn, block), x_in, [block])
+            out = checkpoint_blocks(functools.partial(step_fn, block), x_in, [block])
         else:
-            fx = block_fn(block, x_in)
+            out = step_fn(block, x_in)
         if stepped:
-            position, token = _MomentumStep.apply(fx, position, token, state, gamma)
+            position, token = _MomentumStep.apply(out, position, token, state, gamma, step_fn is _block_output)
         else:
-            state.update(fx, gamma)
+            state.update(out, gamma)
     return position if stepped else state.x.to(x.dtype)
+
+
+def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """block(x): the drop-in f = block(x) - x before its subtraction."""
+    return block(x)
 
 
 class _CarrierState:
@@ -592,8 +569,10 @@ class _CarrierState:
         self.v: Optional[torch.Tensor] = None
 
     def update(self, fx: torch.Tensor, gamma: float) -> None:
-        """v <- gamma * v + (1 - gamma) * f;  x <- x + v, in new tensors (the old ones may be in use)."""
-        self.v = _velocity(self.v, fx, self.x.dtype, gamma)
+        """v <- gamma * v + (1 - gamma) * f;  x <- x + v, through autograd, in new tensors (the old ones may be
+        saved for backward), rounded as ``kernels.forward_update`` rounds them, so both modes agree bitwise."""
+        step = fx.to(self.x.dtype) * (1.0 - gamma)
+        self.v = step if self.v is None else self.v * gamma + step
         self.x = self.x + self.v
 
 
@@ -602,36 +581,40 @@ class _MomentumStep(torch.autograd.Function):
 
     Autograd sees the position x_n rounded to the input dtype (the next block's input and the chain's output)
     and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The carrier
-    state is updated outside autograd and needs nothing saved, since the rule is linear. So each block's
-    backward is one lerp in the input dtype, where autograd through the carrier ops made eight passes, half of
-    them over float64 tensors (benchmarks/RESULTS.md).
+    state is updated in place outside autograd (``kernels.forward_update``, the memory-efficient forward's own
+    update) and needs nothing saved, since the rule is linear. So each block's backward is one pass in the input
+    dtype (``kernels.standard_backward``), where autograd through the carrier ops made eight, half of them over
+    float64 tensors (benchmarks/RESULTS.md). For the drop-in f the step takes block(x) and subtracts x itself.
     """
 
     generate_vmap_rule = True  # torch.func transforms (grad, vmap, ...) work as through the plain ops
 
     @staticmethod
-    def forward(fx: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
-                gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        state.update(fx, gamma)
-        position = state.x.to(position.dtype)
+    def forward(out: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
+                gamma: float, dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        state.v, position = forward_update(state.x, state.v, out, position if dropin else None, gamma,
+                                           position.dtype)
         return position, position.new_zeros(()).expand(position.shape)
 
     @staticmethod
     def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-        fx, _, token, _, gamma = inputs
+        out, _, token, _, gamma, dropin = inputs
         ctx.set_materialize_grads(False)
-        ctx.gamma, ctx.fx_dtype, ctx.first = gamma, fx.dtype, token is None
+        ctx.gamma, ctx.out_dtype, ctx.first, ctx.dropin = gamma, out.dtype, token is None, dropin
 
     @staticmethod
     def backward(ctx, grad_position: Optional[torch.Tensor], grad_token: Optional[torch.Tensor]
                  ) -> Tuple[Optional[torch.Tensor], ...]:
-        # (1 - gamma) g_n = (1 - gamma) dL/dx_n + gamma (1 - gamma) g_{n+1}; dL/dx_{n-1} gets dL/dx_n unchanged
+        # (1 - gamma) g_n = (1 - gamma) dL/dx_n + gamma (1 - gamma) g_{n+1}; dL/dx_{n-1} gets dL/dx_n, less
+        # (1 - gamma) g_n where f = block(x) - x
         if grad_position is None and grad_token is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if grad_token is None:
             block_grad = grad_position * (1.0 - ctx.gamma)
+            grad_before = grad_position - block_grad if ctx.dropin else grad_position
         elif grad_position is None:
             block_grad = grad_token * ctx.gamma
+            grad_before = -block_grad if ctx.dropin else None
         else:
-            block_grad = torch.lerp(grad_position, grad_token, ctx.gamma)
-        return block_grad.to(ctx.fx_dtype), grad_position, None if ctx.first else block_grad, None, None
+            block_grad, grad_before = standard_backward(grad_position, grad_token, ctx.gamma, ctx.dropin)
+        return block_grad.to(ctx.out_dtype), grad_before, None if ctx.first else block_grad, None, None, None

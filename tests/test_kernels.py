@@ -1,0 +1,144 @@
+"""The chain's element-wise steps: compiled fused kernels against the eager ones, and the fallback."""
+import copy
+import warnings
+from unittest import mock
+
+import pytest
+import timm
+import torch
+
+import timm_momentum  # noqa: F401  (registers the models)
+from timm_momentum import kernels
+from timm_momentum.invertible import momentum_chain
+
+
+@pytest.fixture
+def fused():
+    """Compiled kernels on for the test, off again afterwards (the default)."""
+    kernels.set_fused(True)
+    try:
+        yield
+    finally:
+        kernels.set_fused(False)
+
+
+def _state(shape, carrier, work, seed, channels_last=False):
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=carrier) * 3
+    v = torch.randn(shape, dtype=carrier)
+    out = torch.randn(shape).to(work)
+    if channels_last:
+        x, v, out = (t.contiguous(memory_format=torch.channels_last) for t in (x, v, out))
+    return x, v, out, x.to(work)
+
+
+def _both(step):
+    """``step()`` run eagerly and compiled on fresh copies of its inputs: (eager result, compiled result)."""
+    results = []
+    for enabled in (False, True):
+        kernels.set_fused(enabled)
+        results.append(step())
+    return results
+
+
+@pytest.mark.parametrize('carrier, work', [(torch.float64, torch.float32), (torch.float64, torch.float64),
+                                           (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize('shape, channels_last', [((2, 8, 5, 7), False), ((2, 8, 5, 7), True), ((3, 1000), False)])
+def test_compiled_forward_update_is_bitwise_the_eager_one(fused, carrier, work, shape, channels_last):
+    """Separately rounded multiplies and adds: inductor's fused kernel gives the very bits of the eager ops, for
+    the first block (v = 0) and later ones, the drop-in f and a direct f, any shape and memory format."""
+    x, v, out, x_in = _state(shape, carrier, work, seed=len(shape), channels_last=channels_last)
+    for first in (True, False):
+        for block_input in (x_in, None):
+            def step():
+                state_x, state_v = x.clone(), None if first else v.clone()
+                velocity, next_in = kernels.forward_update(state_x, state_v, out, block_input, 0.9, work)
+                return state_x, velocity, next_in
+            eager, compiled = _both(step)
+            for a, b in zip(eager, compiled):
+                assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+            assert eager[2].dtype == work and eager[2].data_ptr() != eager[0].data_ptr()  # a tensor of its own
+
+
+def test_compiled_inverse_and_adjoint_steps_match_the_eager_ones(fused):
+    x, v, out, x_in = _state((2, 16, 6, 6), torch.float64, torch.float32, seed=0)
+
+    def inverse():
+        state_x, state_v = x.clone(), v.clone()
+        first_input = kernels.previous_position(state_x, state_v, torch.float32)
+        next_input = kernels.previous_state(state_x, state_v, out, x_in, 0.9, torch.float32, position=True)
+        kernels.previous_state(state_x, state_v, out, None, 0.9, torch.float32, position=False)
+        return state_x, state_v, first_input, next_input
+
+    def adjoint():
+        grad_x, block_grad = out.float().clone(), x_in.clone()
+        kernels.adjoint_step(grad_x, x_in * 2, block_grad, 0.9, dropin=True, last=False)
+        position_grad = kernels.standard_backward(grad_x, block_grad, 0.9, dropin=True)
+        return (grad_x, block_grad) + tuple(position_grad)
+
+    for step in (inverse, adjoint):
+        eager, compiled = _both(step)
+        for a, b in zip(eager, compiled):
+            tol = 4 * torch.finfo(a.dtype).eps  # lerp's rounding may differ in the last bit
+            assert a.dtype == b.dtype and torch.allclose(a, b, rtol=tol, atol=tol * a.abs().max().item())
+
+
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_compiled_kernels_train_as_the_eager_ones(fused, memory_efficient):
+    """A training step of momentum_resnet50 at 64 px (layer3's 5-block chain inverts) with compiled kernels:
+    bitwise the eager forward, gradients within 1e-6."""
+    torch.manual_seed(0)
+    model = timm.create_model('momentum_resnet50', num_classes=10, zero_init_last=False,
+                              memory_efficient=memory_efficient)
+    x = torch.randn(2, 3, 64, 64)
+    outs, grads = [], []
+    for enabled in (False, True):
+        kernels.set_fused(enabled)
+        trained = copy.deepcopy(model)
+        out = trained(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in trained.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() <= 1e-6
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly(fused):
+    x, v, out, x_in = _state((2, 4, 3, 3), torch.float64, torch.float32, seed=1)
+    expected_x, expected_v = x.clone(), v.clone()
+    kernels.set_fused(False)
+    _, expected_in = kernels.forward_update(expected_x, expected_v, out, x_in, 0.9, torch.float32)
+    kernels.set_fused(True)
+
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError('no C++ compiler found\nsecond line')
+        return run
+    with mock.patch.object(kernels, '_COMPILED', {}), mock.patch.object(torch, 'compile', broken_compile):
+        with pytest.warns(RuntimeWarning, match='could not compile .*no C\\+\\+ compiler found.*same results'):
+            _, next_in = kernels.forward_update(x, v, out, x_in, 0.9, torch.float32)
+        assert not kernels.fused_enabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # once only
+            kernels.forward_update(x.clone(), v.clone(), out, x_in, 0.9, torch.float32)
+    assert torch.equal(x, expected_x) and torch.equal(v, expected_v) and torch.equal(next_in, expected_in)
+
+
+@pytest.mark.parametrize('dtype, gamma', [(torch.float64, 0.9), (torch.float32, 0.0)])
+def test_standard_mode_updates_its_own_state_not_the_input(dtype, gamma):
+    """The state is updated in place; where the carrier is the input's own dtype (float64 inputs, or gamma 0)
+    it starts as a copy, so the caller's tensor and the blocks' saved inputs never move."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(6, 6).to(dtype) for _ in range(3)]
+    x = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+    before = x.detach().clone()
+    out = momentum_chain(x, blocks, gamma)
+    assert torch.equal(x.detach(), before)
+    out.square().sum().backward()  # autograd would refuse a saved input changed in place
+    reference = x.detach().clone().requires_grad_(True)
+    position, velocity = reference, torch.zeros_like(reference)
+    for block in blocks:
+        velocity = gamma * velocity + (1 - gamma) * (block(position) - position)
+        position = position + velocity
+    position.square().sum().backward()
+    assert torch.allclose(out, position) and torch.allclose(x.grad, reference.grad)
