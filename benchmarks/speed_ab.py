@@ -1,6 +1,6 @@
 """One-off measurements for issue #10 (speed of the momentum arithmetic); not a shipped command.
 
-Two parts:
+Three parts:
 
 * ``passes``: deterministic. Runs one training step of a momentum chain of 1x1 convolutions (so that a
   block's own work is one ``convolution`` forward and one ``convolution_backward``) and counts, per block,
@@ -16,10 +16,16 @@ Two parts:
 
       PYTHONPATH=$PWD python benchmarks/speed_ab.py time --depths 101,152 --steps 5 --threads 2
 
+  ``--fused`` adds both momentum modes again with compiled fused element-wise steps (``kernels.set_fused``).
   ``--before path/to/old/invertible.py`` adds two configurations that run the standard and the
   memory-efficient chains with that file's ``momentum_chain`` (same weights, same process, interleaved),
   for before/after ratios under the same load. ``--cpu-time --threads 1`` times steps by the process's
   CPU seconds, which other jobs on a shared machine barely move.
+
+* ``kernels``: milliseconds per training step spent in each element-wise step of ``timm_momentum.kernels``,
+  eager and compiled (``set_fused``), in alternating steps of one memory-efficient model::
+
+      PYTHONPATH=$PWD python benchmarks/speed_ab.py kernels --depth 101 --threads 2
 """
 import argparse
 import os
@@ -209,10 +215,60 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
             print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top))
 
 
+def kernel_times(depth: int, steps: int, batch: int, img: int) -> None:
+    """Milliseconds per training step spent in each element-wise step of ``timm_momentum.kernels``, eager and
+    compiled, steps alternating in one process (memory-efficient momentum_resnet{depth})."""
+    from timm_momentum import kernels
+    from timm_momentum.memory import build_model, train_step
+
+    spent: Dict[tuple, float] = defaultdict(float)
+    call = kernels._call
+
+    def timed(kernel, *args):
+        start = time.perf_counter()
+        result = call(kernel, *args)
+        spent[kernels.fused_enabled(), kernel.__name__] += time.perf_counter() - start
+        return result
+
+    model = build_model(f'momentum_resnet{depth}', 'memory_efficient')
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x, target = torch.randn(batch, 3, img, img), torch.randint(0, 1000, (batch,))
+    step_times: Dict[bool, List[float]] = {False: [], True: []}
+    kernels._call = timed
+    try:
+        for step in range(steps + 1):  # the first of each is a warm-up (and the compile)
+            for fused in (False, True):
+                kernels.set_fused(fused)
+                start = time.perf_counter()
+                train_step(model, x, target, optimizer)
+                if step:
+                    step_times[fused].append(time.perf_counter() - start)
+            if not step:
+                spent.clear()
+    finally:
+        kernels._call = call
+        kernels.set_fused(False)
+    print(f'momentum_resnet{depth}, memory-efficient, batch {batch}, {img}px, {torch.get_num_threads()} threads, '
+          f'{steps} steps each, load average {os.getloadavg()[0]:.1f}: ms per step')
+    names = sorted({name for _, name in spent})
+    for name in names:
+        print(f'  {name:<34} eager {spent[False, name] / steps * 1e3:6.1f}   compiled {spent[True, name] / steps * 1e3:6.1f}')
+    print(f'  {"all steps":<34} eager {sum(spent[False, n] for n in names) / steps * 1e3:6.1f}   '
+          f'compiled {sum(spent[True, n] for n in names) / steps * 1e3:6.1f}')
+    print(f'  training step median: eager {statistics.median(step_times[False]):.3f} s, '
+          f'compiled {statistics.median(step_times[True]):.3f} s')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='what', required=True)
     sub.add_parser('passes')
+    per_kernel = sub.add_parser('kernels', help='time each element-wise step in a training step, eager and compiled')
+    per_kernel.add_argument('--depth', type=int, default=101)
+    per_kernel.add_argument('--steps', type=int, default=6)
+    per_kernel.add_argument('--batch', type=int, default=4)
+    per_kernel.add_argument('--img', type=int, default=224)
+    per_kernel.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     timing = sub.add_parser('time')
     timing.add_argument('--depths', default='101,152')
     timing.add_argument('--steps', type=int, default=5)
@@ -226,7 +282,11 @@ def main() -> None:
     timing.add_argument('--cpu-time', action='store_true', help='time steps by process CPU seconds (use --threads 1)')
     timing.add_argument('--fused', action='store_true', help='also time both momentum modes with compiled fused kernels')
     args = parser.parse_args()
-    if args.what == 'passes':
+    if args.what == 'kernels':
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        kernel_times(args.depth, args.steps, args.batch, args.img)
+    elif args.what == 'passes':
         for memory_efficient in (False, True):
             result = count_passes(memory_efficient)
             print(f"{'memory-efficient' if memory_efficient else 'standard'}: per block")

@@ -41,12 +41,18 @@ def _both(step):
     return results
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal but for the last bits: compiled and eager lerps may round differently."""
+    tol = 4 * torch.finfo(a.dtype).eps
+    return a.dtype == b.dtype and torch.allclose(a, b, rtol=tol, atol=tol * a.abs().max().item())
+
+
 @pytest.mark.parametrize('carrier, work', [(torch.float64, torch.float32), (torch.float64, torch.float64),
                                            (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize('shape, channels_last', [((2, 8, 5, 7), False), ((2, 8, 5, 7), True), ((3, 1000), False)])
-def test_compiled_forward_update_is_bitwise_the_eager_one(fused, carrier, work, shape, channels_last):
-    """Separately rounded multiplies and adds: inductor's fused kernel gives the very bits of the eager ops, for
-    the first block (v = 0) and later ones, the drop-in f and a direct f, any shape and memory format."""
+def test_compiled_forward_update_matches_the_eager_one(fused, carrier, work, shape, channels_last):
+    """For the first block (v = 0) and later ones, the drop-in f and a direct f, any shape and memory format:
+    the compiled kernel updates the state in place as the eager ops do, and returns a new block input."""
     x, v, out, x_in = _state(shape, carrier, work, seed=len(shape), channels_last=channels_last)
     for first in (True, False):
         for block_input in (x_in, None):
@@ -56,7 +62,8 @@ def test_compiled_forward_update_is_bitwise_the_eager_one(fused, carrier, work, 
                 return state_x, velocity, next_in
             eager, compiled = _both(step)
             for a, b in zip(eager, compiled):
-                assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+                assert a.stride() == b.stride() and _close(a, b)
+            assert not torch.equal(eager[0], x)  # really updated in place
             assert eager[2].dtype == work and eager[2].data_ptr() != eager[0].data_ptr()  # a tensor of its own
 
 
@@ -78,29 +85,31 @@ def test_compiled_inverse_and_adjoint_steps_match_the_eager_ones(fused):
 
     for step in (inverse, adjoint):
         eager, compiled = _both(step)
-        for a, b in zip(eager, compiled):
-            tol = 4 * torch.finfo(a.dtype).eps  # lerp's rounding may differ in the last bit
-            assert a.dtype == b.dtype and torch.allclose(a, b, rtol=tol, atol=tol * a.abs().max().item())
+        assert all(_close(a, b) for a, b in zip(eager, compiled))
 
 
-@pytest.mark.parametrize('memory_efficient', [False, True])
-def test_compiled_kernels_train_as_the_eager_ones(fused, memory_efficient):
+def test_compiled_kernels_train_as_the_eager_ones(fused):
     """A training step of momentum_resnet50 at 64 px (layer3's 5-block chain inverts) with compiled kernels:
-    bitwise the eager forward, gradients within 1e-6."""
+    standard and memory-efficient forwards bitwise equal to each other; gradients within 1e-5 (the issue's bound) of
+    eager standard backprop's."""
     torch.manual_seed(0)
-    model = timm.create_model('momentum_resnet50', num_classes=10, zero_init_last=False,
-                              memory_efficient=memory_efficient)
+    model = timm.create_model('momentum_resnet50', num_classes=10, zero_init_last=False)
     x = torch.randn(2, 3, 64, 64)
-    outs, grads = [], []
+    outs, grads = {}, {}
     for enabled in (False, True):
         kernels.set_fused(enabled)
-        trained = copy.deepcopy(model)
-        out = trained(x)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in trained.parameters()]))
-    assert torch.equal(outs[0], outs[1])
-    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() <= 1e-6
+        for memory_efficient in (False, True):
+            trained = copy.deepcopy(model)
+            trained.set_momentum(memory_efficient=memory_efficient)
+            out = trained(x)
+            out.square().sum().backward()
+            outs[enabled, memory_efficient] = out.detach()
+            grads[enabled, memory_efficient] = torch.cat([p.grad.flatten() for p in trained.parameters()])
+    for enabled in (False, True):
+        assert torch.equal(outs[enabled, False], outs[enabled, True])
+    for key in grads:
+        assert ((grads[key] - grads[False, False]).norm() / grads[False, False].norm()).item() <= 1e-5
+    assert (outs[True, False] - outs[False, False]).abs().max().item() <= 1e-5
 
 
 def test_a_failed_compile_warns_once_and_runs_eagerly(fused):

@@ -571,8 +571,8 @@ class _CarrierState:
     def update(self, fx: torch.Tensor, gamma: float) -> None:
         """v <- gamma * v + (1 - gamma) * f;  x <- x + v, through autograd, in new tensors (the old ones may be
         saved for backward), rounded as ``kernels.forward_update`` rounds them, so both modes agree bitwise."""
-        step = fx.to(self.x.dtype) * (1.0 - gamma)
-        self.v = step if self.v is None else self.v * gamma + step
+        step = fx.to(self.x.dtype)
+        self.v = step * (1.0 - gamma) if self.v is None else torch.lerp(self.v, step, 1.0 - gamma)
         self.x = self.x + self.v
 
 

@@ -1,14 +1,13 @@
 """The element-wise steps of a momentum chain, in place on the chain's state, eager or compiled and fused.
 
 Each step updates the state (x, v) in place, so a chain allocates nothing per block but the next block's
-input. Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or ``TIMM_MOMENTUM_FUSED=1``)
-runs each step as one compiled kernel instead (inductor, dynamic shapes, built once per process and cached on
-disk by torch), about half the bytes moved. On CPU that measured no faster in a whole training step
-(``benchmarks/RESULTS.md``), so it is off by default; ``benchmarks/gpu_check.sh`` times it on CUDA.
-
-The forward update is written as separately rounded multiplies and adds, which inductor neither reorders
-nor contracts, so compiled and eager steps give bitwise the same states: standard and memory-efficient
-forwards agree whichever ran. Where compiling fails, a warning says so once and the eager steps run.
+input and f. Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or
+``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic shapes, built once
+per process and cached on disk by torch), about half the bytes moved. On CPU that measured no faster in a
+whole training step (``benchmarks/RESULTS.md``), so it is off by default; ``benchmarks/gpu_check.sh`` times it
+on CUDA. Compiled steps may round the last bit differently from the eager ones; standard and
+memory-efficient modes stay bitwise identical either way, since both take the same steps. Where compiling
+fails, a warning says so once and the eager steps run.
 """
 import contextlib
 import os
@@ -22,7 +21,7 @@ __all__ = ['set_fused', 'fused_enabled', 'forward_update', 'previous_position', 
 
 _ENABLED = os.environ.get('TIMM_MOMENTUM_FUSED', '0') == '1'
 _COMPILED: Dict[Callable, Callable] = {}
-_WEIGHTS: Dict[Tuple[Optional[float], torch.dtype, torch.device], torch.Tensor] = {}
+_WEIGHTS: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def set_fused(enabled: bool = True) -> None:
@@ -36,25 +35,16 @@ def fused_enabled() -> bool:
     return _ENABLED
 
 
-def _weight(value: float, dtype: torch.dtype = torch.float64, device: torch.device = torch.device('cpu')
-            ) -> torch.Tensor:
-    """``value`` as a 0-dim tensor: a compiled kernel takes it as an input, where a Python float would be baked
-    in and rebuild the kernel for every gamma. By default a float64 CPU scalar, which element-wise ops on any
-    device read exactly as they read a Python float (in the op's own precision, not rounded to a half dtype)."""
-    key = (value, dtype, device)
+def _as_tensor(value: object, like: torch.Tensor) -> object:
+    """A float argument as a 0-dim tensor of ``like``'s dtype for a compiled kernel, which would otherwise bake
+    it in and be rebuilt for every gamma; anything else as it is."""
+    if not isinstance(value, float):
+        return value
+    key = (value, like.dtype, like.device)
     weight = _WEIGHTS.get(key)
     if weight is None:
-        weight = _WEIGHTS[key] = torch.full((), value, dtype=dtype, device=device)
+        weight = _WEIGHTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
     return weight
-
-
-def _dtype_of(dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor that tells a kernel which dtype to round the next block's input to."""
-    key = (None, dtype, like.device)
-    token = _WEIGHTS.get(key)
-    if token is None:
-        token = _WEIGHTS[key] = torch.zeros((), dtype=dtype, device=like.device)
-    return token
 
 
 def _compilable(tensors: Tuple[torch.Tensor, ...]) -> bool:
@@ -83,8 +73,10 @@ def _call(kernel: Callable, *args: object):
     if not _compilable(tensors):
         return kernel(*args)
     layout = _flat(tensors)
-    flat_args = args if layout is None else tuple(
-        a.as_strided((a.numel(),), (1,)) if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
+    flat_args = tuple(_as_tensor(a, tensors[0]) for a in args)
+    if layout is not None:
+        flat_args = tuple(a.as_strided((a.numel(),), (1,)) if isinstance(a, torch.Tensor) and a.dim() else a
+                          for a in flat_args)
     compiled = _COMPILED.get(kernel)
     if compiled is None:
         # dynamic shapes: one kernel for every size; threads decided at run time (inductor would otherwise size
@@ -123,7 +115,7 @@ def _give_up_compiling(error: Exception) -> None:
 
 
 def _step(out: torch.Tensor, block_input: Optional[torch.Tensor], carrier: torch.dtype) -> torch.Tensor:
-    """f in the carrier dtype: the block's output, less its input for the drop-in f = block(x) - x.
+    """f in the carrier dtype, in a new tensor: the block's output, less its input for the drop-in f.
 
     The subtraction is rounded in the block's dtype, so f is a function of the block's input alone and the
     backward recomputes it bitwise from the rebuilt input.
@@ -131,18 +123,18 @@ def _step(out: torch.Tensor, block_input: Optional[torch.Tensor], carrier: torch
     return out.to(carrier, copy=True) if block_input is None else (out - block_input).to(carrier)
 
 
-def _first_update(x: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor],
-                  one_minus_gamma: torch.Tensor, next_dtype: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _first_update(x: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor], one_minus_gamma: float,
+                  next_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     velocity = _step(out, block_input, x.dtype).mul_(one_minus_gamma)
     x.add_(velocity)
-    return velocity, x.to(next_dtype.dtype, copy=True)
+    return velocity, x.to(next_dtype, copy=True)
 
 
 def _update(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor],
-            gamma: torch.Tensor, one_minus_gamma: torch.Tensor, next_dtype: torch.Tensor) -> torch.Tensor:
-    velocity.mul_(gamma).add_(_step(out, block_input, x.dtype).mul_(one_minus_gamma))
+            one_minus_gamma: float, next_dtype: torch.dtype) -> torch.Tensor:
+    velocity.lerp_(_step(out, block_input, x.dtype), one_minus_gamma)  # v + (1 - gamma) (f - v), one pass
     x.add_(velocity)
-    return x.to(next_dtype.dtype, copy=True)
+    return x.to(next_dtype, copy=True)
 
 
 def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor,
@@ -161,31 +153,32 @@ def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch
     Returns:
         The velocity, and x rounded to ``next_dtype`` in a new tensor (the next block's input).
     """
-    dtype = _dtype_of(next_dtype, x)
     if velocity is None:
-        return _call(_first_update, x, out, block_input, _weight(1.0 - gamma), dtype)
-    return velocity, _call(_update, x, velocity, out, block_input, _weight(gamma), _weight(1.0 - gamma), dtype)
+        return _call(_first_update, x, out, block_input, 1.0 - gamma, next_dtype)
+    return velocity, _call(_update, x, velocity, out, block_input, 1.0 - gamma, next_dtype)
 
 
-def _previous_position(x: torch.Tensor, velocity: torch.Tensor, next_dtype: torch.Tensor) -> torch.Tensor:
-    return x.sub_(velocity).to(next_dtype.dtype, copy=True)
+def _previous_position(x: torch.Tensor, velocity: torch.Tensor, next_dtype: torch.dtype) -> torch.Tensor:
+    return x.sub_(velocity).to(next_dtype, copy=True)
 
 
 def previous_position(x: torch.Tensor, velocity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x_{n-1} = x_n - v_n in place; returns it rounded to ``dtype`` in a new tensor (the block's input)."""
-    return _call(_previous_position, x, velocity, _dtype_of(dtype, x))
+    return _call(_previous_position, x, velocity, dtype)
 
 
 def _previous_velocity(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
-                       block_input: Optional[torch.Tensor], inverse_weight: torch.Tensor) -> None:
-    velocity.lerp_(_step(out, block_input, x.dtype), inverse_weight)
+                       block_input: Optional[torch.Tensor], inverse_gamma: float) -> None:
+    # f + (v - f) / gamma, computed as v + (1/gamma - 1)(v - f): a small correction to v, as lerp does for
+    # weights >= 0.5 (lerp_ on v with weight 1 - 1/gamma < -0.5 would round f + (v - f)/gamma, worse for gamma < 2/3)
+    torch.lerp(_step(out, block_input, x.dtype), velocity, inverse_gamma, out=velocity)
 
 
 def _previous_velocity_and_position(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
-                                    block_input: Optional[torch.Tensor], inverse_weight: torch.Tensor,
-                                    next_dtype: torch.Tensor) -> torch.Tensor:
-    velocity.lerp_(_step(out, block_input, x.dtype), inverse_weight)
-    return x.sub_(velocity).to(next_dtype.dtype, copy=True)
+                                    block_input: Optional[torch.Tensor], inverse_gamma: float,
+                                    next_dtype: torch.dtype) -> torch.Tensor:
+    _previous_velocity(x, velocity, out, block_input, inverse_gamma)
+    return x.sub_(velocity).to(next_dtype, copy=True)
 
 
 def previous_state(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor],
@@ -195,15 +188,14 @@ def previous_state(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor, b
     ``out`` and ``block_input`` are the recomputed block's, as in ``forward_update``. With ``position`` the
     next inverse step follows in the same pass: x_{n-2} = x_{n-1} - v_{n-1}, returned rounded to ``dtype``.
     """
-    weight = _weight(1.0 - 1.0 / gamma, x.dtype, x.device)  # lerp takes a weight of its own dtype
     if position:
-        return _call(_previous_velocity_and_position, x, velocity, out, block_input, weight, _dtype_of(dtype, x))
-    _call(_previous_velocity, x, velocity, out, block_input, weight)
+        return _call(_previous_velocity_and_position, x, velocity, out, block_input, 1.0 / gamma, dtype)
+    _call(_previous_velocity, x, velocity, out, block_input, 1.0 / gamma)
     return None
 
 
 def _adjoint_step(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_grad: torch.Tensor,
-                  one_minus_gamma: torch.Tensor, dropin: bool, last: bool) -> None:
+                  one_minus_gamma: float, dropin: bool, last: bool) -> None:
     if grad_in is not None:
         grad_x.add_(grad_in)
     if dropin:
@@ -216,11 +208,10 @@ def adjoint_step(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_gr
                  dropin: bool, last: bool) -> None:
     """g_x += J_x^T [(1 - gamma) g] (less (1 - gamma) g for the drop-in identity); then, unless ``last``,
     (1 - gamma) g <- (1 - gamma) g_x + gamma (1 - gamma) g for the block before. In place."""
-    _call(_adjoint_step, grad_x, grad_in, block_grad, _weight(1.0 - gamma, block_grad.dtype, block_grad.device),
-          dropin, last)
+    _call(_adjoint_step, grad_x, grad_in, block_grad, 1.0 - gamma, dropin, last)
 
 
-def _standard_backward(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: torch.Tensor,
+def _standard_backward(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: float,
                        dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     block_grad = torch.lerp(grad_position, grad_velocity, gamma)
     return block_grad, grad_position - block_grad if dropin else grad_position
@@ -230,5 +221,4 @@ def standard_backward(grad_position: torch.Tensor, grad_velocity: torch.Tensor, 
                       dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """One block's backward in standard backprop: (1 - gamma) g_n = lerp(dL/dx_n, (1 - gamma) g_{n+1}, gamma),
     and the gradient reaching x_{n-1} past the block (less (1 - gamma) g_n for the drop-in identity)."""
-    return _call(_standard_backward, grad_position, grad_velocity,
-                 _weight(gamma, grad_position.dtype, grad_position.device), dropin)
+    return _call(_standard_backward, grad_position, grad_velocity, gamma, dropin)
