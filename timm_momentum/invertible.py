@@ -47,16 +47,19 @@ __all__ = [
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
 # Largest relative error tolerated in the rebuilt chain input, by the dtype blocks compute in. Calibrated
-# on randomly initialised momentum_resnet101 (benchmarks/RESULTS.md): the exact float64 inverse rebuilds
-# it to about 1e-6 for float32 work, a float32 carrier forced in its place gives 1.6e-5 to 2e-5 and
-# gradient errors of 3e-3 to 7e-3; such networks turn a rebuilt-input error into a gradient error up to
-# 1000 times larger, so past 1e-5 gradients may be off by 1e-2.
+# on randomly initialised momentum_resnet101/152 (benchmarks/RESULTS.md): the exact float64 inverse rebuilds
+# it to about 1e-6 for float32 work, a float32 carrier forced in its place gives 1.6e-5 to 2e-4 and
+# gradient errors of 3e-3 to 2e-2; such networks turn a rebuilt-input error into a gradient error up to
+# 1000 times larger.
 _RECONSTRUCTION_TOL = {torch.float64: 1e-9, torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# Past this error the backward raises instead of warning. Under autocast a float32 state flips the rounding
+# Past this error the backward raises instead of warning. For float32 work: random resnet152 at 224 px rebuilt
+# its 35-block chain to 1.3e-6..1.6e-5 with the float64 carrier, gradients as close to float64 backprop's as
+# float32 standard backprop's (0.8-1.2%), while a forced float32 carrier rebuilt it to 1.8e-4..2.1e-4 and
+# doubled that distance (calibrate_check.py --float64). Under autocast a float32 state flips the rounding
 # of a few half-precision block inputs and random blocks amplify the flips: randomly initialised
 # momentum_resnet101 rebuilt its input to 0.14 under bfloat16, yet its gradients were as far from
 # float32's as standard bfloat16 backprop's (1.1x), so only a mostly lost input raises there.
-_RECONSTRUCTION_FAIL = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 0.5, torch.bfloat16: 0.5}
+_RECONSTRUCTION_FAIL = {torch.float64: 1e-6, torch.float32: 5e-5, torch.float16: 0.5, torch.bfloat16: 0.5}
 
 BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -486,7 +489,7 @@ def _check_reconstruction(worst_gap: float, work_dtype: torch.dtype, gamma: floa
     what = (f'memory-efficient backward rebuilt the activations of a {num_blocks}-block momentum chain at '
             f'gamma={gamma} with relative error {worst_gap:.3g} (expected <= {tol:g} for {work_dtype}): '
             f'the blocks amplify rounding in the inverse')
-    if not worst_gap <= _RECONSTRUCTION_FAIL.get(work_dtype, 1e-5):  # also catches NaN
+    if not worst_gap <= _RECONSTRUCTION_FAIL.get(work_dtype, 5e-5):  # also catches NaN
         raise RuntimeError(f'{what}; gradients would be wrong. Use a gamma closer to 1, or memory_efficient=False.')
     warnings.warn(f'{what}; gradients may carry a relative error up to 1000 times that. A gamma closer to 1 or '
                   f'memory_efficient=False avoids it.', RuntimeWarning, stacklevel=2)
