@@ -165,15 +165,16 @@ class frozen_norm_stats:
         for module in self.modules:
             for norm in module.modules():
                 if isinstance(norm, _NormBase) and norm.training and norm.track_running_stats:
-                    originals = {name: getattr(norm, name) for name in _NORM_STATS if getattr(norm, name) is not None}
+                    # straight into the buffer dict: Module.__setattr__ took ~5 ms of a resnet101 backward
+                    buffers = norm._buffers
+                    originals = {name: buffers[name] for name in _NORM_STATS if buffers.get(name) is not None}
                     self.stashed.append((norm, originals))
                     for name, tensor in originals.items():
-                        setattr(norm, name, tensor.clone())
+                        buffers[name] = tensor.clone()
 
     def __exit__(self, *exc_info: object) -> None:
         for norm, originals in self.stashed:
-            for name, tensor in originals.items():
-                setattr(norm, name, tensor)
+            norm._buffers.update(originals)
         self.stashed = []
 
 
