@@ -68,7 +68,7 @@ def _flat(tensors: Tuple[torch.Tensor, ...]) -> Optional[Tuple[torch.Size, Tuple
 
 
 def _call(kernel: Callable, *args: object):
-    """Run ``kernel`` compiled where it can be, else eagerly; the two give the same results (see module)."""
+    """Run ``kernel`` compiled where it can be, else eagerly; the two agree but for rounding in the last bits."""
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     if not _compilable(tensors):
         return kernel(*args)
@@ -110,8 +110,8 @@ def _give_up_compiling(error: Exception) -> None:
     _ENABLED = False
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     warnings.warn(f'timm_momentum could not compile its fused momentum kernels ({type(error).__name__}: {reason}); '
-                  'it runs the same arithmetic eagerly from now on, with the same results but slower. '
-                  'set_fused(False) or TIMM_MOMENTUM_FUSED=0 skips the attempt.', RuntimeWarning, stacklevel=3)
+                  'it runs the same steps eagerly from now on (the default; results agree but for the last bits). '
+                  'set_fused(False), or TIMM_MOMENTUM_FUSED unset, skips the attempt.', RuntimeWarning, stacklevel=3)
 
 
 def _step(out: torch.Tensor, block_input: Optional[torch.Tensor], carrier: torch.dtype) -> torch.Tensor:
