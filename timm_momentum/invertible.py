@@ -53,7 +53,7 @@ _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 # 1000 times larger.
 _RECONSTRUCTION_TOL = {torch.float64: 1e-9, torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Past this error the backward raises instead of warning. For float32 work: random resnet152 at 224 px rebuilt
-# its 35-block chain to 1.3e-6..1.6e-5 with the float64 carrier, gradients as close to float64 backprop's as
+# its 35-block chain to 1.3e-6..2e-5 with the float64 carrier, gradients as close to float64 backprop's as
 # float32 standard backprop's (0.8-1.2%), while a forced float32 carrier rebuilt it to 1.8e-4..2.1e-4 and
 # doubled that distance (calibrate_check.py --float64). Under autocast a float32 state flips the rounding
 # of a few half-precision block inputs and random blocks amplify the flips: randomly initialised
@@ -269,11 +269,6 @@ def _replay(block: nn.Module, rng: Optional[Tuple[torch.Tensor, Optional[torch.T
         yield
 
 
-def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors share storage."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 def _gap(rebuilt: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Relative distance between a rebuilt tensor and the exact one, as a 0-dim tensor."""
     return (rebuilt - exact).norm() / exact.norm().clamp_min(torch.finfo(exact.dtype).tiny)
@@ -381,14 +376,15 @@ class _InvertibleMomentum(torch.autograd.Function):
         for n in range(len(spec.blocks) - 1, -1, -1):
             if inputs is not None:
                 x_in = inputs[n]
-            elif n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
-                # start each span from the exact state stored at its end, not the rebuilt one
-                k = 2 * ((n + 1) // ctx.span - 1)
-                gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
-                x_state, v_state = stored[k], stored[k + 1]
-                x_in = previous_position(x_state, v_state, ctx.in_dtype)
-            elif x_in is None:
-                x_in = previous_position(x_state, v_state, ctx.in_dtype)
+            else:
+                if n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
+                    # start each span from the exact state stored at its end, not the rebuilt one
+                    k = 2 * ((n + 1) // ctx.span - 1)
+                    gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
+                    x_state, v_state = stored[k], stored[k + 1]
+                    x_in = None
+                if x_in is None:  # the last block, or a span's end: previous_state left the position step
+                    x_in = previous_position(x_state, v_state, ctx.in_dtype)
             with _replay(spec.blocks[n], ctx.rng_states[n], grad_out.device, ctx.autocast):
                 out, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
             if inputs is None and n > 0:

@@ -69,6 +69,8 @@ def _flat(tensors: Tuple[torch.Tensor, ...]) -> Optional[Tuple[torch.Size, Tuple
 
 def _call(kernel: Callable, *args: object):
     """Run ``kernel`` compiled where it can be, else eagerly; the two agree but for rounding in the last bits."""
+    if not _ENABLED:  # the default: nothing to inspect on the hot path
+        return kernel(*args)
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     if not _compilable(tensors):
         return kernel(*args)
