@@ -1,8 +1,10 @@
-"""Where training data comes from: scikit-learn's digits, timm's datasets (folders, tar files, torchvision,
-Hugging Face), their transforms, and the loaders that batch them. Fine-tuning and healing both read from here.
+"""Where training data comes from: scikit-learn's digits, Fashion-MNIST from its idx files, timm's datasets
+(folders, tar files, torchvision, Hugging Face), their transforms, and the loaders that batch them. Fine-tuning
+and healing both read from here.
 """
+import gzip
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -10,7 +12,8 @@ import torch.nn as nn
 
 from .errors import ConfigError
 
-__all__ = ['DigitsDataset', 'build_datasets', 'build_loader']
+__all__ = ['DigitsDataset', 'FashionMNIST', 'FASHION_MNIST', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES',
+           'find_fashion_mnist', 'build_datasets', 'build_loader']
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -66,6 +69,102 @@ def _draw_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: i
         kept.append(rng.choice(of_label, per_class, replace=False))
     return np.sort(np.concatenate(kept))
 
+
+FASHION_MNIST = 'torch/fashion_mnist'  # timm's name for it
+FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')  # where `apt-get install dataset-fashion-mnist` puts it
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+_FASHION_MNIST_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+                        'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+# the training images' mean and standard deviation (of pixel / 255), as torchvision's references use them
+_FASHION_MNIST_MEAN, _FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+def _idx_file(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem + '.gz', stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_fashion_mnist(data_dir: Optional[Union[str, Path]] = None) -> Path:
+    """The folder that holds Fashion-MNIST's four idx files: ``data_dir`` itself or, as torchvision lays it out,
+    ``data_dir/FashionMNIST/raw``; ``FASHION_MNIST_DIR`` by default. Raises ConfigError saying how to get them."""
+    root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+    stems = [stem for pair in _FASHION_MNIST_FILES.values() for stem in pair]
+    for folder in (root, root / 'FashionMNIST' / 'raw'):
+        if all(_idx_file(folder, stem) for stem in stems):
+            return folder
+    raise ConfigError(
+        f'Fashion-MNIST not found in {root}: it needs the four idx files ({", ".join(s + ".gz" for s in stems)}), in '
+        f'that folder or in its FashionMNIST/raw/ (a torchvision root). Nothing is downloaded: install them with '
+        f'`apt-get install dataset-fashion-mnist` (Debian, into {FASHION_MNIST_DIR}), or set data_dir to a folder '
+        f'holding them')
+
+
+def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    """An idx array (uint8 data, big-endian header) from ``path``, gzipped or not; ConfigError when malformed."""
+    try:
+        with (gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')) as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ConfigError(f'{path}: cannot read it as an idx file ({e})') from None
+    header = 4 * (1 + dims)
+    if len(data) < header or int.from_bytes(data[:4], 'big') != magic:
+        raise ConfigError(f'{path}: not an idx file of {dims}-d uint8 data (magic number {magic} expected)')
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(dims)]
+    if len(data) != header + int(np.prod(shape)):
+        raise ConfigError(f'{path}: truncated or padded: header says {shape}, the file holds {len(data) - header} '
+                          f'bytes of data')
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Fashion-MNIST (Xiao et al. 2017: 60000 training and 10000 test images, 28x28 grayscale, 10 classes) read
+    from its standard idx files, never downloaded; ``find_fashion_mnist`` says where they are looked for.
+
+    Images are resized to ``img_size`` (bilinear), normalised with the training set's mean and std and repeated
+    over ``in_chans`` channels, so 3-channel ImageNet models take them. ``split`` is 'train' (the 60000) or
+    'test' ('validation' is the same 10000 test images, as finetune's default val_split names them). ``classes``
+    keeps those classes, relabelled 0..len(classes)-1; ``limit`` keeps the first N images (after the class subset).
+    """
+
+    mean, std = (_FASHION_MNIST_MEAN,) * 3, (_FASHION_MNIST_STD,) * 3
+
+    def __init__(self, split: str = 'train', data_dir: Optional[Union[str, Path]] = None,
+                 classes: Optional[Sequence[int]] = None, img_size: int = 32, in_chans: int = 3,
+                 limit: Optional[int] = None) -> None:
+        if split not in ('train', 'validation', 'test'):
+            raise ConfigError(f"Fashion-MNIST split must be 'train', 'validation' or 'test', got {split!r}")
+        folder = find_fashion_mnist(data_dir)
+        image_stem, label_stem = _FASHION_MNIST_FILES['train' if split == 'train' else 'test']
+        images = _read_idx(_idx_file(folder, image_stem), 2051, 3)
+        labels = _read_idx(_idx_file(folder, label_stem), 2049, 1)
+        if len(images) != len(labels) or labels.max(initial=0) > 9:
+            raise ConfigError(f'{folder}: {split} images and labels do not match ({len(images)} images, '
+                              f'{len(labels)} labels, largest label {labels.max(initial=0)})')
+        classes = list(range(10)) if classes is None else [int(c) for c in classes]
+        keep = np.flatnonzero(np.isin(labels, classes))[:limit]
+        x = torch.from_numpy(images[keep].copy()).unsqueeze(1).float().div_(255.0)
+        if img_size != x.shape[-1]:
+            x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
+        self.images = x.sub_(_FASHION_MNIST_MEAN).div_(_FASHION_MNIST_STD)
+        self.in_chans = in_chans
+        remap = {c: i for i, c in enumerate(classes)}
+        self.targets = torch.tensor([remap[int(t)] for t in labels[keep]])
+        self.classes = [FASHION_MNIST_CLASSES[c] for c in classes]
+        self.num_classes = len(classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.images[index].expand(self.in_chans, -1, -1), int(self.targets[index])
+
+    def batch(self, indices: Union[slice, torch.Tensor]) -> torch.Tensor:
+        """The images at ``indices`` as one (N, in_chans, H, W) tensor, without a loader."""
+        return self.images[indices].expand(-1, self.in_chans, -1, -1).contiguous()
+
 def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any, Any, int]:
     """The training and validation datasets and the number of classes.
 
@@ -75,6 +174,11 @@ def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any
         size = cfg['img_size'] or 32
         train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'], cfg['train_per_class'], cfg['seed'])
         val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
+        return train_set, val_set, train_set.num_classes
+    if cfg['dataset'] == FASHION_MNIST:
+        size = cfg['img_size'] or 32
+        train_set = FashionMNIST(cfg['train_split'], cfg['data_dir'], cfg['classes'], size, cfg['in_chans'])
+        val_set = FashionMNIST(cfg['val_split'], cfg['data_dir'], cfg['classes'], size, cfg['in_chans'])
         return train_set, val_set, train_set.num_classes
     from timm.data import create_dataset, create_transform, resolve_data_config
 
@@ -134,7 +238,7 @@ def build_loader(dataset: Any, cfg: Dict[str, Any], training: bool, device: torc
     generator = torch.Generator().manual_seed(epoch_seed)
     if distributed:
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=training, seed=cfg['seed'])
-    workers = 0 if isinstance(dataset, DigitsDataset) else cfg['workers']
+    workers = 0 if isinstance(dataset, (DigitsDataset, FashionMNIST)) else cfg['workers']  # tensors in memory
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg['batch_size'], shuffle=training and sampler is None, sampler=sampler,
         generator=generator, num_workers=workers, pin_memory=cfg['pin_mem'] and device.type == 'cuda',

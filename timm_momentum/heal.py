@@ -7,10 +7,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .data import DigitsDataset
+from .data import FASHION_MNIST, DigitsDataset, FashionMNIST
 from .errors import ConfigError, ConversionError, first_line
 
-__all__ = ['recalibrate_batchnorm', 'distill', 'load_images']
+__all__ = ['recalibrate_batchnorm', 'distill', 'load_images', 'HELD_OUT_SPLITS']
+
+# image sources with a split that training never sees: healing takes 'train', drift is measured on 'validation'
+HELD_OUT_SPLITS = ('sklearn/digits', FASHION_MNIST)
 
 
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
@@ -58,15 +61,18 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps:
 
 def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024,
                 split: str = 'train', role: str = 'healing images') -> torch.Tensor:
-    """Unlabeled images for healing or evaluation: ``sklearn/digits`` (its ``split``) or a folder of images
-    (resized, normalised), at most ``limit`` of them. ``role`` names them in errors."""
-    if spec == 'sklearn/digits':
-        try:
+    """Unlabeled images for healing or evaluation: ``sklearn/digits`` or ``torch/fashion_mnist`` (from its default
+    folder; their ``split``) or a folder of images (resized, normalised), at most ``limit`` of them. ``role``
+    names them in errors."""
+    try:
+        if spec == 'sklearn/digits':
             return DigitsDataset(split, None, img_size, in_chans).images[:limit]
-        except ConfigError as e:
-            raise ConversionError(f'{role} {spec}: {e}') from None
+        if spec == FASHION_MNIST:
+            return FashionMNIST(split, None, None, img_size, in_chans, limit=limit).batch(slice(None))
+    except ConfigError as e:
+        raise ConversionError(f'{role} {spec}: {e}') from None
     if not Path(spec).is_dir():
-        raise ConversionError(f'{role} {spec}: not sklearn/digits or a folder of images')
+        raise ConversionError(f'{role} {spec}: not sklearn/digits, {FASHION_MNIST} or a folder of images')
     from timm.data import create_dataset, create_transform
     try:
         dataset = create_dataset('', root=spec, transform=create_transform((in_chans, img_size, img_size)))
