@@ -14,15 +14,17 @@ so in memory-efficient mode the backward rebuilds every activation from the chai
 instead of storing it. This module knows nothing of ResNets or timm: it takes blocks, a function
 ``block_fn(block, x)`` that gives f, gamma and a memory mode.
 
-Exactness. Every chain gets a plan (``plan_chain``). A short chain (at most 4 blocks in float32) keeps
-each block's input, which costs no more than the inverse's state and needs no inverse. A longer chain
-inverts, with its state (x, v) carried in float64 for float32 work (float32 for bfloat16/float16 work),
-so the inverse's rounding error, which grows like gamma^-K over K blocks, stays far below the working
-precision and each recomputed block input rounds to the very value the forward used. Where gamma^-K
-would outgrow even the carrier, the chain also stores its state every K blocks (``check_invertible``
-warns and names the gamma that needs no extra storage). Standard mode runs the same arithmetic, so
-both modes compute bitwise the same forward, and the backward checks its own reconstruction: it warns when
-rebuilt activations drift past the working precision and raises when gradients would be wrong.
+Exactness. Every chain gets a plan (``plan_chain``), the exact one that keeps the fewest bytes. A short chain
+(at most 4 blocks) keeps each block's input, which costs no more than the inverse's state and needs no inverse.
+A longer chain inverts, with its state (x, v) carried in float64 for float32 work (float32 for bfloat16/float16
+work, or float64 where a small gamma would make float32 store extra states), so the inverse's rounding error,
+which grows like gamma^-K over K blocks, stays far below the working precision and each recomputed block input
+rounds to the very value the forward used. Where gamma^-K would outgrow even the carrier, the chain also stores
+its state every K blocks or keeps its inputs (``check_invertible`` warns and names the gamma that needs no extra
+storage). ``faithful_gamma`` is the policy for pretrained weights: the smallest gamma that stores no more than
+the paper's 0.9. Standard mode runs the same arithmetic, so both modes compute bitwise the same forward, and the
+backward checks its own reconstruction: it warns when rebuilt activations drift past the working precision and
+raises when gradients would be wrong.
 """
 import contextlib
 import functools
@@ -39,8 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from timm_momentum.kernels import adjoint_step, forward_update, previous_position, previous_state, standard_backward
 
 __all__ = [
-    'BlockFn', 'ChainPlan', 'dropin_fn', 'validate_gamma', 'plan_chain', 'min_safe_gamma',
-    'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats', 'set_strict_check',
+    'BlockFn', 'ChainPlan', 'PAPER_GAMMA', 'dropin_fn', 'validate_gamma', 'plan_chain', 'plan_bytes', 'min_safe_gamma',
+    'faithful_gamma', 'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats', 'set_strict_check',
     'register_deterministic',
 ]
 
@@ -67,6 +69,9 @@ BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 # work leaves 2^-53 * 2^24 = 2^-29 relative error, 32x below float32's own rounding; float32 carrying
 # bfloat16/float16 work leaves 2^-24 * 2^8 = 2^-16, 32x below float16's.
 _AMPLIFICATION_LIMIT = {torch.float64: 2.0 ** 24, torch.float32: 2.0 ** 8}
+# The paper's gamma: the faithful policy stores no more than a chain stores at it.
+PAPER_GAMMA = 0.9
+
 
 def dropin_fn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """f(x) = block(x) - x: with gamma = 0 the chain computes exactly what the plain blocks compute."""
@@ -96,56 +101,123 @@ class ChainPlan(NamedTuple):
     store_inputs: bool   # keep each block's input instead of inverting (cheaper for short chains)
 
 
+def _carriers(work_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
+    """The state dtypes an inverse may carry for ``work_dtype``, narrowest first."""
+    if work_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32, torch.float64
+    return (torch.float64,)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _span(gamma: float, carrier: torch.dtype, num_blocks: int) -> int:
+    """The most blocks an inverse carried in ``carrier`` runs at ``gamma`` before gamma^-K outgrows it."""
+    if gamma == 0.0:
+        return 0
+    return min(int(math.log(_AMPLIFICATION_LIMIT[carrier]) / -math.log(gamma) + 1e-9), num_blocks)
+
+
+def plan_bytes(plan: ChainPlan, num_blocks: int, input_dtype: torch.dtype) -> int:
+    """Bytes per activation element that a chain run by ``plan`` keeps for its memory-efficient backward: each
+    block's input, or the state (x, v) at the chain's end and at every span's end."""
+    if plan.store_inputs:
+        return num_blocks * _itemsize(input_dtype)
+    if plan.span < 1:
+        return 0
+    return 2 * _itemsize(plan.carrier) * math.ceil(num_blocks / plan.span)
+
+
 def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.float32,
                input_dtype: Optional[torch.dtype] = None) -> ChainPlan:
     """Plan a chain of ``num_blocks`` blocks computing in ``work_dtype`` on inputs of ``input_dtype``.
 
-    Inverting keeps two tensors of the carrier dtype; storing inputs keeps ``num_blocks`` tensors of the
-    input dtype and needs no inverse at all. Short chains take the cheaper, exact one.
+    The plan is the exact one that keeps the fewest bytes: storing each block's input (``num_blocks`` tensors of
+    the input dtype, no inverse), or inverting with the state carried in a wider dtype, stored at the chain's
+    end and every span. Bfloat16/float16 work may carry its state in float32 or, where a small gamma would make
+    float32 store extra states, in float64. A chain whose inputs cost no more than one state of the narrowest
+    carrier stores them at any gamma; at gamma = 0 a longer chain cannot invert (span 0).
     """
     gamma = validate_gamma(gamma)
     input_dtype = input_dtype or work_dtype
-    carrier = torch.float32 if work_dtype in (torch.float16, torch.bfloat16) else torch.float64
-    input_size = torch.empty((), dtype=input_dtype).element_size()
-    if num_blocks * input_size <= 2 * torch.empty((), dtype=carrier).element_size():
-        return ChainPlan(input_dtype, num_blocks, True)
-    if gamma == 0.0:  # a plain residual chain, computed exactly as the source network computes it
+    carriers = _carriers(work_dtype)
+    store = ChainPlan(input_dtype, num_blocks, True)
+    store_bytes = plan_bytes(store, num_blocks, input_dtype)
+    if store_bytes <= 2 * _itemsize(carriers[0]):
+        return store
+    inverses = [ChainPlan(carrier, _span(gamma, carrier, num_blocks), False) for carrier in carriers]
+    inverses = [plan for plan in inverses if plan.span >= 1]
+    if not inverses:  # gamma = 0 on a long chain
         return ChainPlan(input_dtype, 0, False)
-    span = int(math.log(_AMPLIFICATION_LIMIT[carrier]) / -math.log(gamma) + 1e-9)
-    return ChainPlan(carrier, min(span, num_blocks), False)
+    # fewest bytes; on a tie the wider carrier, whose inverse runs further with less rounding
+    best = min(inverses, key=lambda plan: (plan_bytes(plan, num_blocks, input_dtype), -_itemsize(plan.carrier)))
+    # on a tie, stored inputs: exact, and the backward skips the inverse's element-wise steps
+    return store if store_bytes <= plan_bytes(best, num_blocks, input_dtype) else best
 
 
 def min_safe_gamma(num_blocks: int, work_dtype: torch.dtype = torch.float32) -> float:
-    """The smallest gamma whose inverse runs ``num_blocks`` blocks without storing any extra state."""
-    carrier = torch.float32 if work_dtype in (torch.float16, torch.bfloat16) else torch.float64
-    return _AMPLIFICATION_LIMIT[carrier] ** (-1.0 / max(num_blocks, 1))
+    """The smallest gamma whose inverse runs ``num_blocks`` blocks without storing any extra state (with the
+    widest carrier ``plan_chain`` may use for ``work_dtype``)."""
+    return _AMPLIFICATION_LIMIT[_carriers(work_dtype)[-1]] ** (-1.0 / max(num_blocks, 1))
 
 
-def check_invertible(gamma: float, num_blocks: int, work_dtype: Optional[torch.dtype] = None) -> None:
+def _round_up(value: float, digits: int = 3) -> float:
+    """``value`` rounded up to ``digits`` significant digits."""
+    scale = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return round(math.ceil(value / scale - 1e-9) * scale, 12)
+
+
+def faithful_gamma(num_blocks: int, work_dtype: torch.dtype = torch.float32) -> float:
+    """The faithful policy for one chain: the gamma closest to 0 (the source ResNet's own function, for the
+    drop-in f) at which the chain trains memory-efficiently and exactly while keeping no more bytes for backward
+    than at the paper's gamma = 0.9, for work in ``work_dtype``.
+
+    That is 0 where the chain stores its inputs (it never inverts), else the smallest gamma whose inverse needs
+    no more stored states than at 0.9, rounded up to 3 significant digits: 2^(-24/N) for float32 work (float64
+    state), 2^(-8/N) for bfloat16/float16 work (float32 state; a float64 state would double what it keeps).
+    """
+    num_blocks = int(num_blocks)
+    if num_blocks < 1:
+        return 0.0
+    budget = plan_bytes(plan_chain(PAPER_GAMMA, num_blocks, work_dtype), num_blocks, work_dtype)
+    if plan_chain(0.0, num_blocks, work_dtype).store_inputs:
+        return 0.0
+    candidates = []
+    for carrier in _carriers(work_dtype):
+        states = budget // (2 * _itemsize(carrier))  # the stored states the budget pays for
+        if states >= 1:
+            span = math.ceil(num_blocks / states)
+            candidates.append(_AMPLIFICATION_LIMIT[carrier] ** (-1.0 / span))
+    gamma = _round_up(min(candidates))
+    while plan_bytes(plan_chain(gamma, num_blocks, work_dtype), num_blocks, work_dtype) > budget:
+        gamma = _round_up(gamma * (1 + 1e-3))  # only where rounding put gamma a hair under a span's edge
+    return gamma
+
+
+def check_invertible(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.float32) -> None:
     """Say whether a chain of ``num_blocks`` blocks can run memory-efficiently at this gamma.
 
     Raises ValueError when gamma cannot be inverted at all; warns when the chain must store its state
-    more than once to stay exact, naming the gamma that would need no extra storage. Without
-    ``work_dtype`` (at construction, before the dtype is known) it checks float32 work and also
-    bfloat16/float16 autocast, whose float32 carrier shrinks the span far sooner.
+    more than once (or all its inputs) to stay exact, naming the gamma that would need no extra storage. At
+    construction the work dtype is not known yet: float32 is checked, the default. (Under bfloat16/float16
+    autocast a gamma below that work's faithful one carries the state in float64 or stores inputs instead,
+    which keeps up to twice the bytes but no extra states; see ``plan_chain``.)
     """
-    for dtype in ([torch.float32, torch.bfloat16] if work_dtype is None else [work_dtype]):
-        _, span, store_inputs = plan_chain(gamma, num_blocks, dtype)
-        if store_inputs:
-            return
-        safe = min_safe_gamma(num_blocks, dtype)
-        if span < 1:
-            raise ValueError(
-                f'gamma={gamma} cannot be inverted: rounding error grows like gamma^-N in the inverse; '
-                f'use memory_efficient=False, or gamma >= {safe:.3g} for a chain of {num_blocks} blocks')
-        if span < num_blocks:
-            under = '' if dtype == torch.float32 else ' under bfloat16/float16 autocast (float32 state)'
-            warnings.warn(
-                f'gamma={gamma} amplifies rounding error in the inverse by gamma^-{num_blocks} = '
-                f'{gamma ** -num_blocks:.3g} over a chain of {num_blocks} blocks{under}; to keep gradients exact '
-                f'the chain stores its state every {span} blocks, which costs memory. '
-                f'gamma >= {safe:.3g} needs no extra storage.', stacklevel=3)
-            return  # one warning: a gamma that shrinks the float32 span shrinks the autocast one too
+    plan = plan_chain(gamma, num_blocks, work_dtype)
+    if plan.store_inputs and plan_bytes(plan, num_blocks, work_dtype) <= 2 * _itemsize(_carriers(work_dtype)[0]):
+        return
+    safe = _round_up(min_safe_gamma(num_blocks, work_dtype))
+    if plan.span < 1:
+        raise ValueError(
+            f'gamma={gamma} cannot be inverted: rounding error grows like gamma^-N in the inverse; '
+            f'use memory_efficient=False, or gamma >= {safe:g} for a chain of {num_blocks} blocks')
+    if plan.store_inputs or plan.span < num_blocks:
+        kept = 'stores every block\'s input' if plan.store_inputs else f'stores its state every {plan.span} blocks'
+        warnings.warn(
+            f'gamma={gamma} amplifies rounding error in the inverse by gamma^-{num_blocks} = '
+            f'{gamma ** -num_blocks:.3g} over a chain of {num_blocks} blocks; to keep gradients exact the chain '
+            f'{kept}, which costs memory. gamma >= {safe:g} needs no extra storage.', stacklevel=3)
 
 
 class frozen_norm_stats:
@@ -321,7 +393,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         if span < 1:
             raise ValueError(
                 f'gamma={spec.gamma} cannot be inverted; use memory_efficient=False '
-                f'or gamma >= {min_safe_gamma(len(spec.blocks), work_dtype):.3g}')
+                f'or gamma >= {_round_up(min_safe_gamma(len(spec.blocks), work_dtype)):g}')
         gamma = spec.gamma
         dropin = spec.block_fn is dropin_fn
         rng_states: List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = []

@@ -16,7 +16,8 @@ Two block functions f:
 The models are timm's own ``ResNet`` with only the stage rule changed: every timm ResNet option
 works and every parameter and buffer keeps its timm name, so ResNet state dicts load with strict=True.
 """
-from typing import Any, Dict, List, Optional, Tuple, Union
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,10 +25,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models import register_model, register_notrace_module
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain, register_deterministic
-from .invertible import validate_gamma
+from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, faithful_gamma, momentum_chain
+from .invertible import register_deterministic, validate_gamma
 
-__all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS']
+__all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS', 'GammaSpec', 'GAMMA_POLICIES',
+           'parse_gamma', 'resolve_gamma', 'policy_for_dtype']
 
 PAPER = 'arXiv:2102.07870'
 
@@ -51,6 +53,73 @@ def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
+
+# gamma: one number for every stage, one number per stage, or the name of a policy that picks one per stage
+GammaSpec = Union[float, Sequence[float], str]
+# The faithful policy, by the dtype training computes in: per stage, the gamma closest to the source ResNet's
+# function at which the chain still trains memory-efficiently and exactly, storing no more than at gamma 0.9
+# (``invertible.faithful_gamma``). 0 where a chain stores its inputs: there the net is the source, exactly.
+# 'auto:fp32' is 'auto' by name; finetune reads a bare 'auto' as the policy for its run's precision.
+GAMMA_POLICIES: Dict[str, torch.dtype] = {'auto': torch.float32, 'auto:fp32': torch.float32,
+                                          'auto:bf16': torch.bfloat16, 'auto:fp16': torch.float16}
+
+
+def policy_for_dtype(dtype: Optional[torch.dtype]) -> str:
+    """The faithful policy's name for training that computes in ``dtype`` (None: float32, no autocast)."""
+    return {torch.bfloat16: 'auto:bf16', torch.float16: 'auto:fp16'}.get(dtype, 'auto')
+
+
+def parse_gamma(gamma: GammaSpec, stage_names: Optional[Sequence[str]] = None) -> Union[float, List[float], str]:
+    """Check the form of a gamma spec and return it as a float, a list of floats or a policy name.
+
+    Accepts a number in [0, 1), a sequence of them (one per stage), a policy name from ``GAMMA_POLICIES``, or
+    the same written as text: ``'0.9'``, ``'0,0,0.036,0'``, ``'[0, 0, 0.036, 0]'``, ``'auto'``. How many stages
+    there are is checked when a model resolves it (``resolve_gamma``); ``stage_names`` name the values in errors.
+    """
+    if isinstance(gamma, str):
+        text = gamma.strip()
+        if text in GAMMA_POLICIES:
+            return text
+        parts = [p.strip() for p in text.strip('[]()').split(',')]
+        if not text or not all(parts):
+            raise ValueError(f'gamma must be a number in [0, 1), one per stage, or one of {sorted(GAMMA_POLICIES)}; '
+                             f'got {gamma!r}')
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f'gamma must be a number in [0, 1), one per stage (comma-separated), or one of '
+                             f'{sorted(GAMMA_POLICIES)}; got {gamma!r}') from None
+        gamma = numbers[0] if len(numbers) == 1 and not text.startswith(('[', '(')) else numbers
+    if isinstance(gamma, (list, tuple)):
+        if not gamma:
+            raise ValueError('gamma: an empty list; give one number, one per stage, or a policy name')
+        values = []
+        for index, value in enumerate(gamma):
+            try:
+                values.append(validate_gamma(value))
+            except ValueError as e:
+                where = stage_names[index] if stage_names and index < len(stage_names) else f'stage {index + 1}'
+                raise ValueError(f'gamma for {where}: {e}') from None
+        return values
+    if isinstance(gamma, torch.Tensor) and gamma.numel() > 1:
+        return parse_gamma(gamma.tolist(), stage_names)
+    return validate_gamma(gamma)
+
+
+def resolve_gamma(gamma: GammaSpec, chain_lengths: Sequence[int], stage_names: Optional[Sequence[str]] = None,
+                  ) -> Tuple[List[float], Optional[str]]:
+    """One gamma per stage for stages whose momentum chains have ``chain_lengths`` blocks, and the policy that
+    chose them (None for numbers). Raises ValueError naming the stage whose value is bad."""
+    names = list(stage_names or [f'stage {i + 1}' for i in range(len(chain_lengths))])
+    spec = parse_gamma(gamma, names)
+    if isinstance(spec, str):
+        return [faithful_gamma(n, GAMMA_POLICIES[spec]) for n in chain_lengths], spec
+    if isinstance(spec, float):
+        return [spec] * len(chain_lengths), None
+    if len(spec) != len(chain_lengths):
+        raise ValueError(f'gamma: give one number, one per stage ({len(chain_lengths)}: {", ".join(names)}), or a '
+                         f'policy name; got {len(spec)} values {spec}')
+    return spec, None
 
 # timm's blocks draw random numbers only in their children (drop_block, drop_path), which are checked
 # apart: a chain without those replays no RNG state in its recompute.
@@ -123,8 +192,10 @@ class MomentumStage(nn.Sequential):
         because TorchScript cannot pass a module to a function.
         """
         velocity: Optional[torch.Tensor] = None
+        # the drop-in f at gamma 0: v = f(x) and x + v = block(x), so the stage is its source, bit for bit
+        plain = self.block_fn == 'dropin' and self.gamma == 0.0
         for index, block in enumerate(self):
-            if index == 0:
+            if index == 0 or plain:
                 x = block(x)
             else:
                 if self.block_fn == 'paper':
@@ -170,6 +241,18 @@ torch.fx.wrap('momentum_stage_forward')
 register_notrace_module(MomentumStage)
 
 
+_STAGES = ('layer1', 'layer2', 'layer3', 'layer4')
+
+
+@contextlib.contextmanager
+def _naming_stage(name: str) -> Iterator[None]:
+    """Prefix a refused setting's error with the stage it was refused for."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f'{name}: {e}') from None
+
+
 class MomentumResNet(ResNet):
     """timm's ResNet whose stages run the momentum rule of Sander et al. (2021, arXiv:2102.07870).
 
@@ -180,7 +263,7 @@ class MomentumResNet(ResNet):
     def __init__(
             self,
             *args: Any,
-            gamma: float = 0.9,
+            gamma: GammaSpec = 0.9,
             block_fn: str = 'dropin',
             memory_efficient: bool = False,
             checkpoint_transitions: bool = True,
@@ -190,19 +273,21 @@ class MomentumResNet(ResNet):
         """
         Args:
             *args: Positional ResNet arguments (block, layers).
-            gamma: Momentum in [0, 1); 0 with block_fn='dropin' gives the plain ResNet (1 would ignore the chains' blocks).
+            gamma: Momentum in [0, 1): one number for every stage, one per stage, or a policy of
+                ``GAMMA_POLICIES`` ('auto': the faithful policy for float32 training, 'auto:bf16'/'auto:fp16'
+                for half-precision autocast). 0 with block_fn='dropin' gives the plain ResNet; 1 would ignore
+                the chains' blocks. The drop-in ``momentum_resnet*`` models default to 'auto' with
+                ``pretrained=True`` and to the paper's 0.9 otherwise.
             block_fn: 'dropin' (f = block(x) - x) or 'paper' (f = residual branch).
             memory_efficient: Train with invertible chains and checkpointed stem and stage transitions,
                 so stored activations do not grow with depth.
             checkpoint_transitions: In memory-efficient mode, also recompute the stem and each stage's
                 first block in backward instead of storing their activations (their shapes change, so
-                they cannot be inverted). False trades memory for speed: in the CPU benchmark
-                (benchmarks/RESULTS.md) resnet101 at batch 16 peaked 378 MiB higher, and a batch-4 step
-                went from 1.44x to 1.34x plain backprop.
+                they cannot be inverted). False trades memory for speed (benchmarks/RESULTS.md).
             cifar_stem: The paper's CIFAR stem: one 3x3 stride-1 conv, no max-pool.
             **kwargs: Keyword ResNet arguments (num_classes, stem_type, drop_path_rate, ...).
         """
-        gamma = validate_gamma(gamma)
+        parse_gamma(gamma, _STAGES)  # a malformed gamma fails before the network is built
         _block_fn(block_fn)
         for name, flag in (('memory_efficient', memory_efficient), ('checkpoint_transitions', checkpoint_transitions),
                            ('cifar_stem', cifar_stem)):
@@ -211,12 +296,13 @@ class MomentumResNet(ResNet):
         super().__init__(*args, **kwargs)
         if cifar_stem:
             self._make_cifar_stem()
-        for name in ('layer1', 'layer2', 'layer3', 'layer4'):
-            stage = getattr(self, name)
-            setattr(self, name, MomentumStage(*stage, gamma=gamma, block_fn=block_fn,
-                                              memory_efficient=memory_efficient,
-                                              checkpoint_first=checkpoint_transitions))
-        self.momentum_cfg = dict(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
+        gammas, self.gamma_policy = resolve_gamma(gamma, [len(getattr(self, n)) - 1 for n in _STAGES], _STAGES)
+        for name, stage_gamma in zip(_STAGES, gammas):
+            with _naming_stage(name):
+                stage = MomentumStage(*getattr(self, name), gamma=stage_gamma, block_fn=block_fn,
+                                      memory_efficient=memory_efficient, checkpoint_first=checkpoint_transitions)
+            setattr(self, name, stage)
+        self.momentum_cfg = dict(gamma=gammas, block_fn=block_fn, memory_efficient=memory_efficient)
 
     def _make_cifar_stem(self) -> None:
         conv = self.conv1
@@ -235,19 +321,26 @@ class MomentumResNet(ResNet):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     @torch.jit.ignore
-    def set_momentum(self, gamma: Optional[float] = None, block_fn: Optional[str] = None,
+    def set_momentum(self, gamma: Optional[GammaSpec] = None, block_fn: Optional[str] = None,
                      memory_efficient: Optional[bool] = None) -> None:
-        """Change gamma, the block function or the memory mode of every stage; None keeps a value.
+        """Change gamma (a number, one per stage, or a policy name), the block function or the memory mode of
+        every stage; None keeps a value.
 
         Every stage is checked before any changes, so a refused setting leaves the model as it was.
         """
-        stages = [stage for stage in self.stages if isinstance(stage, MomentumStage)]
-        settings = [stage.check_momentum(gamma, block_fn, memory_efficient) for stage in stages]
-        for stage, setting in zip(stages, settings):
+        gammas: List[Optional[float]] = [None] * len(_STAGES)
+        policy = self.gamma_policy
+        if gamma is not None:
+            gammas, policy = resolve_gamma(gamma, [len(stage) - 1 for stage in self.stages], _STAGES)
+        settings = []
+        for name, stage, stage_gamma in zip(_STAGES, self.stages, gammas):
+            with _naming_stage(name):
+                settings.append(stage.check_momentum(stage_gamma, block_fn, memory_efficient))
+        for stage, setting in zip(self.stages, settings):
             stage.apply_momentum(*setting)
-        updates = dict(gamma=gamma, block_fn=block_fn, memory_efficient=memory_efficient)
-        self.momentum_cfg.update({k: v for k, v in updates.items() if v is not None})
-        self.momentum_cfg['gamma'] = float(self.momentum_cfg['gamma'])
+        self.gamma_policy = policy
+        self.momentum_cfg = dict(gamma=[stage.gamma for stage in self.stages], block_fn=self.layer1.block_fn,
+                                 memory_efficient=self.layer1.memory_efficient)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -344,22 +437,25 @@ def _create_momentum_resnet(variant: str, pretrained: bool = False, **kwargs: An
     return build_model_with_cfg(MomentumResNet, variant, pretrained, **kwargs)
 
 
+# the drop-in models: the timm ResNet each loads its weights from, and its blocks per stage
 _SOURCE_ARCHS = {
-    'momentum_resnet18': 'resnet18',
-    'momentum_resnet34': 'resnet34',
-    'momentum_resnet50': 'resnet50',
-    'momentum_resnet101': 'resnet101',
-    'momentum_resnet152': 'resnet152',
+    'momentum_resnet18': ('resnet18', (2, 2, 2, 2)),
+    'momentum_resnet34': ('resnet34', (3, 4, 6, 3)),
+    'momentum_resnet50': ('resnet50', (3, 4, 6, 3)),
+    'momentum_resnet101': ('resnet101', (3, 4, 23, 3)),
+    'momentum_resnet152': ('resnet152', (3, 8, 36, 3)),
 }
 
 
-def _momentum_cfgs_from_timm(arch: str, source_arch: str) -> Dict[str, Dict[str, Any]]:
+def _momentum_cfgs_from_timm(arch: str, source_arch: str, layers: Sequence[int]) -> Dict[str, Dict[str, Any]]:
     """One momentum tag per pretrained timm tag of ``source_arch``, default tag first, pointing at
-    the source weights on the Hub (the drop-in models load them unchanged)."""
+    the source weights on the Hub (the drop-in models load them unchanged, at the faithful gamma)."""
     default_tag = get_pretrained_cfg(source_arch).tag
     tags = [default_tag] + sorted(
         name.split('.', 1)[1] for name in list_pretrained(f'{source_arch}.*')
         if name.split('.', 1)[1] != default_tag)
+    gammas, _ = resolve_gamma('auto', [n - 1 for n in layers])
+    exact = all(g == 0.0 for g in gammas)
     cfgs = {}
     for tag in tags:
         cfg = get_pretrained_cfg(f'{source_arch}.{tag}').to_dict()
@@ -368,7 +464,12 @@ def _momentum_cfgs_from_timm(arch: str, source_arch: str) -> Dict[str, Dict[str,
         cfg['paper_ids'] = ', '.join(filter(None, [cfg.get('paper_ids'), PAPER]))
         cfg['notes'] = (
             f'Weights of {source_arch}.{tag} (hf_hub_id {cfg.get("hf_hub_id")}) loaded unchanged into the '
-            f'drop-in Momentum ResNet; exact at gamma=0, to be fine-tuned at gamma>0.')
+            f'drop-in Momentum ResNet at the faithful per-stage gamma (gamma=\'auto\' for float32 training: '
+            f'{tuple(gammas)} for layer1-4). ' + (
+                'Every chain stores its inputs at gamma 0, so the network computes its source\'s function.'
+                if exact else
+                'Chains at gamma > 0 do not compute their source\'s function exactly; the drift on these '
+                'ImageNet weights has not been measured (benchmarks/fidelity measures it on Fashion-MNIST).'))
         cfgs[f'{arch}.{tag}'] = cfg
     return cfgs
 
@@ -391,7 +492,8 @@ def _cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    **{k: v for arch, src in _SOURCE_ARCHS.items() for k, v in _momentum_cfgs_from_timm(arch, src).items()},
+    **{k: v for arch, (src, layers) in _SOURCE_ARCHS.items()
+       for k, v in _momentum_cfgs_from_timm(arch, src, layers).items()},
     **{f'momentum_mresnet{depth}': _paper_cfg() for depth in (18, 34, 50, 101, 152)},
     **{f'momentum_mresnet{depth}_cifar': _cifar_cfg() for depth in (18, 34, 50, 101, 152)},
 })
@@ -400,35 +502,35 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def momentum_resnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-18, drop-in block function (loads timm/torchvision ResNet-18 weights)."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-34, drop-in block function (loads timm/torchvision ResNet-34 weights)."""
-    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3))
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-50, drop-in block function (loads timm/torchvision ResNet-50 weights)."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-101, drop-in block function (loads timm/torchvision ResNet-101 weights)."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3))
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-152, drop-in block function (loads timm/torchvision ResNet-152 weights)."""
-    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3))
+    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet152', pretrained, **dict(model_args, **kwargs))
 
 
