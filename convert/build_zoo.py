@@ -27,7 +27,7 @@ def build_zoo(manifest: str, out: str, force: bool = False, push_org: str = None
             raise ConversionError(f'{manifest}: entry {entry} lacks {sorted(missing)}')
         name = entry['name']
         try:
-            convert(entry['source'], Path(out) / name, gamma=float(entry.get('gamma', 0.9)), force=force,
+            convert(entry['source'], Path(out) / name, gamma=entry.get('gamma'), force=force,
                     push_to_hub=f'{push_org}/{name}' if push_org else None)
             status[name] = 'ok'
         except (ConversionError, ValueError) as e:

@@ -7,6 +7,7 @@ either of its layouts. The output folder holds ``config.json``, ``model.safetens
 """
 import argparse
 import hashlib
+import html
 import json
 import math
 import os
@@ -17,13 +18,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import yaml
+
 import torch
 import torch.nn as nn
 
 from . import __version__
 from .errors import ConversionError, describe_os_error, first_line
 from .files import recover_interrupted_folder, write_folder_atomically
-from .heal import distill, load_images, recalibrate_batchnorm
+from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
+from .invertible import PAPER_GAMMA
+from .momentum_resnet import GAMMA_POLICIES, GammaSpec, parse_gamma
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
            'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
@@ -34,6 +39,9 @@ _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottlenec
            ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
 _TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
 _MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MResNet
+# What the Hub accepts as a license or dataset id; anything else in a source's metadata is not copied into cards
+_LICENSE_ID = re.compile(r'^[a-z0-9][a-z0-9.+-]{0,63}$')
+_DATASET_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$')
 
 
 @dataclass
@@ -49,13 +57,21 @@ class SourceCheckpoint:
     card_metadata: Dict[str, Any] = field(default_factory=dict)  # the YAML header of the source's model card
 
     def license(self) -> str:
-        """The source's license as its metadata states it, else 'unknown'."""
-        return str(self.pretrained_cfg.get('license') or self.card_metadata.get('license') or 'unknown')
+        """The source's license as its metadata states it (a license identifier such as ``apache-2.0``), 'other'
+        where the metadata holds something else, and 'unknown' where it names none."""
+        value = self.pretrained_cfg.get('license') or self.card_metadata.get('license')
+        if not value:
+            return 'unknown'
+        return str(value).strip().lower() if isinstance(value, str) and _LICENSE_ID.match(value.strip().lower()) \
+            else 'other'
 
     def datasets(self) -> List[str]:
-        """The datasets the source's model card names; empty when it names none."""
+        """The datasets the source's model card names, those that are dataset identifiers; empty when none."""
         datasets = self.card_metadata.get('datasets') or []
-        return [str(d) for d in ([datasets] if isinstance(datasets, str) else datasets)]
+        datasets = [datasets] if isinstance(datasets, str) else datasets
+        if not isinstance(datasets, list):
+            return []
+        return [d.strip() for d in datasets if isinstance(d, str) and _DATASET_ID.match(d.strip())]
 
 
 @dataclass
@@ -321,22 +337,59 @@ def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_a
     report: Dict[str, Any] = {
         'num_params': sum(p.numel() for p in model.parameters()),
         'num_buffers': sum(b.numel() for b in model.buffers()),
-        'input_size': list(input_size), 'gamma': model.momentum_cfg['gamma'],
+        'input_size': list(input_size),
     }
-    if block_fn == 'dropin':
-        plain_args = {k: v for k, v in model_args.items() if k not in ('gamma', 'block_fn', 'memory_efficient')}
-        if not plain_args.get('cifar_stem'):
-            source = timm.create_model(arch.replace('momentum_', '').replace('mresnet', 'resnet'), **plain_args)
-            source.load_state_dict(state, strict=True)
-            diff = float((_logits_at(model, x, 0.0) - _logits_at(source, x)).abs().max())
-            report['equivalence'] = {'max_abs_logit_diff_gamma0': diff, 'tolerance': EQUIVALENCE_TOL,
-                                     'passed': diff <= EQUIVALENCE_TOL, 'input': 'synthetic random normal, 2 images'}
-    if 'equivalence' not in report:
+    if block_fn == 'dropin' and not model_args.get('cifar_stem'):
+        source = timm.create_model(_plain_arch(arch), **_plain_args(model_args))
+        source.load_state_dict(state, strict=True)
+        diff = float((_logits_at(model, x, 0.0) - _logits_at(source, x)).abs().max())
+        report['equivalence'] = {'max_abs_logit_diff_gamma0': diff, 'tolerance': EQUIVALENCE_TOL,
+                                 'passed': diff <= EQUIVALENCE_TOL, 'input': 'synthetic random normal, 2 images'}
+    else:
         report['equivalence'] = {'skipped': 'no plain timm ResNet has this block function and stem'}
     return report
 
 
-def _logits_at(model: nn.Module, images: torch.Tensor, gamma: Optional[float] = None,
+def _plain_arch(arch: str) -> str:
+    """The timm ResNet a momentum architecture has the blocks of: momentum_resnet50 and momentum_mresnet50 -> resnet50."""
+    return arch.replace('momentum_', '').replace('mresnet', 'resnet')
+
+
+def _plain_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in model_args.items() if k not in ('gamma', 'block_fn', 'memory_efficient', 'cifar_stem')}
+
+
+def _source_network(checkpoint: SourceCheckpoint, state: Dict[str, torch.Tensor], arch: str, model_args: Dict[str, Any],
+                    source_gamma: List[float]) -> Tuple[nn.Module, str]:
+    """The source as the network it is, with its weights, and what that network is (for verify.json and the card).
+
+    A timm/torchvision checkpoint is a plain timm ResNet; one with the CIFAR stem, which timm has no plain model
+    for, is the drop-in momentum model at gamma 0 with that stem, which computes the plain ResNet's blocks bit for
+    bit. The official momentumnet layouts are that package's momentum networks at the gamma they were trained at
+    (``source_gamma``), with their own block function.
+    """
+    import timm
+
+    if checkpoint.layout == 'timm' and not model_args.get('cifar_stem'):
+        network = timm.create_model(_plain_arch(arch), **_plain_args(model_args))
+        what = f'the source ResNet, run as timm {_plain_arch(arch)}'
+    elif checkpoint.layout == 'timm':
+        network = timm.create_model(arch, **{**model_args, 'gamma': 0.0, 'block_fn': 'dropin'})
+        what = 'the source ResNet with the CIFAR stem (timm has no plain model for it: the drop-in momentum model at gamma 0)'
+    else:
+        network = timm.create_model(arch, **{**model_args, 'gamma': source_gamma, 'block_fn': checkpoint.block_fn})
+        what = (f'the source {checkpoint.layout} model at its gamma {_format_gamma(source_gamma)}, as timm-momentum '
+                f'computes it')
+    network.load_state_dict(state, strict=True)
+    return network.eval(), what
+
+
+def _format_gamma(gammas: List[float]) -> str:
+    """Per-stage gammas for people: one number when all stages share it, else the tuple."""
+    return f'{gammas[0]:g}' if len(set(gammas)) == 1 else '(' + ', '.join(f'{g:g}' for g in gammas) + ')'
+
+
+def _logits_at(model: nn.Module, images: torch.Tensor, gamma: Optional[GammaSpec] = None,
                batch_size: int = 32) -> torch.Tensor:
     """The eval-mode logits of ``model`` on ``images`` (at ``gamma`` when given), in batches."""
     model.eval()
@@ -353,17 +406,18 @@ def _drift_images(spec: Optional[str], heal_images: Optional[str], input_size: T
         return torch.randn(2, *input_size), 'synthetic random normal, 2 images'
     role = 'healing images' if spec == heal_images else 'evaluation images'
     images = load_images(spec, input_size[0], input_size[-1], limit=DRIFT_IMAGES, split='validation', role=role)
-    if spec == 'sklearn/digits':
+    if spec in HELD_OUT_SPLITS:
         where = 'the held-out split, not the healing images'
     else:
         where = 'the healing images' if spec == heal_images else 'not the healing images'
     return images, f'{spec} ({where}), {len(images)} images'
 
 
-def _drift(at_gamma: torch.Tensor, reference: torch.Tensor, input_description: str, healed: bool) -> Dict[str, Any]:
-    """How far the converted net's logits are from the source ResNet's; top-1 agreement only on real images."""
+def _drift(at_gamma: torch.Tensor, reference: torch.Tensor, against: str, input_description: str,
+           healed: bool) -> Dict[str, Any]:
+    """How far the converted net's logits are from the source's; top-1 agreement and KL only on real images."""
     drift: Dict[str, Any] = {
-        'against': 'the source ResNet (gamma = 0, source weights)',
+        'against': against,
         'after_healing': healed,
         'input': input_description,
         'images': len(reference),
@@ -372,38 +426,72 @@ def _drift(at_gamma: torch.Tensor, reference: torch.Tensor, input_description: s
     }
     if not input_description.startswith('synthetic'):  # on noise, the top-1 class means nothing
         drift['top1_agreement'] = float((at_gamma.argmax(-1) == reference.argmax(-1)).float().mean())
+        drift['kl_source_to_converted'] = float(nn.functional.kl_div(
+            at_gamma.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction='batchmean'))
     return drift
 
 
-def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: Dict[str, Any]) -> str:
+class _CardDumper(yaml.SafeDumper):
+    """YAML as Hub model cards write it: list items indented under their key."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        return super().increase_indent(flow, False)
+
+
+def _card_text(value: Any) -> str:
+    """A value from a source's metadata or the command line as one line of card text: no markup, no code spans."""
+    return html.escape(' '.join(str(value).split())).replace('`', "'")
+
+
+def _gamma_sentence(gammas: List[float], policy: Optional[str], block_fn: str) -> str:
+    """What the config's gamma is and what it means for the source's function."""
+    if policy:
+        dtype = {torch.float32: 'float32', torch.bfloat16: 'bfloat16 autocast', torch.float16: 'float16 autocast'}
+        text = (f'The config sets γ per stage (layer1–layer4) to {_format_gamma(gammas)}, chosen by the faithful '
+                f'policy `{policy}` for {dtype[GAMMA_POLICIES[policy]]} training: γ = 0 where a chain stores its '
+                f'inputs, else the smallest γ at which the chain inverts exactly while storing no more than at γ = 0.9.')
+    else:
+        text = f'The config sets γ = {_format_gamma(gammas)}' + (' per stage (layer1–layer4).' if len(set(gammas)) > 1
+                                                                  else '.')
+    if block_fn != 'dropin':
+        return text + ' With the paper block function the network is not its source ResNet at any γ.'
+    if all(g == 0.0 for g in gammas):
+        return text + ' At γ = 0 in every stage the network computes its source ResNet\'s function.'
+    return text + (' Stages at γ > 0 do not compute their source\'s function; the drift below says how far the '
+                   'network is from it.')
+
+
+def _model_card(arch: str, checkpoint: SourceCheckpoint, gammas: List[float], policy: Optional[str], block_fn: str,
+                report: Dict[str, Any]) -> str:
     # package data: a copy of the repository's MODEL_CARD.md (tests/test_packaging.py keeps the two identical)
     template = resources.files(__package__).joinpath('MODEL_CARD.md').read_text()
     datasets = checkpoint.datasets()
     healing = report.get('healing')
+    weights = 'The weights are the source\'s, unchanged.'
     if healing:
         steps = []
+        images = f"{healing['num_images']} images of {_card_text(healing['images'])}"
         if healing['recalibrate_bn']:
-            steps.append(f"BatchNorm statistics recalibrated at γ = {gamma} on {healing['num_images']} images "
-                         f"of {healing['images']}")
+            steps.append(f'BatchNorm statistics recalibrated at γ = {_format_gamma(gammas)} on {images}')
         if healing['distill_steps']:
-            steps.append(f"distilled from the source ResNet (γ = 0) for {healing['distill_steps']} steps on "
-                         f"{healing['num_images']} images of {healing['images']}")
-        weights = 'The weights are the source\'s, healed: ' + '; then '.join(steps) + f'. The config sets γ = {gamma}.'
-    else:
-        weights = f'The weights are the source\'s, unchanged; the config sets γ = {gamma}.'
+            steps.append(f"distilled from the source for {healing['distill_steps']} steps on {images}")
+        weights = 'The weights are the source\'s, healed: ' + '; then '.join(steps) + '.'
     drift = report['drift_at_gamma']
+    front_matter = {'library_name': 'timm', 'license': checkpoint.license(), 'pipeline_tag': 'image-classification',
+                    'tags': ['image-classification', 'timm', 'timm-momentum', 'momentum-resnet', 'invertible'],
+                    **({'datasets': datasets} if datasets else {})}
     values = {
-        'model_name': arch, 'source': checkpoint.source, 'source_layout': checkpoint.layout,
-        'source_sha256': checkpoint.sha256, 'gamma': gamma, 'license': checkpoint.license(),
-        'datasets_metadata': 'datasets:\n' + ''.join(f'  - {d}\n' for d in datasets) if datasets else '',
+        'front_matter': '---\n' + yaml.dump(front_matter, Dumper=_CardDumper, sort_keys=False, allow_unicode=True) + '---',
+        'model_name': arch, 'source': _card_text(checkpoint.source), 'source_layout': checkpoint.layout,
+        'source_sha256': checkpoint.sha256, 'gamma': _format_gamma(gammas), 'license': checkpoint.license(),
         'datasets': ', '.join(datasets) if datasets else 'unknown (the source\'s metadata names none)',
-        'weights': weights, 'equivalence': json.dumps(report.get('equivalence')),
-        'drift_when': 'after healing' if healing else 'as converted', 'drift_input': drift['input'],
+        'weights': weights + ' ' + _gamma_sentence(gammas, policy, block_fn),
+        'equivalence': json.dumps(report.get('equivalence')), 'against': _card_text(drift['against']),
+        'drift_when': 'after healing' if healing else 'as converted', 'drift_input': _card_text(drift['input']),
         'drift': json.dumps({k: v for k, v in drift.items() if k not in ('against', 'input', 'after_healing')}),
     }
-    for key, value in values.items():
-        template = template.replace('{' + key + '}', str(value))
-    return template
+    # one pass, so that a value holding '{key}' is not filled in again
+    return re.sub(r'\{(\w+)\}', lambda m: str(values.get(m.group(1), m.group(0))), template)
 
 
 def _check_output(out_dir: Path, force: bool) -> None:
@@ -427,37 +515,44 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
-            force: bool = False, push_to_hub: Optional[str] = None, heal_images: Optional[str] = None,
-            recalibrate_bn: bool = False, distill_steps: int = 0, img_size: Optional[int] = None,
-            eval_images: Optional[str] = None) -> ConvertResult:
+def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[GammaSpec] = None,
+            arch: Optional[str] = None, force: bool = False, push_to_hub: Optional[str] = None,
+            heal_images: Optional[str] = None, recalibrate_bn: bool = False, distill_steps: int = 0,
+            img_size: Optional[int] = None, eval_images: Optional[str] = None,
+            source_gamma: Optional[GammaSpec] = None) -> ConvertResult:
     """Convert SOURCE into a Momentum ResNet model folder at OUT_DIR.
 
     Args:
         source: A local checkpoint file, ``hf-hub:ORG/NAME``, or a timm ResNet name or tag.
         out_dir: The folder to write (must not exist or be empty unless ``force``).
-        gamma: The momentum stored in the model's config.
+        gamma: The momentum stored in the model's config: a number, one per stage, or a policy name. Default:
+            the faithful policy 'auto' for the drop-in block function from a timm/torchvision ResNet, the
+            source's own gamma for the official momentumnet layouts, and the paper's 0.9 for the paper block
+            function from a plain ResNet.
         arch: Override the inferred momentum architecture.
         force: Replace a non-empty ``out_dir``.
         push_to_hub: Upload the folder to this Hub repo afterwards.
-        heal_images: Unlabeled images for healing (``sklearn/digits`` or a folder).
+        heal_images: Unlabeled images for healing (``sklearn/digits``, ``torch/fashion_mnist`` or a folder).
         recalibrate_bn: Re-estimate BatchNorm statistics at the target gamma on ``heal_images``.
-        distill_steps: Then distil the source ResNet (gamma = 0) into the momentum net for this many steps.
+        distill_steps: Then distil the source into the momentum net for this many steps.
         img_size: Input resolution of verification and healing, and of the saved config (default: the source's).
         eval_images: Images to measure drift from the source on (up to DRIFT_IMAGES; default: ``heal_images``,
-            its held-out split for ``sklearn/digits``); without either, 2 images of random noise.
+            its held-out split for ``sklearn/digits`` and ``torch/fashion_mnist``); without either, 2 images
+            of random noise.
+        source_gamma: The gamma an official momentumnet checkpoint was trained at (default 0.9, that package's
+            default); a timm/torchvision ResNet is its own function and takes none.
 
     Returns:
-        The folder, architecture, model kwargs and the verification report.
+        The folder, architecture, model kwargs (gamma as one value per stage) and the verification report.
     """
     import timm
 
-    from .invertible import validate_gamma
-
-    try:
-        gamma = validate_gamma(gamma)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
+    for name, value in (('gamma', gamma), ('source_gamma', source_gamma)):
+        try:
+            if value is not None:
+                parse_gamma(value)
+        except ValueError as e:
+            raise ConversionError(str(e) if str(e).startswith(name) else f'{name}: {e}') from None
     if distill_steps < 0:
         raise ConversionError(f'distill_steps must be >= 0, got {distill_steps}')
     if (recalibrate_bn or distill_steps) and not heal_images:
@@ -476,52 +571,94 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     if arch not in timm.list_models('momentum_*'):
         raise ConversionError(f'unsupported architecture {arch!r}: use one of {timm.list_models("momentum_*")}')
     block_fn = 'paper' if 'mresnet' in arch and model_args.get('block_fn') != 'dropin' else 'dropin'
-    model_args = {**model_args, 'gamma': gamma, 'block_fn': block_fn}
-    model = timm.create_model(arch, **model_args)
+    model_args = {**model_args, 'block_fn': block_fn}
+    gamma, source_gamma = _conversion_gammas(checkpoint, block_fn, gamma, source_gamma)
+    try:
+        model = timm.create_model(arch, **model_args, gamma=gamma)
+    except ValueError as e:
+        raise ConversionError(str(e) if str(e).startswith(('gamma', 'layer')) else f'gamma: {e}') from None
+    gammas, policy = list(model.momentum_cfg['gamma']), model.gamma_policy
+    model_args['gamma'] = gammas  # the config carries the values, whatever policy chose them
     state = _with_batch_counters(state, model)
     _load_strict(model, state, arch)
-    default_cfg = dict(model.pretrained_cfg)
-    pretrained_cfg = {k: v for k, v in {**default_cfg, **checkpoint.pretrained_cfg}.items()
-                      if k in ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean',
-                               'std', 'pool_size', 'first_conv', 'classifier', 'license', 'origin_url', 'paper_ids')}
-    pretrained_cfg['num_classes'] = model.num_classes
-    pretrained_cfg['license'] = checkpoint.license()  # the weights' license, not the momentum model's default
-    pretrained_cfg['notes'] = f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma={gamma}.'
-    input_size = tuple(pretrained_cfg.get('input_size', (3, 224, 224)))
-    input_size = (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size is not None else tuple(input_size[1:]))
-    pretrained_cfg['input_size'] = list(input_size)
-    if img_size is not None:
-        pretrained_cfg.pop('test_input_size', None)
-        pretrained_cfg.pop('pool_size', None)
-    report = _verify(model, state, arch, model_args, block_fn, input_size)
+    input_size = _input_size(model, checkpoint, model_args, img_size)
+    pretrained_cfg = _converted_cfg(model, checkpoint, input_size, img_size, gammas, policy)
+    report = {**_verify(model, state, arch, model_args, block_fn, input_size), 'gamma': gammas, 'gamma_policy': policy}
     if report['equivalence'].get('passed') is False:
         raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
                               f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
+    source_net, against = _source_network(checkpoint, state, arch, model_args, source_gamma)
     drift_images, drift_input = _drift_images(eval_images or heal_images, heal_images, input_size)
-    reference = _logits_at(model, drift_images, 0.0)  # the source's function: weights unchanged so far
+    reference = _logits_at(source_net, drift_images)
+    model.set_momentum(gamma=gammas)  # the equivalence check ran it at 0
     healed = bool(recalibrate_bn or distill_steps)
     if healed:
         images = load_images(heal_images, input_size[0], input_size[-1])
-        teacher = timm.create_model(arch, **{**model_args, 'gamma': 0.0})
-        teacher.load_state_dict(state)
-        model.set_momentum(gamma=gamma)
         if recalibrate_bn:
             recalibrate_batchnorm(model, images)
         if distill_steps:  # after recalibration: it fits the weights to the statistics the model keeps
-            distill(model, teacher, images, distill_steps)
+            distill(model, source_net, images, distill_steps)
         report['healing'] = {'images': heal_images, 'num_images': len(images), 'recalibrate_bn': recalibrate_bn,
                              'distill_steps': distill_steps}
-    report['drift_at_gamma'] = _drift(_logits_at(model, drift_images, gamma), reference, drift_input, healed)
+    report['drift_at_gamma'] = _drift(_logits_at(model, drift_images), reference, against, drift_input, healed)
     report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
                         'sha256': checkpoint.sha256, 'license': checkpoint.license(),
-                        'datasets': checkpoint.datasets() or 'unknown'}
+                        'datasets': checkpoint.datasets() or 'unknown', 'gamma': source_gamma}
     provenance = {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
-                  'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}'}
+                  'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}',
+                  'gamma': gammas, 'gamma_policy': policy}
     write_model_folder(out_dir, model, model_args, pretrained_cfg, {'provenance': provenance},
-                       _model_card(arch, checkpoint, gamma, report), force, {'verify.json': report})
+                       _model_card(arch, checkpoint, gammas, policy, block_fn, report), force,
+                       {'verify.json': report})
     if push_to_hub:
         upload_to_hub(out_dir, push_to_hub)
     return ConvertResult(out_dir, arch, model_args, report)
+
+
+def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optional[GammaSpec],
+                       source_gamma: Optional[GammaSpec]) -> Tuple[GammaSpec, List[float]]:
+    """The gamma to convert at and the gamma the source computes at (per stage), defaults filled in."""
+    official = checkpoint.layout != 'timm'
+    if source_gamma is not None and not official:
+        raise ConversionError(f'source_gamma: {checkpoint.source} is a {checkpoint.layout}-layout ResNet, which has '
+                              f'no gamma (it is its own function); source_gamma is for the official momentumnet '
+                              f'layouts')
+    if official:
+        source_spec = PAPER_GAMMA if source_gamma is None else parse_gamma(source_gamma)
+        if isinstance(source_spec, str):
+            raise ConversionError(f'source_gamma: the gamma the source was trained at, a number or one per stage, '
+                                  f'not the policy {source_spec!r}')
+        stages = [source_spec] * 4 if isinstance(source_spec, float) else list(source_spec)
+        if len(stages) != 4:
+            raise ConversionError(f'source_gamma: one number or one per stage (4), got {len(stages)} values')
+        return (stages if gamma is None else gamma), stages
+    default = 'auto' if block_fn == 'dropin' else PAPER_GAMMA
+    return (default if gamma is None else gamma), [0.0] * 4
+
+
+def _input_size(model: nn.Module, checkpoint: SourceCheckpoint, model_args: Dict[str, Any],
+                img_size: Optional[int]) -> Tuple[int, ...]:
+    """(channels, height, width) of the converted model's input: the source cfg's, or ``img_size`` square."""
+    size = tuple({**model.pretrained_cfg, **checkpoint.pretrained_cfg}.get('input_size', (3, 224, 224)))
+    return (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size is not None else tuple(size[1:]))
+
+
+def _converted_cfg(model: nn.Module, checkpoint: SourceCheckpoint, input_size: Tuple[int, ...],
+                   img_size: Optional[int], gammas: List[float], policy: Optional[str]) -> Dict[str, Any]:
+    """The folder's pretrained_cfg: the source's preprocessing and metadata, with what the conversion did."""
+    cfg = {k: v for k, v in {**dict(model.pretrained_cfg), **checkpoint.pretrained_cfg}.items()
+           if k in ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std',
+                    'pool_size', 'first_conv', 'classifier', 'license', 'origin_url', 'paper_ids')}
+    cfg['num_classes'] = model.num_classes
+    cfg['license'] = checkpoint.license()  # the weights' license, not the momentum model's default
+    chosen = f' (the faithful policy {policy!r})' if policy else ''
+    cfg['notes'] = (f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma '
+                    f'{_format_gamma(gammas)} per stage{chosen}; verify.json gives the drift from the source.')
+    cfg['input_size'] = list(input_size)
+    if img_size is not None:
+        cfg.pop('test_input_size', None)
+        cfg.pop('pool_size', None)
+    return cfg
 
 
 def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model_args: Dict[str, Any],
@@ -590,11 +727,13 @@ def _run(args: argparse.Namespace) -> int:
         result = convert(args.source, args.out, gamma=args.gamma, arch=args.arch, force=args.force,
                          push_to_hub=args.push_to_hub, heal_images=args.heal_images,
                          recalibrate_bn=args.recalibrate_bn, distill_steps=args.distill_steps, img_size=args.img_size,
-                         eval_images=args.eval_images)
+                         eval_images=args.eval_images, source_gamma=args.source_gamma)
     except ConversionError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f'wrote {result.out_dir} ({result.arch}, gamma={args.gamma})')
+    policy = result.verify.get('gamma_policy')
+    print(f"wrote {result.out_dir} ({result.arch}, gamma {_format_gamma(result.model_args['gamma'])} per stage"
+          f"{f', policy {policy}' if policy else ''})")
     print(json.dumps(result.verify, indent=2))
     return 0
 
@@ -605,18 +744,26 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('source', help='local .safetensors/.pth/.bin file, a model folder (local-dir:PATH), '
                         'hf-hub:ORG/NAME, or a timm ResNet name/tag')
     parser.add_argument('--out', required=True, help='output folder (Hugging Face / timm layout)')
-    parser.add_argument('--gamma', type=float, default=0.9, help='momentum stored in the config, in [0, 1)')
+    parser.add_argument('--gamma', default=None,
+                        help="momentum stored in the config: a number in [0, 1), one per stage (0,0,0.036,0), or a "
+                        "policy: auto (faithful, float32 training), auto:bf16, auto:fp16 (default: auto for "
+                        "timm/torchvision ResNets, 0.9 for the paper block function, the source's own for the "
+                        "official momentumnet layouts)")
+    parser.add_argument('--source-gamma', default=None,
+                        help='the gamma an official momentumnet checkpoint was trained at (default: 0.9, its '
+                        'package default); timm/torchvision ResNets take none')
     parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50 '
                         '(default: inferred from the weights)')
     parser.add_argument('--force', action='store_true', help='replace a non-empty output folder')
     parser.add_argument('--push-to-hub', default=None, metavar='ORG/NAME',
                         help='upload the folder to this Hub repo afterwards (default: no upload)')
     parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the source cfg)')
-    parser.add_argument('--heal-images', default=None, help='unlabeled images for healing: sklearn/digits or a folder '
+    parser.add_argument('--heal-images', default=None, help='unlabeled images for healing: sklearn/digits, '
+                        'torch/fashion_mnist (its idx files in /usr/share/datasets/fashion-mnist) or a folder '
                         '(default: none, no healing)')
     parser.add_argument('--recalibrate-bn', action='store_true', help='re-estimate BatchNorm statistics at --gamma')
-    parser.add_argument('--distill-steps', type=int, default=0, help='then distil the source ResNet for N steps (100 is a good start)')
+    parser.add_argument('--distill-steps', type=int, default=0, help='then distil the source for N steps (100 is a good start)')
     parser.add_argument('--eval-images', default=None,
-                        help=f'images to measure drift from the source on, up to {DRIFT_IMAGES} (sklearn/digits or a '
-                        f'folder; default: --heal-images, else 2 images of random noise)')
+                        help=f'images to measure drift from the source on, up to {DRIFT_IMAGES} (sklearn/digits, '
+                        f'torch/fashion_mnist or a folder; default: --heal-images, else 2 images of random noise)')
     parser.set_defaults(func=_run)
