@@ -20,11 +20,11 @@ import torch.nn as nn
 import yaml
 
 from .convert import write_model_folder
-from .data import build_datasets, build_loader
+from .data import FASHION_MNIST, build_datasets, build_loader
 from .errors import ConfigError, first_line, run_reporting_user_errors
 from .files import atomic_write, write_csv
 from .memory import vm_hwm_bytes
-from .momentum_resnet import MomentumResNet
+from .momentum_resnet import MomentumResNet, parse_gamma, policy_for_dtype
 
 __all__ = ['DEFAULTS', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
            'seed_everything', 'load_resume_state', 'train', 'find_batch_size']
@@ -32,7 +32,9 @@ __all__ = ['DEFAULTS', 'load_config', 'validate_config', 'describe_config', 'loa
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
     'model': 'momentum_resnet50', 'pretrained': False, 'initial_checkpoint': None, 'num_classes': None,
-    'in_chans': 3, 'img_size': None, 'gamma': 0.9, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
+    # gamma: a number, one per stage, or a policy ('auto': the faithful one for this run's precision); None keeps
+    # the model's own (a folder's recorded values; a drop-in model's default policy, for this run's precision)
+    'in_chans': 3, 'img_size': None, 'gamma': None, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
     'grad_checkpointing': False,  # timm's set_grad_checkpointing(): recompute each block in backward
     # data
     'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
@@ -150,7 +152,6 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from timm.optim import list_optimizers
     from timm.scheduler import create_scheduler_v2
 
-    from .invertible import validate_gamma
 
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -158,7 +159,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for key, default in DEFAULTS.items():
         value = cfg.get(key, default)
-        if key == 'batch_size' and value == 'auto':
+        if (key == 'batch_size' and value == 'auto') or key == 'gamma':  # gamma: checked by parse_gamma below
             out[key] = value
         elif key == 'amp':
             if value is True:
@@ -180,7 +181,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if not out[key]:
             raise ConfigError(f'{key} must not be empty')
     try:
-        out['gamma'] = validate_gamma(out['gamma'])
+        out['gamma'] = None if cfg.get('gamma') is None else parse_gamma(cfg['gamma'])
     except ValueError as e:
         raise ConfigError(f'gamma: {e}') from None
     for key in ('classes', 'decay_milestones'):
@@ -190,10 +191,10 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
         if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
             raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {cfg['scale']!r}")
-    if out['dataset'] == 'sklearn/digits' and out['classes'] is not None:
+    if out['dataset'] in ('sklearn/digits', FASHION_MNIST) and out['classes'] is not None:
         if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
                 or len(out['classes']) < 2:
-            raise ConfigError(f"classes must be two or more different digits 0-9, got {cfg['classes']!r}")
+            raise ConfigError(f"classes must be two or more different class indices 0-9, got {cfg['classes']!r}")
     if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
         raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {out['dataset']!r}")
     if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
@@ -224,9 +225,15 @@ def describe_config(cfg: Dict[str, Any]) -> str:
     classes = f" classes {cfg['classes']}" if cfg['classes'] is not None else ''
     changed = ', '.join(f'{k}={v!r}' for k, v in cfg.items() if k in DEFAULTS and v != DEFAULTS[k])
     return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {cfg['epochs']} epochs, batch "
-            f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {cfg['gamma']}, memory_efficient "
+            f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {_describe_gamma(cfg['gamma'])}, memory_efficient "
             f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
             f"changed from the defaults: {changed or 'nothing'}")
+
+
+def _describe_gamma(gamma: Any) -> str:
+    if gamma is None:
+        return "the model's own"
+    return ', '.join(f'{g:g}' for g in gamma) if isinstance(gamma, list) else str(gamma)
 
 
 def _check_device(name: str) -> None:
@@ -262,7 +269,8 @@ def _amp_dtype(cfg: Dict[str, Any], device: torch.device) -> Optional[torch.dtyp
     return torch.float16 if amp == 'fp16' else torch.bfloat16
 
 
-def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+def _build_model(cfg: Dict[str, Any], num_classes: int, amp: Optional[torch.dtype] = None) -> nn.Module:
+    """The model ``cfg`` names, with its gamma and memory mode set for training that computes in ``amp``."""
     import timm
 
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
@@ -273,12 +281,24 @@ def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
     # Asked of the model, not its name: local-dir: and hf-hub: names do not say they hold a momentum net.
     if isinstance(model, MomentumResNet):
-        model.set_momentum(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
+        try:
+            model.set_momentum(gamma=_run_gamma(cfg['gamma'], model.gamma_policy, amp),
+                               memory_efficient=cfg['memory_efficient'])
+        except ValueError as e:
+            raise ConfigError(f'gamma: {e}') from None
     if cfg['initial_checkpoint']:
         load_initial_checkpoint(model, cfg['initial_checkpoint'])
     if cfg['grad_checkpointing']:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _run_gamma(gamma: Any, model_policy: Optional[str], amp: Optional[torch.dtype]) -> Any:
+    """The gamma to train at: the config's, where 'auto' (or, with no gamma in the config, a model whose gamma a
+    policy chose) means the faithful policy for the dtype this run computes in; None keeps the model's values."""
+    if gamma == 'auto' or (gamma is None and model_policy is not None):
+        return policy_for_dtype(amp)
+    return gamma
 
 
 def load_initial_checkpoint(model: nn.Module, path: str) -> None:
@@ -532,13 +552,17 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         torch.backends.cudnn.benchmark = cfg['cudnn_benchmark']
     if cfg['batch_size'] == 'auto':
         cfg = dict(cfg, batch_size=find_batch_size(cfg))
-    probe = _build_model(cfg, cfg['num_classes'] or 2) if cfg['dataset'] != 'sklearn/digits' else None
+    # timm's datasets take their transforms' input size, mean and std from the model; in-memory ones need none
+    probe = None if cfg['dataset'] in ('sklearn/digits', FASHION_MNIST) else _build_model(cfg, cfg['num_classes'] or 2)
     train_set, val_set, data_classes = build_datasets(cfg, probe)
     num_classes = cfg['num_classes'] or data_classes
     if data_classes and num_classes != data_classes:
         raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
     seed_everything(cfg['seed'])
-    model = _build_model(cfg, num_classes).to(device)
+    model = _build_model(cfg, num_classes, amp).to(device)
+    if isinstance(model, MomentumResNet) and _rank() == 0:
+        policy = f' (policy {model.gamma_policy})' if model.gamma_policy else ''
+        print(f"gamma per stage: {_describe_gamma(model.momentum_cfg['gamma'])}{policy}", flush=True)
     if cfg['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
@@ -644,7 +668,7 @@ def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, 
     if cfg['img_size']:
         pretrained_cfg['input_size'] = [cfg['in_chans'], cfg['img_size'], cfg['img_size']]
     card = (f"---\nlibrary_name: timm\ntags:\n  - timm-momentum\n---\n\n# {cfg['model']} fine-tuned on {cfg['dataset']}\n\n"
-            f"Fine-tuned by `timm-momentum finetune` (gamma={momentum_cfg.get('gamma')}, memory_efficient="
+            f"Fine-tuned by `timm-momentum finetune` (gamma per stage {_describe_gamma(momentum_cfg.get('gamma'))}, memory_efficient="
             f"{cfg['memory_efficient']}). Epoch {row['epoch']}: validation accuracy {row['val_acc']:.2f}%.\n")
     write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card)
 
