@@ -48,7 +48,7 @@ def test_timm_safetensors_round_trip(tmp_path):
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
         ['README.md', 'config.json', 'model.safetensors', 'verify.json'], 0o644)
     config = json.loads((out / 'config.json').read_text())
-    assert config['architecture'] == 'momentum_resnet18' and config['model_args']['gamma'] == 0.9
+    assert config['architecture'] == 'momentum_resnet18' and config['model_args']['gamma'] == [0.9] * 4
     assert config['model_args']['block_fn'] == 'dropin' and config['num_classes'] == 5
     assert len(config['provenance']['sha256']) == 64
     verify = json.loads((out / 'verify.json').read_text())
@@ -64,7 +64,7 @@ def test_timm_safetensors_round_trip(tmp_path):
     assert 'imagenet' not in card.lower() and 'datasets:' not in card and 'Trained on: unknown' in card
     assert 'license: unknown' in card and config['pretrained_cfg']['license'] == 'unknown'
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
-    assert model.momentum_cfg['gamma'] == 0.9
+    assert model.momentum_cfg['gamma'] == [0.9] * 4
     model.set_momentum(gamma=0.0)
     assert (_logits(model) - _logits(source)).abs().max() <= 1e-5
 
@@ -134,7 +134,7 @@ def test_timm_tag_from_the_hub_cache_and_hf_hub_output(tmp_path, monkeypatch):
     _add_repo(cache, 'me/momentum-resnet18', {n: (lambda dst, src=p: dst.write_bytes(src.read_bytes()))
                                                for n, p in files.items()})
     model = timm.create_model('hf-hub:me/momentum-resnet18', pretrained=True)
-    assert model.momentum_cfg['gamma'] == 0.5
+    assert model.momentum_cfg['gamma'] == [0.5] * 4
     with pytest.raises(ConversionError, match='cannot fetch'):
         convert('resnet34.a1_in1k', tmp_path / 'missing')
 
@@ -336,7 +336,7 @@ def test_zoo_driver_converts_each_entry_and_reports_failures(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and 'broken: ' in proc.stdout and '1 converted, 1 failed' in proc.stdout
     config = json.loads((tmp_path / 'zoo' / 'momentum_resnet18.test' / 'config.json').read_text())
-    assert config['model_args']['gamma'] == 0.8
+    assert config['model_args']['gamma'] == [0.8] * 4
     assert not (tmp_path / 'zoo' / 'broken').exists()
     repo_manifest = yaml_load(Path(__file__).parent.parent / 'convert' / 'zoo.yaml')
     assert all(e['source'].startswith('timm/resnet') for e in repo_manifest['models'])
@@ -349,18 +349,20 @@ def yaml_load(path):
 
 def test_healing_options_run(tmp_path):
     save_file(_resnet(18).state_dict(), tmp_path / 'r18.safetensors')
+    # healing is for a gamma > 0 (the faithful default keeps resnet18 at 0, its source's function)
     result = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'out', heal_images='sklearn/digits',
-                     recalibrate_bn=True, distill_steps=2, img_size=32)
+                     recalibrate_bn=True, distill_steps=2, img_size=32, gamma=0.9)
     assert json.loads((result.out_dir / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 32]
     assert result.verify['healing'] == {'images': 'sklearn/digits', 'num_images': 1024, 'recalibrate_bn': True,
                                         'distill_steps': 2}
     healed = load_file(result.out_dir / 'model.safetensors')
-    unhealed = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'plain', img_size=32, eval_images='sklearn/digits')
+    unhealed = convert(str(tmp_path / 'r18.safetensors'), tmp_path / 'plain', img_size=32, eval_images='sklearn/digits',
+                       gamma=0.9)
     plain = load_file(unhealed.out_dir / 'model.safetensors')
     # the card and verify.json say what healing did, and drift is measured after it, on real held-out images
     card = (result.out_dir / 'README.md').read_text()
     assert 'unchanged' not in card and 'recalibrated at γ = 0.9 on 1024 images of sklearn/digits' in card
-    assert 'distilled from the source ResNet (γ = 0) for 2 steps' in card and 'after healing' in card
+    assert 'distilled from the source for 2 steps' in card and 'after healing' in card
     assert 'unchanged' in (unhealed.out_dir / 'README.md').read_text()
     drift = json.loads((result.out_dir / 'verify.json').read_text())['drift_at_gamma']
     unhealed_drift = json.loads((unhealed.out_dir / 'verify.json').read_text())['drift_at_gamma']

@@ -84,7 +84,7 @@ def test_training_writes_metrics_plots_checkpoint_and_exports(tmp_path):
     assert not torch.equal(final['fc.weight'], state['model']['fc.weight'])
     for folder in ('best', 'final'):
         model = timm.create_model(f'local-dir:{out / folder}', pretrained=True)
-        assert model.num_classes == 2 and model.momentum_cfg['gamma'] == 0.9
+        assert model.num_classes == 2 and model.momentum_cfg['gamma'] == [0.9] * 4
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
@@ -370,7 +370,7 @@ def test_a_local_dir_model_trains_in_the_configured_mode(tmp_path):
     result = train(_tiny(tmp_path, model=f'local-dir:{folder}', pretrained=True, epochs=1, gamma=0.5,
                          memory_efficient=True, plots=False, checkpoints=False))
     model = result['model']
-    assert model.momentum_cfg['memory_efficient'] is True and model.momentum_cfg['gamma'] == 0.5
+    assert model.momentum_cfg['memory_efficient'] is True and model.momentum_cfg['gamma'] == [0.5] * 4
     assert all(stage.memory_efficient and stage.gamma == 0.5 for stage in model.stages)
 
 
@@ -391,7 +391,7 @@ def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
     from timm_momentum.finetune import describe_config
 
     assert describe_config(load_config()).splitlines() == [
-        'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma 0.9, '
+        'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma the model\'s own, '
         'memory_efficient True, output output/finetune (all keys: output/finetune/args.yaml)',
         'changed from the defaults: nothing']
     out = tmp_path / 'run'
@@ -401,4 +401,5 @@ def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
     assert lines[0].startswith('finetune momentum_resnet18 on sklearn/digits classes [0, 1] for 1 epochs, batch 512')
     assert lines[1] == (f"changed from the defaults: model='momentum_resnet18', img_size=16, classes=[0, 1], "
                         f"batch_size=512, epochs=1, output='{out}', progress=False")
-    assert lines[2].startswith('epoch 0: ')
+    assert lines[2] == 'gamma per stage: 0.9, 0.9, 0.9, 0.9'  # built from scratch: the paper's gamma
+    assert lines[3].startswith('epoch 0: ')

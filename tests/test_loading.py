@@ -94,7 +94,7 @@ def test_hf_hub_name_with_momentum_architecture(hub_cache):
     state, files = _model_repo_files(hub_cache)
     _add_repo(hub_cache, 'someone/momentum-resnet18-digits', files)
     model = timm.create_model('hf-hub:someone/momentum-resnet18-digits', pretrained=True)
-    assert type(model).__name__ == 'MomentumResNet' and model.momentum_cfg['gamma'] == 0.5
+    assert type(model).__name__ == 'MomentumResNet' and model.momentum_cfg['gamma'] == [0.5] * 4
     assert _same_weights(model, state) and model.num_classes == 10
     assert tuple(model.pretrained_cfg['input_size']) == (3, 64, 64)
 
@@ -104,7 +104,7 @@ def test_local_dir_with_momentum_architecture(tmp_path):
     for name, write in files.items():
         write(tmp_path / name)
     model = timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
-    assert model.momentum_cfg['gamma'] == 0.5 and _same_weights(model, state)
+    assert model.momentum_cfg['gamma'] == [0.5] * 4 and _same_weights(model, state)
 
 
 def test_checkpoint_of_another_depth_names_the_keys(tmp_path):

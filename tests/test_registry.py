@@ -48,13 +48,17 @@ def test_timm_resnet_options_keep_working(kwargs):
 
 def test_momentum_kwargs_show_in_config():
     model = timm.create_model('momentum_resnet18', gamma=0.5, memory_efficient=True, block_fn='paper')
-    assert model.momentum_cfg == dict(gamma=0.5, block_fn='paper', memory_efficient=True)
+    assert model.momentum_cfg == dict(gamma=[0.5] * 4, block_fn='paper', memory_efficient=True)
     assert all(stage.gamma == 0.5 and stage.memory_efficient for stage in model.stages)
     assert 'gamma=0.5' in repr(model.layer1)
+    # built to be trained from scratch, the paper's gamma; with pretrained weights, the faithful policy
     default = timm.create_model('momentum_resnet18')
-    assert default.momentum_cfg == dict(gamma=0.9, block_fn='dropin', memory_efficient=False)
+    assert default.momentum_cfg == dict(gamma=[0.9] * 4, block_fn='dropin', memory_efficient=False)
+    assert default.gamma_policy is None
     default.set_momentum(gamma=0.25)
-    assert default.momentum_cfg['gamma'] == 0.25 and default.layer4.gamma == 0.25
+    assert default.momentum_cfg['gamma'] == [0.25] * 4 and default.layer4.gamma == 0.25
+    default.set_momentum(gamma='auto')
+    assert default.momentum_cfg['gamma'] == [0.0] * 4 and default.gamma_policy == 'auto'
 
 
 @pytest.mark.parametrize('gamma', [-0.1, 1.5, float('nan'), 'high'])

@@ -21,7 +21,7 @@ def test_gamma_one_is_refused_by_the_model_the_chain_and_set_momentum():
     model = timm.create_model('momentum_resnet18', gamma=0.9)
     with pytest.raises(ValueError, match='ignores its blocks'):
         model.set_momentum(gamma=1.0)
-    assert model.momentum_cfg['gamma'] == 0.9 and all(stage.gamma == 0.9 for stage in model.stages)
+    assert model.momentum_cfg['gamma'] == [0.9] * 4 and all(stage.gamma == 0.9 for stage in model.stages)
 
 
 def _settings(model):
@@ -40,7 +40,7 @@ def test_set_momentum_is_atomic():
     assert _settings(model) == before and model.momentum_cfg == cfg
     model.set_momentum(gamma=0.5, memory_efficient=True)
     assert _settings(model) == [(0.5, 'dropin', True)] * 4
-    assert model.momentum_cfg == {'gamma': 0.5, 'block_fn': 'dropin', 'memory_efficient': True}
+    assert model.momentum_cfg == {'gamma': [0.5] * 4, 'block_fn': 'dropin', 'memory_efficient': True}
 
 
 @pytest.mark.parametrize('value', ['no way', 'false', 1, 0.0])
