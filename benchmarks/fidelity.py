@@ -1,0 +1,294 @@
+"""The fidelity table: what converting a pretrained ResNet into a Momentum ResNet keeps, on real data.
+
+    python benchmarks/fidelity.py [--depths 18,50,101,152] [--out benchmarks/fidelity]
+
+1. Upstreams. A plain timm ResNet per depth is trained on Fashion-MNIST (all 60000 training images, 32x32,
+   3 channels) by ``timm_momentum.finetune`` with one fixed recipe (below), and exported to
+   ``OUT/upstream/resnetD/final``. Nothing is chosen on the test split: the epochs are fixed beforehand and the
+   last epoch is kept. An upstream already there is reused.
+2. Conversions. Each upstream goes through ``timm_momentum.convert`` at gamma 0.9, at 0.5 and under the faithful
+   policies 'auto' (float32 work) and 'auto:bf16' (bfloat16 autocast work), each unhealed, after BatchNorm
+   recalibration and after distillation, and is loaded back from the folder with ``local-dir:``.
+3. Measurements, each against the upstream on the same test images: top-1, top-1 agreement with the upstream,
+   KL(upstream || converted), the per-stage gamma, the memory-efficient gradient error against standard backprop
+   (input and worst parameter, relative, float32, on training images) and the bytes saved for backward in
+   memory-efficient mode, in float32 and under bfloat16 autocast.
+
+Writes ``OUT/fidelity.json`` (every record) and ``OUT/fidelity.md`` (the tables). Run it on a quiet machine if
+its times are to mean anything; the figures themselves do not depend on load.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from timm_momentum.data import FASHION_MNIST  # noqa: E402
+from timm_momentum.files import atomic_write  # noqa: E402
+
+# One recipe for every depth, fixed before any run: SGD with momentum, cosine, no warm-up (timm's
+# zero-initialised last BatchNorm of each block keeps deep nets stable from the first step). Epochs by depth,
+# for the CPU budget: 2 for resnet18/50, 1 for resnet101/152.
+UPSTREAM_RECIPE: Dict[str, Any] = dict(
+    dataset=FASHION_MNIST, img_size=32, in_chans=3, batch_size=128, opt='sgd', lr=0.05, momentum=0.9,
+    weight_decay=5e-4, sched='cosine', warmup_epochs=0, device='cpu', amp='none', seed=0, progress=False,
+    plots=False, checkpoints=False, workers=0)
+UPSTREAM_EPOCHS = {18: 2, 50: 2, 101: 1, 152: 1}
+
+
+def train_upstream(depth: int, out: Path) -> Dict[str, Any]:
+    """Train (or reuse) the plain resnet<depth> upstream; returns its metrics and the CPU seconds it took."""
+    from timm_momentum.finetune import DEFAULTS, train
+
+    folder = out / 'upstream' / f'resnet{depth}'
+    summary_path = folder / 'upstream.json'
+    if (folder / 'final' / 'model.safetensors').is_file() and summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    started, cpu_started = time.perf_counter(), time.process_time()
+    epochs = UPSTREAM_EPOCHS.get(depth, 1)
+    result = train(dict(DEFAULTS, model=f'resnet{depth}', output=str(folder), epochs=epochs, **UPSTREAM_RECIPE))
+    summary = {'model': f'resnet{depth}', 'test_top1': result['metrics']['val_acc'],
+               'epochs': epochs, 'wall_s': time.perf_counter() - started,
+               'cpu_s': time.process_time() - cpu_started, 'threads': torch.get_num_threads()}
+    atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    print(f"resnet{depth}: {summary['test_top1']:.2f} % test top-1, {summary['wall_s'] / 60:.1f} min "
+          f"({summary['cpu_s'] / 60:.1f} CPU min)", flush=True)
+    return summary
+
+
+GAMMAS = (0.9, 0.5, 'auto', 'auto:bf16')
+HEALING = {'none': {}, 'bn': {'recalibrate_bn': True}, 'distill': {'distill_steps': 100}}
+GRAD_IMAGES = 16  # training images for the gradient check and the saved bytes
+
+
+def _logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _grad_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool = False
+                ) -> Dict[str, float]:
+    """Relative error of memory-efficient gradients against standard backprop's (input and worst parameter)."""
+    import copy
+    import warnings
+
+    from timm_momentum.memory import autocast
+
+    grads = []
+    for memory_efficient in (False, True):
+        net = copy.deepcopy(model).train()
+        net.set_momentum(memory_efficient=memory_efficient)
+        x = images.clone().requires_grad_(True)
+        with warnings.catch_warnings(), autocast('cpu', 'bf16' if amp else None):
+            warnings.simplefilter('ignore')  # a reconstruction warning shows in the figure itself
+            loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
+        loss.backward()
+        grads.append([x.grad] + [p.grad for p in net.parameters()])
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+    standard, efficient = grads
+    return {'input': rel(efficient[0], standard[0]),
+            'worst_param': max(rel(e, s) for e, s in zip(efficient[1:], standard[1:]) if s is not None)}
+
+
+TRAIN_STEPS = 30  # memory-efficient SGD steps at the policy's gamma, to see the inverse hold as weights move
+
+
+def _train_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+    """Fine-tune a copy memory-efficiently for TRAIN_STEPS SGD steps (lr 0.01, batch 32); what the backward's
+    reconstruction check said, and the gradient error against standard backprop afterwards."""
+    import copy
+    import warnings
+
+    net = copy.deepcopy(model).train()
+    net.set_momentum(memory_efficient=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(TRAIN_STEPS):
+            index = torch.randint(0, len(images), (32,), generator=generator)
+            loss = torch.nn.functional.cross_entropy(net(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    notes = sorted({str(w.message)[:120] for w in caught if 'rebuilt the activations' in str(w.message)})
+    return {'steps': TRAIN_STEPS, 'reconstruction_warnings': notes,
+            'grad_error_after': _grad_error(net, images[:GRAD_IMAGES], labels[:GRAD_IMAGES])}
+
+
+def _saved_mib(model: torch.nn.Module, images: torch.Tensor, amp: bool) -> float:
+    import copy
+
+    from timm_momentum.memory import MiB, autocast, saved_tensor_bytes
+
+    net = copy.deepcopy(model).train()
+    net.set_momentum(memory_efficient=True)
+    with autocast('cpu', 'bf16' if amp else None):
+        return saved_tensor_bytes(net, images) / MiB
+
+
+def measure_conversions(depth: int, out: Path, scratch: Path) -> List[Dict[str, Any]]:
+    """Convert the upstream at every gamma and healing, load each back from its folder, measure against the upstream."""
+    import shutil
+
+    import timm
+
+    import timm_momentum  # noqa: F401
+    from timm_momentum.convert import convert
+    from timm_momentum.data import FashionMNIST
+
+    upstream_dir = out / 'upstream' / f'resnet{depth}' / 'final'
+    test = FashionMNIST('test', img_size=32)
+    test_images, test_labels = test.batch(slice(None)), test.targets
+    train = FashionMNIST('train', img_size=32, limit=2048)
+    grad_images, grad_labels = train.batch(slice(-GRAD_IMAGES, None)), train.targets[-GRAD_IMAGES:]
+    source = timm.create_model(f'local-dir:{upstream_dir}', pretrained=True)
+    reference = _logits(source, test_images)
+    source_top1 = float((reference.argmax(-1) == test_labels).float().mean())
+    records = [{'depth': depth, 'gamma': 'source', 'healing': 'none', 'top1': source_top1, 'agreement': 1.0,
+                'kl': 0.0, 'stage_gamma': None}]
+    print(f'resnet{depth} upstream: {100 * source_top1:.2f} % on {len(test_labels)} test images', flush=True)
+    for gamma in GAMMAS:
+        for healing, heal_args in HEALING.items():
+            started = time.perf_counter()
+            folder = scratch / f'resnet{depth}-{gamma}-{healing}'
+            result = convert(f'local-dir:{upstream_dir}', folder, gamma=gamma, force=True,
+                             heal_images=FASHION_MNIST if heal_args else None, eval_images=FASHION_MNIST,
+                             **heal_args)
+            model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+            assert model.momentum_cfg['gamma'] == result.model_args['gamma'], 'gamma did not round-trip'
+            logits = _logits(model, test_images)
+            record = {
+                'depth': depth, 'gamma': gamma, 'healing': healing, 'stage_gamma': model.momentum_cfg['gamma'],
+                'top1': float((logits.argmax(-1) == test_labels).float().mean()),
+                'agreement': float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+                'kl': float(torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1),
+                                                       log_target=True, reduction='batchmean')),
+                'verify_drift': result.verify['drift_at_gamma'],
+            }
+            if healing == 'none':
+                record['grad_error_fp32'] = _grad_error(model, grad_images, grad_labels)
+                record['saved_mib_fp32'] = _saved_mib(model, grad_images, amp=False)
+                record['saved_mib_bf16'] = _saved_mib(model, grad_images, amp=True)
+                if gamma in ('auto', 'auto:bf16'):
+                    record['grad_error_bf16'] = _grad_error(model, grad_images, grad_labels, amp=True)
+                    record['fine_tuning'] = _train_steps(model, train.batch(slice(None)), train.targets)
+            record['seconds'] = time.perf_counter() - started
+            records.append(record)
+            shutil.rmtree(folder)
+            print(json.dumps({k: v for k, v in record.items() if k != 'verify_drift'}), flush=True)
+    return records
+
+
+def _pct(value: float) -> str:
+    return f'{100 * value:.2f}'
+
+
+def _gamma_text(gammas: Any) -> str:
+    return '–' if gammas is None else '(' + ', '.join(f'{g:g}' for g in gammas) + ')'
+
+
+def format_markdown(records: List[Dict[str, Any]], upstreams: Dict[int, Dict[str, Any]], settings: str) -> str:
+    """The fidelity tables, one per depth, and the policy's targets checked."""
+    lines = ['# Fidelity of converted Momentum ResNets on Fashion-MNIST', '', settings, '']
+    for depth in sorted({r['depth'] for r in records}):
+        up = upstreams[depth]
+        lines += [f'## resnet{depth} (upstream: {up["test_top1"]:.2f} % test top-1 after {up["epochs"]} epochs, '
+                  f'{up["cpu_s"] / 60:.0f} CPU min)', '',
+                  '| γ | healing | γ per stage | top-1 % | agreement % | KL | grad err fp32 (input / worst param) '
+                  '| grad err bf16 | saved MiB fp32 | saved MiB bf16 |', '|' + '---|' * 10]
+        for r in (r for r in records if r['depth'] == depth):
+            grads = r.get('grad_error_fp32')
+            bf16 = r.get('grad_error_bf16')
+            lines.append('| ' + ' | '.join([
+                str(r['gamma']), r['healing'], _gamma_text(r['stage_gamma']), _pct(r['top1']), _pct(r['agreement']),
+                f"{r['kl']:.4f}", f"{grads['input']:.1e} / {grads['worst_param']:.1e}" if grads else '',
+                f"{bf16['input']:.1e} / {bf16['worst_param']:.1e}" if bf16 else '',
+                f"{r['saved_mib_fp32']:.2f}" if 'saved_mib_fp32' in r else '',
+                f"{r['saved_mib_bf16']:.2f}" if 'saved_mib_bf16' in r else '']) + ' |')
+        lines.append('')
+        tuned = [r for r in records if r['depth'] == depth and 'fine_tuning' in r]
+        if tuned:
+            lines += [f'Memory-efficient fine-tuning at the policy\'s γ ({TRAIN_STEPS} SGD steps, lr 0.01, batch 32, '
+                      'float32): reconstruction warnings, then the gradient error against standard backprop.', '',
+                      '| γ | warnings | grad err after (input / worst param) |', '|---|---|---|']
+            for r in tuned:
+                after = r['fine_tuning']['grad_error_after']
+                lines.append(f"| {r['gamma']} | {len(r['fine_tuning']['reconstruction_warnings'])} | "
+                             f"{after['input']:.1e} / {after['worst_param']:.1e} |")
+            lines.append('')
+    lines += ['## Targets', '', '| depth | policy | agreement unhealed (target) | best agreement healed | '
+              'grad err fp32 ≤ 1e-5 | saved bytes ≤ at 0.9 |', '|---|---|---|---|---|---|']
+    for depth in sorted({r['depth'] for r in records}):
+        rows = {(r['gamma'], r['healing']): r for r in records if r['depth'] == depth}
+        target = 0.99 if depth <= 50 else 0.97
+        for policy, key in (('auto', 'saved_mib_fp32'), ('auto:bf16', 'saved_mib_bf16')):
+            if (policy, 'none') not in rows:
+                continue
+            plain = rows[(policy, 'none')]
+            healed = max((rows[(policy, h)] for h in ('bn', 'distill') if (policy, h) in rows),
+                         key=lambda r: r['agreement'], default=None)
+            grads = plain['grad_error_fp32']
+            saved_ok = plain[key] <= rows[(0.9, 'none')][key] * 1.05 if (0.9, 'none') in rows else None
+            lines.append(
+                f"| {depth} | {policy} | {_pct(plain['agreement'])} % ({_pct(target)} %: "
+                f"{'met' if plain['agreement'] >= target else 'missed'}) | "
+                + (f"{_pct(healed['agreement'])} % ({healed['healing']})" if healed else '–') + ' | '
+                f"{'yes' if max(grads.values()) <= 1e-5 else 'no'} ({max(grads.values()):.1e}) | "
+                f"{'yes' if saved_ok else 'no'} ({plain[key]:.2f} vs {rows[(0.9, 'none')][key]:.2f} MiB, "
+                f"{'fp32' if key.endswith('fp32') else 'bf16'}) |")
+    lines.append('')
+    return '\n'.join(lines)
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--depths', default='18,50,101,152', help='ResNet depths (default: 18,50,101,152)')
+    parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'fidelity'), help='output folder')
+    parser.add_argument('--phase', choices=('upstream', 'all'), default='all',
+                        help="'upstream' only trains the upstreams (default: all)")
+    parser.add_argument('--scratch', default=None, help='where converted folders are written and removed '
+                        '(default: OUT/scratch)')
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    depths = [int(d) for d in args.depths.split(',')]
+    settings = (f'torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, load average '
+                f'at start {os.getloadavg()[0]:.1f}; test split: all 10000 Fashion-MNIST test images at 32x32; '
+                f'gradients and saved bytes: {GRAD_IMAGES} training images, memory-efficient vs standard backprop, '
+                f'train mode; healing: the converter\'s, on the first 1024 training images (distillation: 100 steps)')
+    print(settings, flush=True)
+    upstreams = {depth: train_upstream(depth, out) for depth in depths}
+    if args.phase == 'upstream':
+        return 0
+    scratch = Path(args.scratch) if args.scratch else out / 'scratch'
+    records_path = out / 'fidelity.json'
+    done = json.loads(records_path.read_text())['records'] if records_path.is_file() else []
+    for depth in depths:
+        if any(r['depth'] == depth for r in done):
+            continue  # measured in an earlier run of the same command
+        started = time.perf_counter()
+        done = [r for r in done if r['depth'] != depth] + measure_conversions(depth, out, scratch)
+        upstreams[depth]['measure_wall_s'] = time.perf_counter() - started
+        atomic_write(records_path, lambda tmp: Path(tmp).write_text(json.dumps(
+            {'settings': settings, 'upstreams': upstreams, 'records': done}, indent=1)))
+    done.sort(key=lambda r: depths.index(r['depth']) if r['depth'] in depths else 99)
+    markdown = format_markdown(done, upstreams, settings)
+    atomic_write(out / 'fidelity.md', lambda tmp: Path(tmp).write_text(markdown))
+    print(markdown)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
