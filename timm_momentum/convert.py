@@ -6,7 +6,9 @@ either of its layouts. The output folder holds ``config.json``, ``model.safetens
 ``README.md`` and ``verify.json``; it is built in a temporary folder and renamed into place.
 """
 import argparse
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -15,14 +17,15 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import __version__
 from .errors import ConversionError, describe_os_error, first_line
-from .files import recover_interrupted_folder, write_folder_atomically
+from .files import (MARKER, FolderInUseError, file_in_the_way, folder_lock, marked_files, protected_by,
+                    recover_interrupted_folder, write_folder_atomically, write_marker)
 from .heal import distill, load_images, recalibrate_batchnorm
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
@@ -34,6 +37,8 @@ _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottlenec
            ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
 _TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
 _MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MResNet
+# What an earlier convert wrote, before folders carried the MARKER: --force may replace exactly these
+_LEGACY_FILES = ('config.json', 'model.safetensors', 'README.md', 'verify.json')
 
 
 @dataclass
@@ -406,11 +411,74 @@ def _model_card(arch: str, checkpoint: SourceCheckpoint, gamma: float, report: D
     return template
 
 
-def _check_output(out_dir: Path, force: bool) -> None:
-    """Put back what an interrupted run left, then refuse a non-empty OUT unless ``force``."""
+def _check_output(out_dir: Path, force: bool, sources: Sequence[Path] = ()) -> None:
+    """Refuse an OUT that must never be replaced: '/', or a folder that is or holds the working directory or one of
+    ``sources``. Then put back what an interrupted run left, and refuse a non-empty OUT unless ``force``, and even
+    then unless timm-momentum wrote everything in it (its MARKER, or an earlier convert's layout)."""
+    reason = protected_by(out_dir, sources)
+    if reason:
+        raise ConversionError(f'refusing to replace {out_dir}: {reason}')
+    if out_dir.is_symlink():
+        raise ConversionError(f'{out_dir} is a symbolic link; pass the folder it points to, or another --out')
     recover_interrupted_folder(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConversionError(f'{out_dir} exists and is not a folder; --force replaces only folders this tool wrote')
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not force:
         raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
+    ours = marked_files(out_dir) or _legacy_files(out_dir)
+    if ours is None:
+        raise ConversionError(f'{out_dir} was not written by timm-momentum (it has no {MARKER}), so --force does not '
+                              f'replace it: move it away yourself, or choose another --out')
+    foreign = [name for name in entries if name not in ours]
+    if foreign:
+        shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
+        raise ConversionError(f'{out_dir} holds files timm-momentum did not write ({shown}), which --force would '
+                              f'delete: move them out, or choose another --out')
+
+
+def _legacy_files(out_dir: Path) -> Optional[List[str]]:
+    """The files of a folder an earlier convert wrote (config.json naming timm-momentum as its converter,
+    model.safetensors and verify.json); None for any other folder."""
+    config_path = out_dir / 'config.json'
+    if not all((out_dir / name).is_file() for name in ('config.json', 'model.safetensors', 'verify.json')) \
+            or config_path.stat().st_size > 1 << 20:
+        return None
+    try:
+        converter = json.loads(config_path.read_text())['provenance']['converter']
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return list(_LEGACY_FILES) if isinstance(converter, str) and converter.startswith('timm-momentum ') else None
+
+
+def _local_paths(source: str) -> List[Path]:
+    """The local file or folder SOURCE names, if any: what OUT must never hold."""
+    path = Path(source[len('local-dir:'):] if source.startswith('local-dir:') else source)
+    return [path] if source.startswith('local-dir:') or path.exists() else []
+
+
+def _locks_output(convert_fn: Callable[..., 'ConvertResult']) -> Callable[..., 'ConvertResult']:
+    """Run ``convert`` holding the lock of its ``out_dir``: a second convert to the same folder at the same time
+    stops with ConversionError instead of deleting the first one's files as stale."""
+    signature = inspect.signature(convert_fn)
+
+    @functools.wraps(convert_fn)
+    def locked(*args: Any, **kwargs: Any) -> 'ConvertResult':
+        out_dir = Path(signature.bind(*args, **kwargs).arguments['out_dir'])
+        blocking = file_in_the_way(out_dir.parent)
+        if blocking is not None:
+            raise ConversionError(f'cannot write {out_dir}: {blocking} is a file, not a folder')
+        try:
+            with folder_lock(out_dir, 'timm-momentum convert'):
+                return convert_fn(*args, **kwargs)
+        except FolderInUseError as e:
+            raise ConversionError(str(e)) from None
+
+    return locked
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -427,6 +495,7 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+@_locks_output
 def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, arch: Optional[str] = None,
             force: bool = False, push_to_hub: Optional[str] = None, heal_images: Optional[str] = None,
             recalibrate_bn: bool = False, distill_steps: int = 0, img_size: Optional[int] = None,
@@ -467,7 +536,7 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
     if push_to_hub:
         validate_repo_id(push_to_hub)
     out_dir = Path(out_dir)
-    _check_output(out_dir, force)
+    _check_output(out_dir, force, _local_paths(source))
     checkpoint = load_source(source)
     state = checkpoint.state_dict
     _check_finite(state)
@@ -552,6 +621,7 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
         for name, report in (reports or {}).items():
             (folder / name).write_text(strict_json(report))
         (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\n---\n\n# {arch}\n')
+        write_marker(folder, f'timm-momentum {__version__}')
 
     try:
         write_folder_atomically(out_dir, write)
@@ -561,9 +631,9 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
 
 
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
-    """What ``upload_to_hub`` would upload: the repo id and the folder's files."""
+    """What ``upload_to_hub`` would upload: the repo id and the folder's files (not the local MARKER)."""
     validate_repo_id(repo_id)
-    files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file())
+    files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file() and p.name != MARKER)
     missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
     if missing:
         raise ConversionError(f'{out_dir} is not a complete model folder: missing {sorted(missing)}')
@@ -578,7 +648,8 @@ def upload_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = Non
         api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet')
+        api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet',
+                          ignore_patterns=[MARKER])
     except Exception as e:
         raise ConversionError(f'upload to {repo_id} failed ({first_line(e)}); '
                               f'the converted folder {out_dir} is complete and can be uploaded later') from None
