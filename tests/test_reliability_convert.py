@@ -103,3 +103,62 @@ def test_a_second_convert_to_the_same_folder_stops_with_a_message(tmp_path, caps
     assert not (tmp_path / '.out.lock').exists()
     convert(str(source), out, img_size=32)  # the lock went with its holder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.out.')]
+
+
+@pytest.mark.parametrize('dtype', [torch.int32, torch.bool, torch.complex64])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, capsys, dtype):
+    state = timm.create_model('resnet18', num_classes=3).state_dict()
+    state = {k: v if k.endswith('num_batches_tracked') else v.to(dtype) for k, v in state.items()}
+    torch.save(state, tmp_path / 'w.pth')
+    assert main(['convert', str(tmp_path / 'w.pth'), '--out', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert f"entry 'conv1.weight' has dtype {dtype}" in err and 'floating point' in err
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('kind', ['meta', 'sparse'])
+def test_meta_and_sparse_tensors_are_refused(tmp_path, capsys, kind):
+    state = timm.create_model('resnet18', num_classes=3).state_dict()
+    weight = state['fc.weight']
+    state['fc.weight'] = torch.empty(weight.shape, device='meta') if kind == 'meta' else weight.to_sparse()
+    torch.save(state, tmp_path / 'w.pth')
+    assert main(['convert', str(tmp_path / 'w.pth'), '--out', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert "entry 'fc.weight' is a" in err and ('meta tensor' in err or 'sparse' in err) and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('input_size, message', [
+    ('3x224x224', 'input_size must be [channels, height, width] of positive integers'),
+    (224, 'input_size must be [channels, height, width]'),
+    ([3, -5, -5], 'of positive integers'),
+    ([3, 40000, 40000], 'has a side over 2048 px'),
+])
+def test_bad_input_size_in_the_source_config_is_one_line(tmp_path, capsys, input_size, message):
+    _source(tmp_path / 'src', 'model.safetensors')
+    (tmp_path / 'src' / 'config.json').write_text(json.dumps({'pretrained_cfg': {'input_size': input_size}}))
+    assert main(['convert', f"local-dir:{tmp_path / 'src'}", '--out', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_image_size_too_large_to_verify_on_is_refused_before_the_source_is_read(tmp_path, capsys):
+    assert main(['convert', str(tmp_path / 'absent.pth'), '--out', str(tmp_path / 'out'), '--img-size', '40000']) == 2
+    assert 'img_size 40000 has a side over 2048 px' in capsys.readouterr().err
+
+
+def test_an_unknown_timm_tag_is_one_line(tmp_path, capsys):
+    assert main(['convert', 'resnet18.bogus', '--out', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert 'resnet18.bogus: timm has no pretrained weights under this tag' in err and 'resnet18.a1_in1k' in err
+
+
+def test_the_weights_only_refusal_does_not_advise_running_the_code(tmp_path, capsys):
+    class RunsCode:
+        def __reduce__(self):
+            return print, ('ran',)
+
+    torch.save({'conv1.weight': RunsCode()}, tmp_path / 'code.pth')
+    assert main(['convert', str(tmp_path / 'code.pth'), '--out', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert 'holds objects other than tensors' in err and 'print' in err
+    assert 'False' not in err and 'trust' not in err and 'add_safe_globals' not in err

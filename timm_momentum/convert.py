@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .errors import ConversionError, describe_os_error, first_line
+from .errors import ConversionError, describe_os_error, first_line, load_failure
 from .files import (MARKER, FolderInUseError, file_in_the_way, folder_lock, marked_files, protected_by,
                     recover_interrupted_folder, write_folder_atomically, write_marker)
 from .heal import distill, load_images, recalibrate_batchnorm
@@ -32,11 +32,13 @@ __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architectu
            'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
+MAX_INPUT_SIDE = 2048  # pixels; verification runs 2 images, and a 40000 px side asked for 38 GB
 DRIFT_IMAGES = 256  # enough real images for top-1 agreement to mean something, few enough for a CPU
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
            ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
 _TRANSFORM_KEY = re.compile(r'^(layer\d)\.1\.0\.network\.(\d+)\.(.*)$')   # transform_to_momentumnet
 _MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MResNet
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # What an earlier convert wrote, before folders carried the MARKER: --force may replace exactly these
 _LEGACY_FILES = ('config.json', 'model.safetensors', 'README.md', 'verify.json')
 
@@ -104,7 +106,7 @@ def _read_file(path: Path) -> Dict[str, Any]:
         return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConversionError(f'{path}: cannot read as a weights-only PyTorch checkpoint '
-                              f'(corrupt, truncated, or it holds code): {first_line(e)}') from None
+                              f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
 
 
 def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
@@ -119,8 +121,41 @@ def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
     for key, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f'{where}: entry {key!r} is a {type(value).__name__}, not a tensor')
+        _check_weight(str(key), value, where)
         state[key[len('module.'):] if key.startswith('module.') else key] = value
     return state
+
+
+def _check_weight(key: str, value: torch.Tensor, where: str) -> None:
+    """Refuse a tensor that cannot be a ResNet weight: one without values (meta), a sparse or quantized one, and
+    one that is not floating point, except the integer BatchNorm ``num_batches_tracked`` counters."""
+    if value.is_meta:
+        raise ConversionError(f'{where}: entry {key!r} is a meta tensor (a shape without values)')
+    if value.layout != torch.strided:
+        raise ConversionError(f'{where}: entry {key!r} is a {value.layout} tensor; weights are dense tensors')
+    counter = key.endswith('num_batches_tracked') and value.dtype in _INTEGER_DTYPES
+    if not value.is_floating_point() and not counter:
+        raise ConversionError(f'{where}: entry {key!r} has dtype {value.dtype}; ResNet weights are floating point '
+                              f'(only the num_batches_tracked counters are integers)')
+
+
+def _check_input_size(value: Any, key: str, where: str) -> List[int]:
+    """A pretrained_cfg input size as [channels, height, width] of positive integers, sides at most
+    MAX_INPUT_SIDE, else ConversionError naming it."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConversionError(f'{where}: {key} must be [channels, height, width] of positive integers, got '
+                              f'{_clipped(value)}')
+    if max(value[1:]) > MAX_INPUT_SIDE:
+        raise ConversionError(f'{where}: {key} {list(value)} has a side over {MAX_INPUT_SIDE} px, too large to '
+                              f'verify on')
+    return list(value)
+
+
+def _clipped(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def _to_timm_layout(state: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
@@ -166,6 +201,9 @@ def _metadata_from(config_path: Optional[Path], card_path: Optional[Path]) -> Tu
             pretrained_cfg = dict(json.loads(config_path.read_text()).get('pretrained_cfg') or {})
         except (ValueError, AttributeError, TypeError):
             pass
+    for key in ('input_size', 'test_input_size'):
+        if key in pretrained_cfg:
+            pretrained_cfg[key] = _check_input_size(pretrained_cfg[key], key, str(config_path))
     if card_path is not None and card_path.is_file():
         try:
             card = metadata_load(card_path) or {}
@@ -227,7 +265,12 @@ def load_source(source: str) -> SourceCheckpoint:
     name = source[len('timm/'):] if source.startswith('timm/') else source
     if name.split('.')[0] not in timm.list_models('resnet*'):
         raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet name')
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not know: 'Invalid pretrained tag (bogus) for resnet18.'
+        tags = timm.list_pretrained(f"{name.split('.')[0]}.*")
+        raise ConversionError(f'{source}: timm has no pretrained weights under this tag; it has '
+                              f'{", ".join(tags[:8]) or "none"}{" ..." if len(tags) > 8 else ""}') from None
     if cfg is None or not cfg.hf_hub_id:
         raise ConversionError(f'{source}: timm has no pretrained weights under this name')
     checkpoint = _load_hub(cfg.hf_hub_id, source)
@@ -533,6 +576,8 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: float = 0.9, a
         raise ConversionError('healing (recalibrate_bn or distill_steps) needs heal_images')
     if img_size is not None and img_size < 1:
         raise ConversionError(f'img_size must be a positive number of pixels, got {img_size}')
+    if img_size is not None and img_size > MAX_INPUT_SIDE:
+        raise ConversionError(f'img_size {img_size} has a side over {MAX_INPUT_SIDE} px, too large to verify on')
     if push_to_hub:
         validate_repo_id(push_to_hub)
     out_dir = Path(out_dir)
