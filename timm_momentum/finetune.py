@@ -4,7 +4,10 @@
 or ``torchrun --nproc_per_node=N -m timm_momentum.finetune ...``. Config keys follow timm's train.py names.
 """
 import argparse
+import contextlib
+import copy
 import difflib
+import hashlib
 import math
 import os
 import random
@@ -22,12 +25,13 @@ import yaml
 from .convert import write_model_folder
 from .data import build_datasets, build_loader
 from .errors import ConfigError, first_line, run_reporting_user_errors
-from .files import atomic_write, write_csv
+from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
 from .memory import vm_hwm_bytes
 from .momentum_resnet import MomentumResNet
 
-__all__ = ['DEFAULTS', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
-           'seed_everything', 'load_resume_state', 'train', 'find_batch_size']
+__all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
+           'seed_everything', 'load_resume_state', 'compare_resume_config', 'checkpoint_checksum', 'check_output',
+           'train', 'find_batch_size']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -47,10 +51,17 @@ DEFAULTS: Dict[str, Any] = {
     # hardware
     'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
     # run
-    'seed': 42, 'output': 'output/finetune', 'resume': False, 'log_interval': 10, 'progress': True,
+    'seed': 42, 'output': None,  # None: a new folder for each run, output/finetune/<YYYYmmdd-HHMMSS>-<model>
+    'resume': False, 'log_interval': 10, 'progress': True,
     'plots': True,  # loss/accuracy plots, redrawn every epoch
     'checkpoints': True,  # last.pth.tar and best/ every epoch; without them only metrics.csv and final/ are written
 }
+
+
+def _clipped(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """``repr(value)`` (or ``str`` without ``quote``), cut to ``limit`` characters: error messages stay short."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -97,7 +108,7 @@ def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None
 # Keys whose default (None, or one of two forms) does not tell their type; every other key takes its default's.
 _OPTIONAL_TYPES: Dict[str, type] = {
     'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
-    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int,
+    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int, 'output': str,
 }
 # Inclusive bounds of numeric keys.
 _RANGES: Dict[str, Tuple[float, float]] = {
@@ -176,7 +187,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and not low <= out[key] <= high:
             bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
             raise ConfigError(f'{key} must be {bounds}, got {value!r}')
-    for key in ('model', 'opt', 'sched', 'device', 'output', 'train_split', 'val_split'):
+    for key in ('model', 'opt', 'sched', 'device', 'train_split', 'val_split'):
         if not out[key]:
             raise ConfigError(f'{key} must not be empty')
     try:
@@ -213,16 +224,40 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
     if out['resume'] and not out['checkpoints']:
         raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
-    output = Path(out['output'])
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f'output: {output} exists and is not a folder')
+    out['output'] = _output_folder(out)
     return out
+
+
+def _output_folder(cfg: Dict[str, Any]) -> str:
+    """The run's folder: ``output``, or without one a new folder ``output/finetune/<YYYYmmdd-HHMMSS>-<model>``, as
+    timm's train.py names its runs (``-1``, ``-2``... when that name is taken)."""
+    if cfg['output'] is None:
+        if cfg['resume']:
+            raise ConfigError('resume: true continues the run in output, so output must name that run\'s folder '
+                              '(without output, each run gets a new folder)')
+        name = cfg['model'].split(':', 1)[-1].rstrip('/').split('/')[-1]
+        name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)[:64]
+        base = Path('output') / 'finetune' / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        output, count = base, 0
+        while output.exists():
+            count += 1
+            output = base.with_name(f'{base.name}-{count}')
+        return str(output)
+    if not cfg['output']:
+        raise ConfigError('output must not be empty')
+    blocking = file_in_the_way(cfg['output'])
+    if blocking is not None:
+        raise ConfigError(f"output: {blocking} is a file, so {_clipped(cfg['output'], quote=False)} cannot be a "
+                          f"folder")
+    return cfg['output']
 
 
 def describe_config(cfg: Dict[str, Any]) -> str:
     """What a run will do, in two lines: the main settings, then every key that differs from DEFAULTS."""
     classes = f" classes {cfg['classes']}" if cfg['classes'] is not None else ''
-    changed = ', '.join(f'{k}={v!r}' for k, v in cfg.items() if k in DEFAULTS and v != DEFAULTS[k])
+    # output is on the first line; without one given it is a new folder, which would always differ from None
+    changed = ', '.join(f'{k}={_clipped(v)}' for k, v in cfg.items()
+                        if k in DEFAULTS and k != 'output' and v != DEFAULTS[k])
     return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {cfg['epochs']} epochs, batch "
             f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {cfg['gamma']}, memory_efficient "
             f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
@@ -471,34 +506,118 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+# Keys a resumed run must share with the run it continues: what the weights are (model, classes, input, gamma),
+# how they started, what they are trained on and in what order (data, seed), and the optimiser whose state is
+# loaded. Every other key may change and takes effect. memory_efficient is not fixed: both modes compute the same
+# function and, to rounding, the same gradients (the invertible backward is exact), so switching it mid-run trades
+# memory for time, as grad_checkpointing does.
+RESUME_FIXED = ('model', 'pretrained', 'initial_checkpoint', 'num_classes', 'in_chans', 'img_size', 'gamma',
+                'dataset', 'data_dir', 'train_split', 'val_split', 'classes', 'train_per_class', 'seed', 'opt')
+# What the optimiser's and the scheduler's saved states hold too: a change to one rebuilds the schedule from it.
+_SCHEDULE_KEYS = ('epochs', 'lr', 'momentum', 'weight_decay', 'sched', 'warmup_epochs', 'min_lr', 'decay_milestones',
+                  'decay_rate')
+_NOT_COMPARED = ('resume', 'output')  # how a run was started, not what it trains
+
+
+def compare_resume_config(saved: Dict[str, Any], cfg: Dict[str, Any], path: Path) -> Dict[str, Tuple[Any, Any]]:
+    """The keys whose values differ between a checkpoint's config and ``cfg``, as (saved, new). A ConfigError
+    naming them when any is in RESUME_FIXED."""
+    changed = {key: (saved.get(key, DEFAULTS[key]), cfg[key]) for key in DEFAULTS
+               if key not in _NOT_COMPARED and saved.get(key, DEFAULTS[key]) != cfg[key]}
+    fixed = [key for key in changed if key in RESUME_FIXED]
+    if fixed:
+        values = '; '.join(f'{key} {_clipped(changed[key][0])} in the checkpoint, {_clipped(changed[key][1])} now'
+                           for key in fixed)
+        raise ConfigError(f"cannot resume from {path} with another {', '.join(fixed)} ({values}): these cannot "
+                          f"change mid-run. Resume with the checkpoint's values, or start a new run in another output")
+    return changed
+
+
+def checkpoint_checksum(state: Dict[str, Any]) -> str:
+    """SHA-256 of everything a checkpoint holds but its ``checksum``: each tensor's dtype, shape and bytes, every
+    other value's repr, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f'tensor {tensor.dtype} {tuple(tensor.shape)};'.encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f'dict {len(value)};'.encode())
+            for key in sorted(value, key=repr):
+                digest.update(f'{key!r}:'.encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f'{type(value).__name__} {len(value)};'.encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f'{value!r};'.encode())
+
+    feed({key: value for key, value in state.items() if key != 'checksum'})
+    return digest.hexdigest()
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it copied to the CPU (the checkpoint is hashed and saved from these)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
 def load_resume_state(path: Path) -> Dict[str, Any]:
-    """Read ``last.pth.tar`` with ``weights_only=True``: a checkpoint that holds code is refused, not run."""
+    """Read ``last.pth.tar`` with ``weights_only=True`` (a checkpoint that holds code is refused, not run) and check
+    its tensors against the checksum written with them."""
     try:
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the model's device
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
                           f'finetune (corrupt, truncated, or it holds code): {first_line(e)}') from None
-    needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng'}
+    needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng', 'config'}
     if not isinstance(state, dict) or not needed <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {keys}')
+        raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {_clipped(keys)}')
+    if 'checksum' not in state:
+        raise ConfigError(f'cannot resume from {path}: it carries no checksum (an earlier timm-momentum wrote it), so '
+                          f'it cannot be checked for corruption. Start a new run in another output; '
+                          f'initial_checkpoint: {path} starts one from its weights')
+    if checkpoint_checksum(state) != state['checksum']:
+        raise ConfigError(f'cannot resume from {path}: it is corrupt, its contents do not match the checksum written '
+                          f'with them. Resume from a copy of the run, or start a new run in another output')
     return state
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                     ema: Any, epoch: int, best_acc: float, rows: List[Dict[str, Any]], cfg: Dict[str, Any]) -> None:
-    """Write the resume checkpoint atomically: weights, optimiser, scheduler, scaler, EMA, metrics, RNG states."""
-    atomic_write(path, lambda tmp: torch.save({
+    """Write the resume checkpoint atomically: weights, optimiser, scheduler, scaler, EMA, metrics, RNG states, the
+    config, and a checksum of all of them."""
+    state = _on_cpu({
         'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler else None, 'ema': ema.state_dict() if ema else None,
-        'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()}, tmp))
+        'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()})
+    state['checksum'] = checkpoint_checksum(state)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def resume_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+def resume_checkpoint(state: Dict[str, Any], path: Path, cfg: Dict[str, Any], model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                       ema: Any) -> Tuple[int, float, List[Dict[str, Any]]]:
-    """Restore what ``save_checkpoint`` wrote; returns the epoch to start from, the best accuracy and the metrics."""
-    state = load_resume_state(path)
+    """Restore what ``save_checkpoint`` wrote (``state``, read by ``load_resume_state``) under ``cfg``; returns the
+    epoch to start from, the best accuracy and the metrics.
+
+    The optimiser's and scheduler's states carry the checkpoint's lr, schedule and weight decay. When ``cfg``
+    changes any of them, the optimiser keeps its saved moments but takes this config's hyperparameters, and the
+    schedule is this config's, at the epoch resumed.
+    """
+    changed = compare_resume_config(state['config'], cfg, path)
+    fresh_groups = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
+    fresh_schedule = copy.deepcopy(scheduler.state_dict())
     try:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
@@ -511,11 +630,114 @@ def resume_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise ConfigError(f'cannot resume from {path}: it does not fit this config ({first_line(e)}); '
                           f'use another output folder or resume: false') from None
-    return state['epoch'] + 1, state['best_acc'], state['rows']
+    start_epoch = state['epoch'] + 1
+    if any(key in changed for key in _SCHEDULE_KEYS):
+        for group, fresh in zip(optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        scheduler.load_state_dict(fresh_schedule)
+        scheduler.step(start_epoch)
+    return start_epoch, state['best_acc'], state['rows']
+
+
+def check_output(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Refuse an output this run must not write into, before anything is written. Returns the checkpoint to resume
+    from (its checksum checked, its config one this run may continue), or None for a new run.
+
+    A new run needs an absent or empty folder. ``resume: true`` needs the folder's last.pth.tar; where there is
+    none, it starts a new run there (and says so) only when the folder holds nothing but an earlier args.yaml.
+    """
+    out = Path(cfg['output'])
+    last = out / 'last.pth.tar'
+    held = sorted(p.name for p in out.iterdir() if not _is_temp(p.name)) if out.is_dir() else []
+    listed = ', '.join(held[:5]) + (f' and {len(held) - 5} more' if len(held) > 5 else '')
+    if cfg['resume'] and last.is_file():
+        state = load_resume_state(last)
+        changed = compare_resume_config(state['config'], cfg, last)
+        if changed and _rank() == 0:
+            print('resume: applying the changed keys ' + ', '.join(
+                f'{key} {_clipped(saved)} -> {_clipped(new)}' for key, (saved, new) in changed.items()), flush=True)
+        return state
+    if cfg['resume']:
+        if set(held) - {'args.yaml'}:
+            raise ConfigError(f'resume: {out} holds no checkpoint (last.pth.tar) to resume from, and is not empty '
+                              f'({listed}); choose another output for a new run')
+        if _rank() == 0:
+            print(f'resume: no checkpoint (last.pth.tar) in {out}, so this is a new run', flush=True)
+        return None
+    if held:
+        raise ConfigError(f'output {out} is not empty ({listed}); a new run there would overwrite it. Pass '
+                          f'--resume true to continue the run it holds, or choose a new --output (without one, each '
+                          f'run gets a new folder under output/finetune)')
+    return None
+
+
+def _is_temp(name: str) -> bool:
+    """Whether ``name`` is a temp file or folder that a write killed midway left (removed when the run starts)."""
+    return name.startswith('.') and ('.tmp-' in name or '.old-' in name)
+
+
+def _stop_together(failure: Optional[Exception]) -> None:
+    """Raise ``failure`` on the rank it happened on and a ConfigError on every other rank, so that no rank waits in a
+    collective for one that stopped."""
+    if _is_distributed():
+        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None
+        stopped = torch.tensor([int(failure is not None)], device=device)
+        dist.all_reduce(stopped)
+        if stopped.item() and failure is None:
+            failure = ConfigError('another rank refused the output folder; its message says why')
+    if failure is not None:
+        raise failure
+
+
+def _snapshot(out: Path) -> Dict[str, Any]:
+    """Whether ``out`` exists, and its args.yaml and metrics.csv as bytes (None where absent)."""
+    files = {name: (out / name).read_bytes() if (out / name).is_file() else None for name in ('args.yaml', 'metrics.csv')}
+    return {'exists': out.exists(), **files}
+
+
+def _undo_unfinished_run(out: Path, before: Dict[str, Any]) -> None:
+    """After a run stopped on bad input before finishing an epoch (metrics.csv as it was), put ``out`` back as it was:
+    its args.yaml restored or removed, and the folder removed again if this run made it."""
+    if not before['exists'] and not out.exists():
+        return
+    if _snapshot(out)['metrics.csv'] != before['metrics.csv']:
+        return  # an epoch finished: what it wrote is the run's record
+    if before['args.yaml'] is None:
+        (out / 'args.yaml').unlink(missing_ok=True)
+    else:
+        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_bytes(before['args.yaml']))
+    if not before['exists']:
+        remove_folders([out])
 
 
 def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model."""
+    """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model.
+
+    The output folder is checked before anything is written (``check_output``) and locked while the run writes it;
+    a run stopped by bad input before its first epoch ends leaves it as it was.
+    """
+    cfg = validate_config(cfg)
+    out = Path(cfg['output'])
+    with contextlib.ExitStack() as stack:
+        failure = None
+        try:
+            if _rank() == 0:
+                stack.enter_context(folder_lock(out, 'timm-momentum finetune'))
+            resume_state = check_output(cfg)
+        except (ConfigError, FolderInUseError) as e:
+            failure = e if isinstance(e, ConfigError) else ConfigError(str(e))
+        _stop_together(failure)
+        before = _snapshot(out)
+        try:
+            return _train(cfg, resume_state)
+        except ConfigError:
+            if _rank() == 0:
+                _undo_unfinished_run(out, before)
+            raise
+
+
+def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``train`` once its output is checked: build, resume from ``resume_state`` (when not None), run the epochs."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -524,7 +746,6 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     from .files import remove_stale_temps
 
-    cfg = validate_config(cfg)
     device = _device(cfg)
     amp = _amp_dtype(cfg, device)
     seed_everything(cfg['seed'])
@@ -560,14 +781,15 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     last = out / 'last.pth.tar'
     start_epoch, best_acc, rows = 0, -1.0, []
     if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # its parents exist already: train's folder_lock made them
         for name in ('last.pth.tar', 'metrics.csv', 'best', 'final'):  # what runs killed mid-write left
             remove_stale_temps(out, name)
         atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
             yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
     plots = _rank() == 0 and cfg['plots'] and _can_plot()
-    if cfg['resume'] and last.exists():
-        start_epoch, best_acc, rows = resume_checkpoint(last, model, optimizer, scheduler, scaler, ema)
+    if resume_state is not None:
+        start_epoch, best_acc, rows = resume_checkpoint(resume_state, last, cfg, model, optimizer, scheduler, scaler,
+                                                        ema)
         if _rank() == 0:
             print(f'resuming from {last} at epoch {start_epoch}', flush=True)
 
