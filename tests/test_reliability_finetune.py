@@ -5,6 +5,7 @@ import re
 import shutil
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,78 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path):
         with pytest.raises(ConfigError, match='is being written by another process'):
             train(_cfg(tmp_path / 'run'))
     assert not (tmp_path / 'run').exists()
+
+
+def _bomb_png(path: Path, side: int = 40000) -> None:
+    """A valid PNG header for a side x side RGB image, with almost no data: PIL refuses it on open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    header = struct.pack('>IIBBBBB', side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
+                     + chunk(b'IEND', b''))
+
+
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ('train', 'validation'):
+        for name in ('a', 'b'):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new('RGB', (20, 20), (40 * i, 80, 120)).save(root / split / name / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('case', ['not_utf8', 'seed', 'local_dir', 'under_a_file', 'batch_of_one', 'bomb',
+                                  'alias_bomb'])
+def test_bad_input_is_one_line_and_leaves_no_args_yaml(tmp_path, capsys, case):
+    out = tmp_path / 'parent' / 'run'
+    argv = ['finetune', *TINY, '--output', str(out)]
+    if case == 'not_utf8':
+        (tmp_path / 'c.yaml').write_bytes(b'lr: 0.1\nmodel: r\xe9snet\n')
+        argv += ['--config', str(tmp_path / 'c.yaml')]
+        message = 'is not UTF-8 text (byte 16 is 0xe9)'
+    elif case == 'seed':
+        argv += ['--seed', str(2 ** 64)]
+        message = 'seed must be in [0, 4294967295], got 18446744073709551616'
+    elif case == 'local_dir':
+        argv += ['--model', 'local-dir:/nonexistent']
+        message = 'model: local-dir:/nonexistent: no such folder'
+    elif case == 'under_a_file':
+        (tmp_path / 'parent').write_text('a file')
+        message = f"output: {tmp_path / 'parent'} is a file"
+    elif case == 'batch_of_one':
+        argv += ['--batch_size', '1']
+        message = 'batch_size 1: a batch of 1 image(s) leaves BatchNorm one value per channel'
+    elif case == 'bomb':
+        root = _image_folder(tmp_path / 'data')
+        for name in ('a', 'b'):  # every training image: timm's dataset skips no image it cannot open
+            for i in range(2):
+                _bomb_png(root / 'train' / name / f'{i}.png')
+        argv += ['--dataset', '', '--data_dir', str(root), '--classes', 'null', '--train_per_class', 'null',
+                 '--workers', '0']
+        message = "split 'train' in " + str(root) + ' holds an image too large to open safely: Image size'
+    elif case == 'alias_bomb':
+        lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        lines += [f'{chr(98 + i)}: &{chr(98 + i)} [{",".join(["*" + chr(97 + i)] * 9)}]' for i in range(8)]
+        (tmp_path / 'bomb.yaml').write_text('\n'.join(lines) + '\nclasses: *i\n')
+        argv += ['--config', str(tmp_path / 'bomb.yaml')]
+        message = 'aliases (*a) are not allowed in configs'
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert len(err) < 600
+    assert not out.exists() and (case == 'under_a_file' or not (tmp_path / 'parent').exists())
+
+
+def test_an_empty_override_is_the_empty_string_and_long_values_are_clipped(capsys):
+    assert load_config(None, ['--dataset', '', '--data_dir', '/tmp'])['dataset'] == ''
+    assert main(['finetune', '--lr', 'x' * 10000]) == 2
+    err = capsys.readouterr().err
+    assert 'lr must be a number' in err and len(err) < 300
+    assert main(['finetune', '--classes', '*a']) == 2
+    assert 'aliases (*a) are not allowed' in capsys.readouterr().err
 
 
 def test_the_demo_and_the_study_refuse_a_folder_that_holds_an_earlier_one(tmp_path, capsys):

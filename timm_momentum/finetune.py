@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import yaml
 
 from .convert import write_model_folder
 from .data import build_datasets, build_loader
-from .errors import ConfigError, first_line, run_reporting_user_errors
+from .errors import ConfigError, first_line, load_failure, run_reporting_user_errors
 from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
 from .memory import vm_hwm_bytes
 from .momentum_resnet import MomentumResNet
@@ -58,6 +58,30 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+_MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; this bounds what a wrong path can make us read
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases. A config never needs ``*name``, and aliases nested in aliases expand
+    exponentially: a 569-byte file ran 73 s and took 3.6 GB before a MemoryError."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f'aliases (*{_clipped(event.anchor, 40, quote=False)}) are not allowed '
+                                              f'in configs; write the value out', event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (no aliases), else a ConfigError saying where, in a few hundred characters."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        reason = ' '.join(str(e).split()).replace('in "<unicode string>", ', 'at ')
+        raise ConfigError(f'{where} is not valid YAML: {_clipped(reason, 300, quote=False)}') from None
+
+
 def _clipped(value: Any, limit: int = 80, quote: bool = True) -> str:
     """``repr(value)`` (or ``str`` without ``quote``), cut to ``limit`` characters: error messages stay short."""
     text = repr(value) if quote else str(value)
@@ -70,10 +94,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     if path:
         if not Path(path).is_file():
             raise ConfigError(f'config file {path} does not exist')
+        if Path(path).stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f'{path} is {Path(path).stat().st_size} bytes, too large for a config '
+                              f'(at most {_MAX_CONFIG_BYTES})')
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f'{path} is not valid YAML: {" ".join(str(e).split())}') from None
+            text = Path(path).read_bytes().decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise ConfigError(f'{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); '
+                              f'save it as UTF-8') from None
+        loaded = _parse_yaml(text, path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f'{path}: a config is a mapping of keys to values')
         _update(config, loaded, path)
@@ -82,16 +111,20 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     while pairs:
         key = pairs.pop(0)
         if not key.startswith('--') or len(key) == 2:
-            raise ConfigError(f'expected --key value, got {key!r}')
+            raise ConfigError(f'expected --key value, got {_clipped(key)}')
         key = key[2:].replace('-', '_')
         if not pairs or pairs[0].startswith('--'):
             updates[key] = True
         else:
             text = pairs.pop(0)
+            if not text.strip():  # --dataset '': the empty string (timm's folder dataset), not YAML's null
+                updates[key] = text
+                continue
             try:
-                updates[key] = yaml.safe_load(text)
-            except yaml.YAMLError:
-                raise ConfigError(f'--{key}: cannot parse {text!r} as a YAML value') from None
+                updates[key] = yaml.load(text, Loader=_ConfigLoader)
+            except yaml.YAMLError as e:
+                reason = f' ({e.problem})' if getattr(e, 'problem', None) and 'alias' in e.problem else ''
+                raise ConfigError(f'--{key}: cannot parse {_clipped(text)} as a YAML value{reason}') from None
     _update(config, updates, 'command line')
     return validate_config(config)
 
@@ -99,9 +132,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
 def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None:
     for key, value in updates.items():
         if key not in DEFAULTS:
-            close = difflib.get_close_matches(str(key), DEFAULTS, n=1)
+            close = difflib.get_close_matches(str(key)[:100], DEFAULTS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ''
-            raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+            raise ConfigError(f"unknown config key '{_clipped(key, 60, quote=False)}' in {where}{hint}")
         config[key] = value
 
 
@@ -118,6 +151,7 @@ _RANGES: Dict[str, Tuple[float, float]] = {
     'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
     'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
     'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf), 'train_per_class': (1, math.inf),
+    'seed': (0, 2 ** 32 - 1),  # numpy's seed range; torch's overflowed past 2^63 (and seed * 1000 + epoch sooner)
 }
 _AMP = ('auto', 'bf16', 'fp16', 'none')
 
@@ -127,7 +161,7 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f'{key} must be true or false, got {value!r}')
+        raise ConfigError(f'{key} must be true or false, got {_clipped(value)}')
     if kind in (int, float) and not isinstance(value, bool):
         number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -141,7 +175,7 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
             if float(number).is_integer():
                 return int(number)
         noun = 'an integer' if kind is int else 'a number'
-        raise ConfigError(f'{key} must be {noun}, got {value!r}')
+        raise ConfigError(f'{key} must be {noun}, got {_clipped(value)}')
     if kind is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -149,10 +183,10 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
             return str(value)
         if isinstance(value, str):
             return value
-        raise ConfigError(f'{key} must be a string, got {value!r}')
+        raise ConfigError(f'{key} must be a string, got {_clipped(value)}')
     if kind is list and isinstance(value, (list, tuple)):
         return list(value)
-    raise ConfigError(f'{key} must be a {kind.__name__}, got {value!r}')
+    raise ConfigError(f'{key} must be a {kind.__name__}, got {_clipped(value)}')
 
 
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -177,7 +211,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             elif value is False or value is None or value == 'fp32':
                 value = 'none'
             if not isinstance(value, str) or value not in _AMP:
-                raise ConfigError(f'amp must be one of {list(_AMP)}, got {cfg[key]!r}')
+                raise ConfigError(f'amp must be one of {list(_AMP)}, got {_clipped(cfg[key])}')
             out[key] = value
         elif value is None and default is None:
             out[key] = None
@@ -186,7 +220,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         low, high = _RANGES.get(key, (-math.inf, math.inf))
         if isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and not low <= out[key] <= high:
             bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
-            raise ConfigError(f'{key} must be {bounds}, got {value!r}')
+            raise ConfigError(f'{key} must be {bounds}, got {_clipped(value)}')
     for key in ('model', 'opt', 'sched', 'device', 'train_split', 'val_split'):
         if not out[key]:
             raise ConfigError(f'{key} must not be empty')
@@ -200,20 +234,20 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if out['scale'] is not None:
         out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
         if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
-            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {cfg['scale']!r}")
+            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {_clipped(cfg['scale'])}")
     if out['dataset'] == 'sklearn/digits' and out['classes'] is not None:
         if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
                 or len(out['classes']) < 2:
-            raise ConfigError(f"classes must be two or more different digits 0-9, got {cfg['classes']!r}")
+            raise ConfigError(f"classes must be two or more different digits 0-9, got {_clipped(cfg['classes'])}")
     if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
-        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {out['dataset']!r}")
+        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {_clipped(out['dataset'])}")
     if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
-        close = difflib.get_close_matches(out['model'], timm.list_models(), n=1)
-        raise ConfigError(f"model: unknown model {out['model']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
+        close = difflib.get_close_matches(out['model'][:100], timm.list_models(), n=1)
+        raise ConfigError(f"model: unknown model {_clipped(out['model'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
     optimizers = list_optimizers()
     if out['opt'].lower().split('_')[-1] not in optimizers:
-        close = difflib.get_close_matches(out['opt'].lower(), optimizers, n=1)
-        raise ConfigError(f"opt: unknown optimizer {out['opt']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
+        close = difflib.get_close_matches(out['opt'].lower()[:100], optimizers, n=1)
+        raise ConfigError(f"opt: unknown optimizer {_clipped(out['opt'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
     try:  # timm's scheduler factory is the list of schedulers it knows
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         create_scheduler_v2(probe, sched=out['sched'], num_epochs=out['epochs'], decay_milestones=out['decay_milestones'])
@@ -226,6 +260,19 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
     out['output'] = _output_folder(out)
     return out
+
+
+def _check_local_model(model: str) -> None:
+    """A ``local-dir:`` model must name a folder with a config.json (timm raised FileNotFoundError). Checked when
+    a run starts, not when its config loads: a config may name the folder an earlier step is to write."""
+    if not model.startswith('local-dir:'):
+        return
+    folder = Path(model[len('local-dir:'):])
+    if not folder.is_dir():
+        raise ConfigError(f'model: {_clipped(model, quote=False)}: no such folder')
+    if not (folder / 'config.json').is_file():
+        raise ConfigError(f'model: {_clipped(model, quote=False)}: the folder holds no config.json (write one with '
+                          f'timm-momentum convert)')
 
 
 def _output_folder(cfg: Dict[str, Any]) -> str:
@@ -270,7 +317,7 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}") from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise ConfigError(f'device: {name} asked for, but no CUDA GPU is available (use device: cpu or auto)')
@@ -279,7 +326,7 @@ def _check_device(name: str) -> None:
     elif device.type == 'mps' and not torch.backends.mps.is_available():
         raise ConfigError(f'device: {name} asked for, but MPS is not available')
     elif device.type not in ('cpu', 'cuda', 'mps'):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}")
 
 
 def _device(cfg: Dict[str, Any]) -> torch.device:
@@ -324,7 +371,7 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as e:
         raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
-                          f'(corrupt, truncated, or it holds code): {first_line(e)}') from None
+                          f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
     expected = model.state_dict()
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     head = [k for k in expected if k.startswith(f'{classifier}.')]
@@ -420,7 +467,7 @@ def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader
     seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
     bar = _progress(loader, epoch, cfg)
     optimizer.zero_grad(set_to_none=True)
-    for step, (x, y) in enumerate(bar):
+    for step, (x, y) in enumerate(_batches(bar, cfg, cfg['train_split'])):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg['channels_last']:
             x = x.to(memory_format=torch.channels_last)
@@ -453,6 +500,14 @@ def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader
             raise RuntimeError(
                 f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
                 f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
+        except ValueError as e:
+            if 'Expected more than 1 value per channel when training' not in str(e):
+                raise
+            raise ConfigError(
+                f"batch_size {cfg['batch_size']}: a batch of {len(y)} image(s) leaves BatchNorm one value per channel "
+                f"({first_line(e).split('got ')[-1]}), and in training BatchNorm normalises by the batch's own "
+                f"variance, which needs two. Use batch_size >= 2 (the loader drops a short last batch, as "
+                f"drop_last does) or a larger img_size") from None
         seen += len(y)
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(-1) == y).sum())
@@ -462,12 +517,33 @@ def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader
     return {'loss': loss_sum / max(seen, 1), 'acc': 100.0 * correct / max(seen, 1), 'images': seen}
 
 
-def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype]) -> Tuple[float, float]:
+def _batches(loader: Any, cfg: Dict[str, Any], split: str) -> Iterator[Any]:
+    """The batches of ``loader``; an image PIL refuses to open as a decompression bomb stops the run with a
+    ConfigError saying so (in a worker process too), where it was a traceback."""
+    from PIL import Image
+
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Image.DecompressionBombError as e:  # the DataLoader re-raises a worker's error as its type
+            reason = str(e).strip().splitlines()[-1].split('DecompressionBombError: ')[-1]
+            raise ConfigError(f"dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']} holds an image "
+                              f"too large to open safely: {reason} Remove it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                              f"if you trust it") from None
+        yield batch
+
+
+def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype],
+             cfg: Optional[Dict[str, Any]] = None) -> Tuple[float, float]:
     """The validation loss and top-1 accuracy (%) of ``model`` on ``loader``, summed over every rank."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
+    batches = _batches(loader, cfg, cfg['val_split']) if cfg is not None else loader
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for x, y in loader:
+        for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = model(x).float()
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
@@ -578,7 +654,7 @@ def load_resume_state(path: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
-                          f'finetune (corrupt, truncated, or it holds code): {first_line(e)}') from None
+                          f'finetune (corrupt, truncated, or it holds code): {load_failure(e)}') from None
     needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng', 'config'}
     if not isinstance(state, dict) or not needed <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
@@ -717,6 +793,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     a run stopped by bad input before its first epoch ends leaves it as it was.
     """
     cfg = validate_config(cfg)
+    _check_local_model(cfg['model'])
     out = Path(cfg['output'])
     with contextlib.ExitStack() as stack:
         failure = None
@@ -810,7 +887,7 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
             distribute_bn(model, dist.get_world_size(), reduce=True)
         eval_model = ema.module if ema is not None else model
         val_loss, val_acc = validate(eval_model, build_loader(val_set, cfg, False, device, 0, _is_distributed()),
-                                     device, amp)
+                                     device, amp, cfg)
         row = {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
                'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
                'images_per_s': trained['images'] / (time.perf_counter() - started),
