@@ -162,3 +162,21 @@ def test_the_weights_only_refusal_does_not_advise_running_the_code(tmp_path, cap
     err = capsys.readouterr().err
     assert 'holds objects other than tensors' in err and 'print' in err
     assert 'False' not in err and 'trust' not in err and 'add_safe_globals' not in err
+
+
+def test_a_lock_that_cannot_be_written_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    source = _source(tmp_path / 'src')
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith('.lock'):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'open', read_only)
+    assert main(['convert', str(source), '--out', str(tmp_path / 'new' / 'out'), '--img-size', '32']) == 2
+    err = capsys.readouterr().err
+    assert 'read-only file system' in err and 'nothing was written' in err and 'Traceback' not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['src']

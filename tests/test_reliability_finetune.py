@@ -214,3 +214,8 @@ def test_the_demo_and_the_study_refuse_a_folder_that_holds_an_earlier_one(tmp_pa
         assert main(argv) == 2
         assert 'is not empty: it holds an earlier' in capsys.readouterr().err
     assert (tmp_path / 'earlier' / 'upstream' / 'metrics.csv').read_text() == 'epoch\n0\n'
+
+
+def test_the_root_folder_is_no_output(capsys):
+    with pytest.raises(ConfigError, match="output must be a run's folder, not the root folder /"):
+        load_config(None, ['--output', '/'])

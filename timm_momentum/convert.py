@@ -6,6 +6,7 @@ either of its layouts. The output folder holds ``config.json``, ``model.safetens
 ``README.md`` and ``verify.json``; it is built in a temporary folder and renamed into place.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -511,15 +512,22 @@ def _locks_output(convert_fn: Callable[..., 'ConvertResult']) -> Callable[..., '
 
     @functools.wraps(convert_fn)
     def locked(*args: Any, **kwargs: Any) -> 'ConvertResult':
-        out_dir = Path(signature.bind(*args, **kwargs).arguments['out_dir'])
+        bound = signature.bind(*args, **kwargs).arguments
+        out_dir = Path(bound['out_dir'])
+        reason = protected_by(out_dir, _local_paths(str(bound['source'])))  # before a lock file is made beside it
+        if reason:
+            raise ConversionError(f'refusing to replace {out_dir}: {reason}')
         blocking = file_in_the_way(out_dir.parent)
         if blocking is not None:
             raise ConversionError(f'cannot write {out_dir}: {blocking} is a file, not a folder')
-        try:
-            with folder_lock(out_dir, 'timm-momentum convert'):
-                return convert_fn(*args, **kwargs)
-        except FolderInUseError as e:
-            raise ConversionError(str(e)) from None
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(folder_lock(out_dir, 'timm-momentum convert'))
+            except FolderInUseError as e:
+                raise ConversionError(str(e)) from None
+            except OSError as e:
+                raise ConversionError(f'cannot write {out_dir}: {describe_os_error(e)}; nothing was written') from None
+            return convert_fn(*args, **kwargs)
 
     return locked
 

@@ -190,7 +190,9 @@ def folder_lock(path: Union[str, os.PathLike], what: str) -> Iterator[None]:
     """
     import fcntl
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # '.' and 'a/..' have no name to put beside
+    if path.parent == path:
+        raise ValueError('the root folder cannot be locked: nothing can be written in its place')
     created = make_parents(path)
     lock_path = path.parent / f'.{path.name}.lock'
     fd = None

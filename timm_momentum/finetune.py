@@ -292,6 +292,8 @@ def _output_folder(cfg: Dict[str, Any]) -> str:
         return str(output)
     if not cfg['output']:
         raise ConfigError('output must not be empty')
+    if Path(os.path.realpath(cfg['output'])).parent == Path(os.path.realpath(cfg['output'])):
+        raise ConfigError(f"output must be a run's folder, not the root folder {cfg['output']}")
     blocking = file_in_the_way(cfg['output'])
     if blocking is not None:
         raise ConfigError(f"output: {blocking} is a file, so {_clipped(cfg['output'], quote=False)} cannot be a "
@@ -867,6 +869,7 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
     if resume_state is not None:
         start_epoch, best_acc, rows = resume_checkpoint(resume_state, last, cfg, model, optimizer, scheduler, scaler,
                                                         ema)
+        resume_state.clear()  # loaded: let the checkpoint's copies go (train's frame still holds this dict)
         if _rank() == 0:
             print(f'resuming from {last} at epoch {start_epoch}', flush=True)
 
