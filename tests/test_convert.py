@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from timm_momentum.cli import main
 from timm_momentum.convert import convert, infer_architecture, plan_upload, upload_to_hub
 from timm_momentum.errors import ConversionError
+from timm_momentum.files import write_marker
 
 from conftest import hide_package
 from test_loading import _add_repo
@@ -43,10 +44,10 @@ def test_timm_safetensors_round_trip(tmp_path):
         os.umask(previous_umask)
     out = result.out_dir
     assert out.stat().st_mode & 0o777 == 0o755  # the umask's, not mkdtemp's 0700
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'verify.json']
+    files = ['.timm-momentum.json', 'README.md', 'config.json', 'model.safetensors', 'verify.json']
+    assert sorted(p.name for p in out.iterdir()) == files
     # every file too, model.safetensors included (safetensors creates its files 0600)
-    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
-        ['README.md', 'config.json', 'model.safetensors', 'verify.json'], 0o644)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(files, 0o644)
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'momentum_resnet18' and config['model_args']['gamma'] == [0.9] * 4
     assert config['model_args']['block_fn'] == 'dropin' and config['num_classes'] == 5
@@ -250,8 +251,10 @@ def test_a_full_or_read_only_disk_is_exit_2_and_leaves_nothing(tmp_path, monkeyp
 
 
 def _old_folder(out: Path) -> None:
+    """A folder timm-momentum wrote (it carries the marker), so that --force may replace it."""
     out.mkdir()
     (out / 'old.txt').write_text('old')
+    write_marker(out, 'timm-momentum test')
 
 
 def test_force_never_leaves_the_output_missing(tmp_path, monkeypatch):
@@ -287,8 +290,7 @@ def test_force_never_leaves_the_output_missing(tmp_path, monkeypatch):
 
 def test_force_replaces_an_existing_folder(tmp_path):
     save_file(_resnet(18).state_dict(), tmp_path / 'a.safetensors')
-    (tmp_path / 'out').mkdir()
-    (tmp_path / 'out' / 'old.txt').write_text('old')
+    _old_folder(tmp_path / 'out')
     convert(str(tmp_path / 'a.safetensors'), tmp_path / 'out', force=True)
     assert not (tmp_path / 'out' / 'old.txt').exists() and (tmp_path / 'out' / 'model.safetensors').exists()
 
@@ -312,8 +314,8 @@ def test_push_to_hub_plan_and_offline_failure(tmp_path):
         def create_repo(self, repo_id, exist_ok):
             self.calls.append(('create_repo', repo_id))
 
-        def upload_folder(self, folder_path, repo_id, commit_message):
-            self.calls.append(('upload_folder', repo_id, folder_path))
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+            self.calls.append(('upload_folder', repo_id, folder_path, ignore_patterns))
 
     with pytest.raises(ConversionError, match='upload to someone/momentum-resnet18 failed.*complete'):
         upload_to_hub(out, 'someone/momentum-resnet18', api=Offline())
@@ -321,7 +323,7 @@ def test_push_to_hub_plan_and_offline_failure(tmp_path):
     api = Recording()
     upload_to_hub(out, 'someone/momentum-resnet18', api=api)
     assert api.calls == [('create_repo', 'someone/momentum-resnet18'),
-                         ('upload_folder', 'someone/momentum-resnet18', str(out))]
+                         ('upload_folder', 'someone/momentum-resnet18', str(out), ['.timm-momentum.json'])]
 
 
 def test_zoo_driver_converts_each_entry_and_reports_failures(tmp_path):

@@ -21,7 +21,7 @@ import yaml
 from timm_momentum.cli import main
 from timm_momentum.demo import run_demo
 from timm_momentum.errors import ConfigError
-from timm_momentum.finetune import DEFAULTS, load_config, train
+from timm_momentum.finetune import DEFAULTS, checkpoint_checksum, load_config, train, validate_config
 
 from conftest import hide_package
 
@@ -102,8 +102,10 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
     assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0,1]', '--img_size', '16',
                  '--output', str(tmp_path / 'run'), '--resume', 'true', '--progress', 'false']) == 2
     assert 'not a weights-only checkpoint' in capsys.readouterr().err and not marker.exists()
-    torch.save({'model': {'conv1.weight': torch.zeros(1)}, 'optimizer': {}, 'scheduler': {}, 'epoch': 0,
-                'best_acc': 0.0, 'rows': [], 'rng': {}}, tmp_path / 'run' / 'last.pth.tar')
+    # a checkpoint that reads, checks out and has the run's config, but other weights
+    state = {'model': {'conv1.weight': torch.zeros(1)}, 'optimizer': {}, 'scheduler': {}, 'epoch': 0,
+             'best_acc': 0.0, 'rows': [], 'rng': {}, 'config': validate_config(_tiny(tmp_path, resume=True))}
+    torch.save({**state, 'checksum': checkpoint_checksum(state)}, tmp_path / 'run' / 'last.pth.tar')
     with pytest.raises(ConfigError, match='does not fit this config'):
         train(_tiny(tmp_path, resume=True))
 
@@ -390,16 +392,17 @@ def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
 def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
     from timm_momentum.finetune import describe_config
 
-    assert describe_config(load_config()).splitlines() == [
-        'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma the model\'s own, '
-        'memory_efficient True, output output/finetune (all keys: output/finetune/args.yaml)',
-        'changed from the defaults: nothing']
+    first, second = describe_config(load_config()).splitlines()
+    assert re.fullmatch(r'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma '
+                        r"the model's own, memory_efficient True, output (output/finetune/\d{8}-\d{6}-momentum_resnet50) "
+                        r'\(all keys: \1/args\.yaml\)', first), first
+    assert second == 'changed from the defaults: nothing'
     out = tmp_path / 'run'
     assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0, 1]', '--img_size', '16',
                  '--epochs', '1', '--batch_size', '512', '--progress', 'false', '--output', str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith('finetune momentum_resnet18 on sklearn/digits classes [0, 1] for 1 epochs, batch 512')
     assert lines[1] == (f"changed from the defaults: model='momentum_resnet18', img_size=16, classes=[0, 1], "
-                        f"batch_size=512, epochs=1, output='{out}', progress=False")
+                        f"batch_size=512, epochs=1, progress=False")
     assert lines[2] == 'gamma per stage: 0.9, 0.9, 0.9, 0.9'  # built from scratch: the paper's gamma
     assert lines[3].startswith('epoch 0: ')

@@ -6,8 +6,11 @@ either of its layouts. The output folder holds ``config.json``, ``model.safetens
 ``README.md`` and ``verify.json``; it is built in a temporary folder and renamed into place.
 """
 import argparse
+import contextlib
+import functools
 import hashlib
 import html
+import inspect
 import json
 import math
 import os
@@ -16,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -24,8 +27,9 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .errors import ConversionError, describe_os_error, first_line
-from .files import recover_interrupted_folder, write_folder_atomically
+from .errors import ConversionError, describe_os_error, first_line, load_failure
+from .files import (MARKER, FolderInUseError, file_in_the_way, folder_lock, marked_files, protected_by,
+                    recover_interrupted_folder, write_folder_atomically, write_marker)
 from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from .invertible import PAPER_GAMMA
 from .momentum_resnet import GAMMA_POLICIES, GammaSpec, parse_gamma
@@ -34,6 +38,7 @@ __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architectu
            'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
+MAX_INPUT_SIDE = 2048  # pixels; verification runs 2 images, and a 40000 px side asked for 38 GB
 DRIFT_IMAGES = 256  # enough real images for top-1 agreement to mean something, few enough for a CPU
 _DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34, ('bottleneck', (3, 4, 6, 3)): 50,
            ('bottleneck', (3, 4, 23, 3)): 101, ('bottleneck', (3, 8, 36, 3)): 152}
@@ -42,6 +47,9 @@ _MRESNET_KEY = re.compile(r'^(layer\d)\.1\.network\.(\d+)\.(.*)$')         # MRe
 # What the Hub accepts as a license or dataset id; anything else in a source's metadata is not copied into cards
 _LICENSE_ID = re.compile(r'^[a-z0-9][a-z0-9.+-]{0,63}$')
 _DATASET_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$')
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# What an earlier convert wrote, before folders carried the MARKER: --force may replace exactly these
+_LEGACY_FILES = ('config.json', 'model.safetensors', 'README.md', 'verify.json')
 
 
 @dataclass
@@ -115,7 +123,7 @@ def _read_file(path: Path) -> Dict[str, Any]:
         return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConversionError(f'{path}: cannot read as a weights-only PyTorch checkpoint '
-                              f'(corrupt, truncated, or it holds code): {first_line(e)}') from None
+                              f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
 
 
 def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
@@ -130,8 +138,41 @@ def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
     for key, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f'{where}: entry {key!r} is a {type(value).__name__}, not a tensor')
+        _check_weight(str(key), value, where)
         state[key[len('module.'):] if key.startswith('module.') else key] = value
     return state
+
+
+def _check_weight(key: str, value: torch.Tensor, where: str) -> None:
+    """Refuse a tensor that cannot be a ResNet weight: one without values (meta), a sparse or quantized one, and
+    one that is not floating point, except the integer BatchNorm ``num_batches_tracked`` counters."""
+    if value.is_meta:
+        raise ConversionError(f'{where}: entry {key!r} is a meta tensor (a shape without values)')
+    if value.layout != torch.strided:
+        raise ConversionError(f'{where}: entry {key!r} is a {value.layout} tensor; weights are dense tensors')
+    counter = key.endswith('num_batches_tracked') and value.dtype in _INTEGER_DTYPES
+    if not value.is_floating_point() and not counter:
+        raise ConversionError(f'{where}: entry {key!r} has dtype {value.dtype}; ResNet weights are floating point '
+                              f'(only the num_batches_tracked counters are integers)')
+
+
+def _check_input_size(value: Any, key: str, where: str) -> List[int]:
+    """A pretrained_cfg input size as [channels, height, width] of positive integers, sides at most
+    MAX_INPUT_SIDE, else ConversionError naming it."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConversionError(f'{where}: {key} must be [channels, height, width] of positive integers, got '
+                              f'{_clipped(value)}')
+    if max(value[1:]) > MAX_INPUT_SIDE:
+        raise ConversionError(f'{where}: {key} {list(value)} has a side over {MAX_INPUT_SIDE} px, too large to '
+                              f'verify on')
+    return list(value)
+
+
+def _clipped(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def _to_timm_layout(state: Dict[str, torch.Tensor], where: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
@@ -177,6 +218,9 @@ def _metadata_from(config_path: Optional[Path], card_path: Optional[Path]) -> Tu
             pretrained_cfg = dict(json.loads(config_path.read_text()).get('pretrained_cfg') or {})
         except (ValueError, AttributeError, TypeError):
             pass
+    for key in ('input_size', 'test_input_size'):
+        if key in pretrained_cfg:
+            pretrained_cfg[key] = _check_input_size(pretrained_cfg[key], key, str(config_path))
     if card_path is not None and card_path.is_file():
         try:
             card = metadata_load(card_path) or {}
@@ -238,7 +282,12 @@ def load_source(source: str) -> SourceCheckpoint:
     name = source[len('timm/'):] if source.startswith('timm/') else source
     if name.split('.')[0] not in timm.list_models('resnet*'):
         raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet name')
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not know: 'Invalid pretrained tag (bogus) for resnet18.'
+        tags = timm.list_pretrained(f"{name.split('.')[0]}.*")
+        raise ConversionError(f'{source}: timm has no pretrained weights under this tag; it has '
+                              f'{", ".join(tags[:8]) or "none"}{" ..." if len(tags) > 8 else ""}') from None
     if cfg is None or not cfg.hf_hub_id:
         raise ConversionError(f'{source}: timm has no pretrained weights under this name')
     checkpoint = _load_hub(cfg.hf_hub_id, source)
@@ -494,11 +543,81 @@ def _model_card(arch: str, checkpoint: SourceCheckpoint, gammas: List[float], po
     return re.sub(r'\{(\w+)\}', lambda m: str(values.get(m.group(1), m.group(0))), template)
 
 
-def _check_output(out_dir: Path, force: bool) -> None:
-    """Put back what an interrupted run left, then refuse a non-empty OUT unless ``force``."""
+def _check_output(out_dir: Path, force: bool, sources: Sequence[Path] = ()) -> None:
+    """Refuse an OUT that must never be replaced: '/', or a folder that is or holds the working directory or one of
+    ``sources``. Then put back what an interrupted run left, and refuse a non-empty OUT unless ``force``, and even
+    then unless timm-momentum wrote everything in it (its MARKER, or an earlier convert's layout)."""
+    reason = protected_by(out_dir, sources)
+    if reason:
+        raise ConversionError(f'refusing to replace {out_dir}: {reason}')
+    if out_dir.is_symlink():
+        raise ConversionError(f'{out_dir} is a symbolic link; pass the folder it points to, or another --out')
     recover_interrupted_folder(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConversionError(f'{out_dir} exists and is not a folder; --force replaces only folders this tool wrote')
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not force:
         raise ConversionError(f'{out_dir} exists and is not empty; pass --force to replace it')
+    ours = marked_files(out_dir) or _legacy_files(out_dir)
+    if ours is None:
+        raise ConversionError(f'{out_dir} was not written by timm-momentum (it has no {MARKER}), so --force does not '
+                              f'replace it: move it away yourself, or choose another --out')
+    foreign = [name for name in entries if name not in ours]
+    if foreign:
+        shown = ', '.join(foreign[:5]) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')
+        raise ConversionError(f'{out_dir} holds files timm-momentum did not write ({shown}), which --force would '
+                              f'delete: move them out, or choose another --out')
+
+
+def _legacy_files(out_dir: Path) -> Optional[List[str]]:
+    """The files of a folder an earlier convert wrote (config.json naming timm-momentum as its converter,
+    model.safetensors and verify.json); None for any other folder."""
+    config_path = out_dir / 'config.json'
+    if not all((out_dir / name).is_file() for name in ('config.json', 'model.safetensors', 'verify.json')) \
+            or config_path.stat().st_size > 1 << 20:
+        return None
+    try:
+        converter = json.loads(config_path.read_text())['provenance']['converter']
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return list(_LEGACY_FILES) if isinstance(converter, str) and converter.startswith('timm-momentum ') else None
+
+
+def _local_paths(source: str) -> List[Path]:
+    """The local file or folder SOURCE names, if any: what OUT must never hold."""
+    path = Path(source[len('local-dir:'):] if source.startswith('local-dir:') else source)
+    return [path] if source.startswith('local-dir:') or path.exists() else []
+
+
+def _locks_output(convert_fn: Callable[..., 'ConvertResult']) -> Callable[..., 'ConvertResult']:
+    """Run ``convert`` holding the lock of its ``out_dir``: a second convert to the same folder at the same time
+    stops with ConversionError instead of deleting the first one's files as stale."""
+    signature = inspect.signature(convert_fn)
+
+    @functools.wraps(convert_fn)
+    def locked(*args: Any, **kwargs: Any) -> 'ConvertResult':
+        bound = signature.bind(*args, **kwargs).arguments
+        out_dir = Path(bound['out_dir'])
+        reason = protected_by(out_dir, _local_paths(str(bound['source'])))  # before a lock file is made beside it
+        if reason:
+            raise ConversionError(f'refusing to replace {out_dir}: {reason}')
+        blocking = file_in_the_way(out_dir.parent)
+        if blocking is not None:
+            raise ConversionError(f'cannot write {out_dir}: {blocking} is a file, not a folder')
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(folder_lock(out_dir, 'timm-momentum convert'))
+            except FolderInUseError as e:
+                raise ConversionError(str(e)) from None
+            except OSError as e:
+                raise ConversionError(f'cannot write {out_dir}: {describe_os_error(e)}; nothing was written') from None
+            return convert_fn(*args, **kwargs)
+
+    return locked
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -515,6 +634,7 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+@_locks_output
 def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[GammaSpec] = None,
             arch: Optional[str] = None, force: bool = False, push_to_hub: Optional[str] = None,
             heal_images: Optional[str] = None, recalibrate_bn: bool = False, distill_steps: int = 0,
@@ -559,10 +679,12 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
         raise ConversionError('healing (recalibrate_bn or distill_steps) needs heal_images')
     if img_size is not None and img_size < 1:
         raise ConversionError(f'img_size must be a positive number of pixels, got {img_size}')
+    if img_size is not None and img_size > MAX_INPUT_SIDE:
+        raise ConversionError(f'img_size {img_size} has a side over {MAX_INPUT_SIDE} px, too large to verify on')
     if push_to_hub:
         validate_repo_id(push_to_hub)
     out_dir = Path(out_dir)
-    _check_output(out_dir, force)
+    _check_output(out_dir, force, _local_paths(source))
     checkpoint = load_source(source)
     state = checkpoint.state_dict
     _check_finite(state)
@@ -689,6 +811,7 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
         for name, report in (reports or {}).items():
             (folder / name).write_text(strict_json(report))
         (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\n---\n\n# {arch}\n')
+        write_marker(folder, f'timm-momentum {__version__}')
 
     try:
         write_folder_atomically(out_dir, write)
@@ -698,9 +821,9 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
 
 
 def plan_upload(out_dir: Union[str, os.PathLike], repo_id: str) -> Dict[str, Any]:
-    """What ``upload_to_hub`` would upload: the repo id and the folder's files."""
+    """What ``upload_to_hub`` would upload: the repo id and the folder's files (not the local MARKER)."""
     validate_repo_id(repo_id)
-    files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file())
+    files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file() and p.name != MARKER)
     missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
     if missing:
         raise ConversionError(f'{out_dir} is not a complete model folder: missing {sorted(missing)}')
@@ -715,7 +838,8 @@ def upload_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = Non
         api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet')
+        api.upload_folder(folder_path=plan['folder'], repo_id=repo_id, commit_message='Upload Momentum ResNet',
+                          ignore_patterns=[MARKER])
     except Exception as e:
         raise ConversionError(f'upload to {repo_id} failed ({first_line(e)}); '
                               f'the converted folder {out_dir} is complete and can be uploaded later') from None

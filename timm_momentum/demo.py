@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .convert import convert
-from .errors import run_reporting_user_errors
+from .errors import ConfigError, run_reporting_user_errors
 from .finetune import DEFAULTS, train
 from .memory import saved_tensor_bytes
 
@@ -36,6 +36,9 @@ def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_s
     from safetensors.torch import save_file
 
     out = Path(output)
+    if out.is_dir() and any(out.iterdir()):  # each stage writes a new run; finetune refuses to overwrite one
+        raise ConfigError(f'{out} is not empty: it holds an earlier demo, which this one would overwrite; '
+                          f'choose another --output, or remove it first')
     started = time.perf_counter()
     base = dict(DEFAULTS, dataset='sklearn/digits', img_size=img_size, in_chans=3, batch_size=64, opt='adamw',
                 lr=2e-3, weight_decay=0.05, sched='cosine', warmup_epochs=1, progress=progress)

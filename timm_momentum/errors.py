@@ -23,6 +23,19 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def load_failure(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, without torch's advice to load it with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    text = str(error)
+    if 'WeightsUnpickler error:' in text:
+        reason = text.split('WeightsUnpickler error:', 1)[1].strip()
+        reason = reason.split(' Please use', 1)[0].split('\n', 1)[0].strip()
+        return f'it holds objects other than tensors, which a weights-only load refuses ({reason})'
+    if text.startswith('Weights only load failed'):
+        return 'it holds objects other than tensors, which a weights-only load refuses'
+    return first_line(error)
+
+
 def describe_os_error(error: OSError) -> str:
     """A short reason for a failed write: 'no space left on device', 'read-only file system', ..."""
     where = f' ({error.filename})' if error.filename else ''

@@ -1,10 +1,12 @@
 """Writing files and folders so that nothing is ever half-written: build a temp beside the target, then rename."""
+import contextlib
 import csv
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 
 def current_umask() -> int:
@@ -123,3 +125,97 @@ def write_folder_atomically(out_dir: Union[str, os.PathLike], write: Callable[[P
             shutil.rmtree(old, ignore_errors=True)
         remove_folders(created)
         raise
+
+
+# Every folder timm-momentum writes as a whole (a model folder) holds this file: it names the files the writer put
+# there, so that a later replacement (``convert --force``) removes only what this tool made.
+MARKER = '.timm-momentum.json'
+
+
+def write_marker(folder: Union[str, os.PathLike], written_by: str) -> None:
+    """Record in ``folder`` that ``written_by`` wrote it, and which files it holds now."""
+    folder = Path(folder)
+    files = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    (folder / MARKER).write_text(json.dumps({'written_by': written_by, 'files': files}, indent=2) + '\n')
+
+
+def marked_files(folder: Union[str, os.PathLike]) -> Optional[List[str]]:
+    """The files ``folder``'s marker says timm-momentum wrote there (the marker included); None without a
+    readable marker."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        files = marker['files']
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return files + [MARKER]
+
+
+def protected_by(path: Union[str, os.PathLike], protected: Sequence[Union[str, os.PathLike]]) -> Optional[str]:
+    """Why replacing the folder ``path`` would remove something it must not: it is '/', or it is or holds the
+    working directory or one of ``protected``; None when it would not."""
+    target = Path(os.path.realpath(path))
+    if target.parent == target:
+        return 'it is the root folder'
+    named = [('the working directory', Path.cwd())] + [(f'the source {p}', Path(p)) for p in protected]
+    for what, inside in named:
+        inside = Path(os.path.realpath(inside))
+        if target == inside:
+            return f'it is {what}'
+        if target in inside.parents:
+            return f'it holds {what}'
+    return None
+
+
+def file_in_the_way(path: Union[str, os.PathLike]) -> Optional[Path]:
+    """The nearest existing path above (or at) ``path`` when it is not a folder, so no folder can be made there."""
+    for candidate in [Path(path)] + list(Path(path).parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+class FolderInUseError(RuntimeError):
+    """Another process is writing the folder this one was asked to write."""
+
+
+@contextlib.contextmanager
+def folder_lock(path: Union[str, os.PathLike], what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``path`` while ``what`` writes it (a locked file ``.NAME.lock`` beside
+    it, removed on exit); raise FolderInUseError when another process holds it.
+
+    The lock is ``fcntl.flock``: the kernel drops it when its holder dies, so a killed writer leaves no lock behind.
+    Folders created above ``path`` for the lock file are removed on exit when they are still empty.
+    """
+    import fcntl
+
+    path = Path(os.path.abspath(path))  # '.' and 'a/..' have no name to put beside
+    if path.parent == path:
+        raise ValueError('the root folder cannot be locked: nothing can be written in its place')
+    created = make_parents(path)
+    lock_path = path.parent / f'.{path.name}.lock'
+    fd = None
+    try:
+        while fd is None:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+                os.close(fd)
+                fd = None  # the lock file is the holder's: leave it
+                raise FolderInUseError(f'{path} is being written by another process ({holder}; its lock is '
+                                       f'{lock_path}): wait for it to finish, or choose another folder') from None
+            if os.path.exists(lock_path) and os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder removed that lock file as this process opened it: take the new one
+            fd = None
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{what}, pid {os.getpid()}\n'.encode())
+        yield
+    finally:
+        if fd is not None:
+            Path(lock_path).unlink(missing_ok=True)  # while still locked: no process can hold a removed file
+            os.close(fd)
+        remove_folders(created)

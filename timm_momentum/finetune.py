@@ -4,14 +4,17 @@
 or ``torchrun --nproc_per_node=N -m timm_momentum.finetune ...``. Config keys follow timm's train.py names.
 """
 import argparse
+import contextlib
+import copy
 import difflib
+import hashlib
 import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,13 +24,14 @@ import yaml
 
 from .convert import write_model_folder
 from .data import FASHION_MNIST, build_datasets, build_loader
-from .errors import ConfigError, first_line, run_reporting_user_errors
-from .files import atomic_write, write_csv
+from .errors import ConfigError, first_line, load_failure, run_reporting_user_errors
+from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
 from .memory import vm_hwm_bytes
 from .momentum_resnet import MomentumResNet, parse_gamma, policy_for_dtype
 
-__all__ = ['DEFAULTS', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
-           'seed_everything', 'load_resume_state', 'train', 'find_batch_size']
+__all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
+           'seed_everything', 'load_resume_state', 'compare_resume_config', 'checkpoint_checksum', 'check_output',
+           'train', 'find_batch_size']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -49,10 +53,41 @@ DEFAULTS: Dict[str, Any] = {
     # hardware
     'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
     # run
-    'seed': 42, 'output': 'output/finetune', 'resume': False, 'log_interval': 10, 'progress': True,
+    'seed': 42, 'output': None,  # None: a new folder for each run, output/finetune/<YYYYmmdd-HHMMSS>-<model>
+    'resume': False, 'log_interval': 10, 'progress': True,
     'plots': True,  # loss/accuracy plots, redrawn every epoch
     'checkpoints': True,  # last.pth.tar and best/ every epoch; without them only metrics.csv and final/ are written
 }
+
+
+_MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; this bounds what a wrong path can make us read
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases. A config never needs ``*name``, and aliases nested in aliases expand
+    exponentially: a 569-byte file ran 73 s and took 3.6 GB before a MemoryError."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f'aliases (*{_clipped(event.anchor, 40, quote=False)}) are not allowed '
+                                              f'in configs; write the value out', event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (no aliases), else a ConfigError saying where, in a few hundred characters."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        reason = ' '.join(str(e).split()).replace('in "<unicode string>", ', 'at ')
+        raise ConfigError(f'{where} is not valid YAML: {_clipped(reason, 300, quote=False)}') from None
+
+
+def _clipped(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """``repr(value)`` (or ``str`` without ``quote``), cut to ``limit`` characters: error messages stay short."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -61,10 +96,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     if path:
         if not Path(path).is_file():
             raise ConfigError(f'config file {path} does not exist')
+        if Path(path).stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f'{path} is {Path(path).stat().st_size} bytes, too large for a config '
+                              f'(at most {_MAX_CONFIG_BYTES})')
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f'{path} is not valid YAML: {" ".join(str(e).split())}') from None
+            text = Path(path).read_bytes().decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise ConfigError(f'{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); '
+                              f'save it as UTF-8') from None
+        loaded = _parse_yaml(text, path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f'{path}: a config is a mapping of keys to values')
         _update(config, loaded, path)
@@ -73,16 +113,20 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     while pairs:
         key = pairs.pop(0)
         if not key.startswith('--') or len(key) == 2:
-            raise ConfigError(f'expected --key value, got {key!r}')
+            raise ConfigError(f'expected --key value, got {_clipped(key)}')
         key = key[2:].replace('-', '_')
         if not pairs or pairs[0].startswith('--'):
             updates[key] = True
         else:
             text = pairs.pop(0)
+            if not text.strip():  # --dataset '': the empty string (timm's folder dataset), not YAML's null
+                updates[key] = text
+                continue
             try:
-                updates[key] = yaml.safe_load(text)
-            except yaml.YAMLError:
-                raise ConfigError(f'--{key}: cannot parse {text!r} as a YAML value') from None
+                updates[key] = yaml.load(text, Loader=_ConfigLoader)
+            except yaml.YAMLError as e:
+                reason = f' ({e.problem})' if getattr(e, 'problem', None) and 'alias' in e.problem else ''
+                raise ConfigError(f'--{key}: cannot parse {_clipped(text)} as a YAML value{reason}') from None
     _update(config, updates, 'command line')
     return validate_config(config)
 
@@ -90,16 +134,16 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
 def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None:
     for key, value in updates.items():
         if key not in DEFAULTS:
-            close = difflib.get_close_matches(str(key), DEFAULTS, n=1)
+            close = difflib.get_close_matches(str(key)[:100], DEFAULTS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ''
-            raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+            raise ConfigError(f"unknown config key '{_clipped(key, 60, quote=False)}' in {where}{hint}")
         config[key] = value
 
 
 # Keys whose default (None, or one of two forms) does not tell their type; every other key takes its default's.
 _OPTIONAL_TYPES: Dict[str, type] = {
     'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
-    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int,
+    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int, 'output': str,
 }
 # Inclusive bounds of numeric keys.
 _RANGES: Dict[str, Tuple[float, float]] = {
@@ -109,6 +153,7 @@ _RANGES: Dict[str, Tuple[float, float]] = {
     'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
     'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
     'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf), 'train_per_class': (1, math.inf),
+    'seed': (0, 2 ** 32 - 1),  # numpy's seed range; torch's overflowed past 2^63 (and seed * 1000 + epoch sooner)
 }
 _AMP = ('auto', 'bf16', 'fp16', 'none')
 
@@ -118,7 +163,7 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f'{key} must be true or false, got {value!r}')
+        raise ConfigError(f'{key} must be true or false, got {_clipped(value)}')
     if kind in (int, float) and not isinstance(value, bool):
         number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -132,7 +177,7 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
             if float(number).is_integer():
                 return int(number)
         noun = 'an integer' if kind is int else 'a number'
-        raise ConfigError(f'{key} must be {noun}, got {value!r}')
+        raise ConfigError(f'{key} must be {noun}, got {_clipped(value)}')
     if kind is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -140,10 +185,10 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
             return str(value)
         if isinstance(value, str):
             return value
-        raise ConfigError(f'{key} must be a string, got {value!r}')
+        raise ConfigError(f'{key} must be a string, got {_clipped(value)}')
     if kind is list and isinstance(value, (list, tuple)):
         return list(value)
-    raise ConfigError(f'{key} must be a {kind.__name__}, got {value!r}')
+    raise ConfigError(f'{key} must be a {kind.__name__}, got {_clipped(value)}')
 
 
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -167,7 +212,7 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             elif value is False or value is None or value == 'fp32':
                 value = 'none'
             if not isinstance(value, str) or value not in _AMP:
-                raise ConfigError(f'amp must be one of {list(_AMP)}, got {cfg[key]!r}')
+                raise ConfigError(f'amp must be one of {list(_AMP)}, got {_clipped(cfg[key])}')
             out[key] = value
         elif value is None and default is None:
             out[key] = None
@@ -176,8 +221,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         low, high = _RANGES.get(key, (-math.inf, math.inf))
         if isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and not low <= out[key] <= high:
             bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
-            raise ConfigError(f'{key} must be {bounds}, got {value!r}')
-    for key in ('model', 'opt', 'sched', 'device', 'output', 'train_split', 'val_split'):
+            raise ConfigError(f'{key} must be {bounds}, got {_clipped(value)}')
+    for key in ('model', 'opt', 'sched', 'device', 'train_split', 'val_split'):
         if not out[key]:
             raise ConfigError(f'{key} must not be empty')
     try:
@@ -190,20 +235,20 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if out['scale'] is not None:
         out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
         if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
-            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {cfg['scale']!r}")
+            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {_clipped(cfg['scale'])}")
     if out['dataset'] in ('sklearn/digits', FASHION_MNIST) and out['classes'] is not None:
         if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
                 or len(out['classes']) < 2:
-            raise ConfigError(f"classes must be two or more different class indices 0-9, got {cfg['classes']!r}")
+            raise ConfigError(f"classes must be two or more different class indices 0-9, got {_clipped(cfg['classes'])}")
     if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
-        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {out['dataset']!r}")
+        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {_clipped(out['dataset'])}")
     if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
-        close = difflib.get_close_matches(out['model'], timm.list_models(), n=1)
-        raise ConfigError(f"model: unknown model {out['model']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
+        close = difflib.get_close_matches(out['model'][:100], timm.list_models(), n=1)
+        raise ConfigError(f"model: unknown model {_clipped(out['model'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
     optimizers = list_optimizers()
     if out['opt'].lower().split('_')[-1] not in optimizers:
-        close = difflib.get_close_matches(out['opt'].lower(), optimizers, n=1)
-        raise ConfigError(f"opt: unknown optimizer {out['opt']!r}" + (f"; did you mean '{close[0]}'?" if close else ''))
+        close = difflib.get_close_matches(out['opt'].lower()[:100], optimizers, n=1)
+        raise ConfigError(f"opt: unknown optimizer {_clipped(out['opt'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
     try:  # timm's scheduler factory is the list of schedulers it knows
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         create_scheduler_v2(probe, sched=out['sched'], num_epochs=out['epochs'], decay_milestones=out['decay_milestones'])
@@ -214,16 +259,55 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
     if out['resume'] and not out['checkpoints']:
         raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
-    output = Path(out['output'])
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f'output: {output} exists and is not a folder')
+    out['output'] = _output_folder(out)
     return out
+
+
+def _check_local_model(model: str) -> None:
+    """A ``local-dir:`` model must name a folder with a config.json (timm raised FileNotFoundError). Checked when
+    a run starts, not when its config loads: a config may name the folder an earlier step is to write."""
+    if not model.startswith('local-dir:'):
+        return
+    folder = Path(model[len('local-dir:'):])
+    if not folder.is_dir():
+        raise ConfigError(f'model: {_clipped(model, quote=False)}: no such folder')
+    if not (folder / 'config.json').is_file():
+        raise ConfigError(f'model: {_clipped(model, quote=False)}: the folder holds no config.json (write one with '
+                          f'timm-momentum convert)')
+
+
+def _output_folder(cfg: Dict[str, Any]) -> str:
+    """The run's folder: ``output``, or without one a new folder ``output/finetune/<YYYYmmdd-HHMMSS>-<model>``, as
+    timm's train.py names its runs (``-1``, ``-2``... when that name is taken)."""
+    if cfg['output'] is None:
+        if cfg['resume']:
+            raise ConfigError('resume: true continues the run in output, so output must name that run\'s folder '
+                              '(without output, each run gets a new folder)')
+        name = cfg['model'].split(':', 1)[-1].rstrip('/').split('/')[-1]
+        name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)[:64]
+        base = Path('output') / 'finetune' / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        output, count = base, 0
+        while output.exists():
+            count += 1
+            output = base.with_name(f'{base.name}-{count}')
+        return str(output)
+    if not cfg['output']:
+        raise ConfigError('output must not be empty')
+    if Path(os.path.realpath(cfg['output'])).parent == Path(os.path.realpath(cfg['output'])):
+        raise ConfigError(f"output must be a run's folder, not the root folder {cfg['output']}")
+    blocking = file_in_the_way(cfg['output'])
+    if blocking is not None:
+        raise ConfigError(f"output: {blocking} is a file, so {_clipped(cfg['output'], quote=False)} cannot be a "
+                          f"folder")
+    return cfg['output']
 
 
 def describe_config(cfg: Dict[str, Any]) -> str:
     """What a run will do, in two lines: the main settings, then every key that differs from DEFAULTS."""
     classes = f" classes {cfg['classes']}" if cfg['classes'] is not None else ''
-    changed = ', '.join(f'{k}={v!r}' for k, v in cfg.items() if k in DEFAULTS and v != DEFAULTS[k])
+    # output is on the first line; without one given it is a new folder, which would always differ from None
+    changed = ', '.join(f'{k}={_clipped(v)}' for k, v in cfg.items()
+                        if k in DEFAULTS and k != 'output' and v != DEFAULTS[k])
     return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {cfg['epochs']} epochs, batch "
             f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {_describe_gamma(cfg['gamma'])}, memory_efficient "
             f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
@@ -242,7 +326,7 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}") from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise ConfigError(f'device: {name} asked for, but no CUDA GPU is available (use device: cpu or auto)')
@@ -251,7 +335,7 @@ def _check_device(name: str) -> None:
     elif device.type == 'mps' and not torch.backends.mps.is_available():
         raise ConfigError(f'device: {name} asked for, but MPS is not available')
     elif device.type not in ('cpu', 'cuda', 'mps'):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}")
 
 
 def _device(cfg: Dict[str, Any]) -> torch.device:
@@ -309,7 +393,7 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as e:
         raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
-                          f'(corrupt, truncated, or it holds code): {first_line(e)}') from None
+                          f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
     expected = model.state_dict()
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     head = [k for k in expected if k.startswith(f'{classifier}.')]
@@ -405,7 +489,7 @@ def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader
     seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
     bar = _progress(loader, epoch, cfg)
     optimizer.zero_grad(set_to_none=True)
-    for step, (x, y) in enumerate(bar):
+    for step, (x, y) in enumerate(_batches(bar, cfg, cfg['train_split'])):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg['channels_last']:
             x = x.to(memory_format=torch.channels_last)
@@ -438,6 +522,14 @@ def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader
             raise RuntimeError(
                 f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
                 f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
+        except ValueError as e:
+            if 'Expected more than 1 value per channel when training' not in str(e):
+                raise
+            raise ConfigError(
+                f"batch_size {cfg['batch_size']}: a batch of {len(y)} image(s) leaves BatchNorm one value per channel "
+                f"({first_line(e).split('got ')[-1]}), and in training BatchNorm normalises by the batch's own "
+                f"variance, which needs two. Use batch_size >= 2 (the loader drops a short last batch, as "
+                f"drop_last does) or a larger img_size") from None
         seen += len(y)
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(-1) == y).sum())
@@ -447,12 +539,33 @@ def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader
     return {'loss': loss_sum / max(seen, 1), 'acc': 100.0 * correct / max(seen, 1), 'images': seen}
 
 
-def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype]) -> Tuple[float, float]:
+def _batches(loader: Any, cfg: Dict[str, Any], split: str) -> Iterator[Any]:
+    """The batches of ``loader``; an image PIL refuses to open as a decompression bomb stops the run with a
+    ConfigError saying so (in a worker process too), where it was a traceback."""
+    from PIL import Image
+
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Image.DecompressionBombError as e:  # the DataLoader re-raises a worker's error as its type
+            reason = str(e).strip().splitlines()[-1].split('DecompressionBombError: ')[-1]
+            raise ConfigError(f"dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']} holds an image "
+                              f"too large to open safely: {reason} Remove it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                              f"if you trust it") from None
+        yield batch
+
+
+def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype],
+             cfg: Optional[Dict[str, Any]] = None) -> Tuple[float, float]:
     """The validation loss and top-1 accuracy (%) of ``model`` on ``loader``, summed over every rank."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
+    batches = _batches(loader, cfg, cfg['val_split']) if cfg is not None else loader
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for x, y in loader:
+        for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = model(x).float()
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
@@ -491,34 +604,133 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+# Keys a resumed run must share with the run it continues: what the weights are (model, classes, input, gamma),
+# how they started, what they are trained on and in what order (data, seed), and the optimiser whose state is
+# loaded. Every other key may change and takes effect. memory_efficient is not fixed: both modes compute the same
+# function and, to rounding, the same gradients (the invertible backward is exact), so switching it mid-run trades
+# memory for time, as grad_checkpointing does.
+RESUME_FIXED = ('model', 'pretrained', 'initial_checkpoint', 'num_classes', 'in_chans', 'img_size', 'gamma',
+                'dataset', 'data_dir', 'train_split', 'val_split', 'classes', 'train_per_class', 'seed', 'opt')
+# What the optimiser's and the scheduler's saved states hold too: a change to one rebuilds the schedule from it.
+_SCHEDULE_KEYS = ('epochs', 'lr', 'momentum', 'weight_decay', 'sched', 'warmup_epochs', 'min_lr', 'decay_milestones',
+                  'decay_rate')
+_NOT_COMPARED = ('resume', 'output')  # how a run was started, not what it trains
+
+
+def compare_resume_config(saved: Dict[str, Any], cfg: Dict[str, Any], path: Path) -> Dict[str, Tuple[Any, Any]]:
+    """The keys whose values differ between a checkpoint's config and ``cfg``, as (saved, new). A ConfigError
+    naming them when any is in RESUME_FIXED."""
+    changed = {key: (saved.get(key, DEFAULTS[key]), cfg[key]) for key in DEFAULTS
+               if key not in _NOT_COMPARED and not _same_value(key, saved.get(key, DEFAULTS[key]), cfg[key])}
+    fixed = [key for key in changed if key in RESUME_FIXED]
+    if fixed:
+        values = '; '.join(f'{key} {_clipped(changed[key][0])} in the checkpoint, {_clipped(changed[key][1])} now'
+                           for key in fixed)
+        raise ConfigError(f"cannot resume from {path} with another {', '.join(fixed)} ({values}): these cannot "
+                          f"change mid-run. Resume with the checkpoint's values, or start a new run in another output")
+    return changed
+
+
+def _same_value(key: str, saved: Any, new: Any) -> bool:
+    """Whether a config value is unchanged. A run records the per-stage gamma it trained at; a gamma that only the
+    model resolves (None, a policy) is compared once the model is built, in ``resume_checkpoint``."""
+    if key != 'gamma':
+        return saved == new
+    if saved is None or new is None or isinstance(saved, str) or isinstance(new, str):
+        return True
+    stages = len(saved) if isinstance(saved, list) else len(new) if isinstance(new, list) else 1
+
+    def per_stage(value: Any) -> List[Any]:
+        return value if isinstance(value, list) else [value] * stages
+
+    return per_stage(saved) == per_stage(new)
+
+
+def checkpoint_checksum(state: Dict[str, Any]) -> str:
+    """SHA-256 of everything a checkpoint holds but its ``checksum``: each tensor's dtype, shape and bytes, every
+    other value's repr, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f'tensor {tensor.dtype} {tuple(tensor.shape)};'.encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f'dict {len(value)};'.encode())
+            for key in sorted(value, key=repr):
+                digest.update(f'{key!r}:'.encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f'{type(value).__name__} {len(value)};'.encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f'{value!r};'.encode())
+
+    feed({key: value for key, value in state.items() if key != 'checksum'})
+    return digest.hexdigest()
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it copied to the CPU (the checkpoint is hashed and saved from these)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
 def load_resume_state(path: Path) -> Dict[str, Any]:
-    """Read ``last.pth.tar`` with ``weights_only=True``: a checkpoint that holds code is refused, not run."""
+    """Read ``last.pth.tar`` with ``weights_only=True`` (a checkpoint that holds code is refused, not run) and check
+    its tensors against the checksum written with them."""
     try:
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the model's device
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
-                          f'finetune (corrupt, truncated, or it holds code): {first_line(e)}') from None
-    needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng'}
+                          f'finetune (corrupt, truncated, or it holds code): {load_failure(e)}') from None
+    needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng', 'config'}
     if not isinstance(state, dict) or not needed <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {keys}')
+        raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {_clipped(keys)}')
+    if 'checksum' not in state:
+        raise ConfigError(f'cannot resume from {path}: it carries no checksum (an earlier timm-momentum wrote it), so '
+                          f'it cannot be checked for corruption. Start a new run in another output; '
+                          f'initial_checkpoint: {path} starts one from its weights')
+    if checkpoint_checksum(state) != state['checksum']:
+        raise ConfigError(f'cannot resume from {path}: it is corrupt, its contents do not match the checksum written '
+                          f'with them. Resume from a copy of the run, or start a new run in another output')
     return state
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                     ema: Any, epoch: int, best_acc: float, rows: List[Dict[str, Any]], cfg: Dict[str, Any]) -> None:
-    """Write the resume checkpoint atomically: weights, optimiser, scheduler, scaler, EMA, metrics, RNG states."""
-    atomic_write(path, lambda tmp: torch.save({
+    """Write the resume checkpoint atomically: weights, optimiser, scheduler, scaler, EMA, metrics, RNG states, the
+    config, and a checksum of all of them."""
+    state = _on_cpu({
         'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler else None, 'ema': ema.state_dict() if ema else None,
-        'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()}, tmp))
+        'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()})
+    state['checksum'] = checkpoint_checksum(state)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def resume_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+def resume_checkpoint(state: Dict[str, Any], path: Path, cfg: Dict[str, Any], model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                       ema: Any) -> Tuple[int, float, List[Dict[str, Any]]]:
-    """Restore what ``save_checkpoint`` wrote; returns the epoch to start from, the best accuracy and the metrics."""
-    state = load_resume_state(path)
+    """Restore what ``save_checkpoint`` wrote (``state``, read by ``load_resume_state``) under ``cfg``; returns the
+    epoch to start from, the best accuracy and the metrics.
+
+    The optimiser's and scheduler's states carry the checkpoint's lr, schedule and weight decay. When ``cfg``
+    changes any of them, the optimiser keeps its saved moments but takes this config's hyperparameters, and the
+    schedule is this config's, at the epoch resumed.
+    """
+    changed = compare_resume_config(state['config'], cfg, path)
+    fresh_groups = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
+    fresh_schedule = copy.deepcopy(scheduler.state_dict())
     try:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
@@ -531,11 +743,115 @@ def resume_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise ConfigError(f'cannot resume from {path}: it does not fit this config ({first_line(e)}); '
                           f'use another output folder or resume: false') from None
-    return state['epoch'] + 1, state['best_acc'], state['rows']
+    start_epoch = state['epoch'] + 1
+    if any(key in changed for key in _SCHEDULE_KEYS):
+        for group, fresh in zip(optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        scheduler.load_state_dict(fresh_schedule)
+        scheduler.step(start_epoch)
+    return start_epoch, state['best_acc'], state['rows']
+
+
+def check_output(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Refuse an output this run must not write into, before anything is written. Returns the checkpoint to resume
+    from (its checksum checked, its config one this run may continue), or None for a new run.
+
+    A new run needs an absent or empty folder. ``resume: true`` needs the folder's last.pth.tar; where there is
+    none, it starts a new run there (and says so) only when the folder holds nothing but an earlier args.yaml.
+    """
+    out = Path(cfg['output'])
+    last = out / 'last.pth.tar'
+    held = sorted(p.name for p in out.iterdir() if not _is_temp(p.name)) if out.is_dir() else []
+    listed = ', '.join(held[:5]) + (f' and {len(held) - 5} more' if len(held) > 5 else '')
+    if cfg['resume'] and last.is_file():
+        state = load_resume_state(last)
+        changed = compare_resume_config(state['config'], cfg, last)
+        if changed and _rank() == 0:
+            print('resume: applying the changed keys ' + ', '.join(
+                f'{key} {_clipped(saved)} -> {_clipped(new)}' for key, (saved, new) in changed.items()), flush=True)
+        return state
+    if cfg['resume']:
+        if set(held) - {'args.yaml'}:
+            raise ConfigError(f'resume: {out} holds no checkpoint (last.pth.tar) to resume from, and is not empty '
+                              f'({listed}); choose another output for a new run')
+        if _rank() == 0:
+            print(f'resume: no checkpoint (last.pth.tar) in {out}, so this is a new run', flush=True)
+        return None
+    if held:
+        raise ConfigError(f'output {out} is not empty ({listed}); a new run there would overwrite it. Pass '
+                          f'--resume true to continue the run it holds, or choose a new --output (without one, each '
+                          f'run gets a new folder under output/finetune)')
+    return None
+
+
+def _is_temp(name: str) -> bool:
+    """Whether ``name`` is a temp file or folder that a write killed midway left (removed when the run starts)."""
+    return name.startswith('.') and ('.tmp-' in name or '.old-' in name)
+
+
+def _stop_together(failure: Optional[Exception]) -> None:
+    """Raise ``failure`` on the rank it happened on and a ConfigError on every other rank, so that no rank waits in a
+    collective for one that stopped."""
+    if _is_distributed():
+        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None
+        stopped = torch.tensor([int(failure is not None)], device=device)
+        dist.all_reduce(stopped)
+        if stopped.item() and failure is None:
+            failure = ConfigError('another rank refused the output folder; its message says why')
+    if failure is not None:
+        raise failure
+
+
+def _snapshot(out: Path) -> Dict[str, Any]:
+    """Whether ``out`` exists, and its args.yaml and metrics.csv as bytes (None where absent)."""
+    files = {name: (out / name).read_bytes() if (out / name).is_file() else None for name in ('args.yaml', 'metrics.csv')}
+    return {'exists': out.exists(), **files}
+
+
+def _undo_unfinished_run(out: Path, before: Dict[str, Any]) -> None:
+    """After a run stopped on bad input before finishing an epoch (metrics.csv as it was), put ``out`` back as it was:
+    its args.yaml restored or removed, and the folder removed again if this run made it."""
+    if not before['exists'] and not out.exists():
+        return
+    if _snapshot(out)['metrics.csv'] != before['metrics.csv']:
+        return  # an epoch finished: what it wrote is the run's record
+    if before['args.yaml'] is None:
+        (out / 'args.yaml').unlink(missing_ok=True)
+    else:
+        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_bytes(before['args.yaml']))
+    if not before['exists']:
+        remove_folders([out])
 
 
 def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model."""
+    """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model.
+
+    The output folder is checked before anything is written (``check_output``) and locked while the run writes it;
+    a run stopped by bad input before its first epoch ends leaves it as it was.
+    """
+    cfg = validate_config(cfg)
+    _check_local_model(cfg['model'])
+    out = Path(cfg['output'])
+    with contextlib.ExitStack() as stack:
+        failure = None
+        try:
+            if _rank() == 0:
+                stack.enter_context(folder_lock(out, 'timm-momentum finetune'))
+            resume_state = check_output(cfg)
+        except (ConfigError, FolderInUseError) as e:
+            failure = e if isinstance(e, ConfigError) else ConfigError(str(e))
+        _stop_together(failure)
+        before = _snapshot(out)
+        try:
+            return _train(cfg, resume_state)
+        except ConfigError:
+            if _rank() == 0:
+                _undo_unfinished_run(out, before)
+            raise
+
+
+def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``train`` once its output is checked: build, resume from ``resume_state`` (when not None), run the epochs."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -544,7 +860,6 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     from .files import remove_stale_temps
 
-    cfg = validate_config(cfg)
     device = _device(cfg)
     amp = _amp_dtype(cfg, device)
     seed_everything(cfg['seed'])
@@ -560,9 +875,11 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
     seed_everything(cfg['seed'])
     model = _build_model(cfg, num_classes, amp).to(device)
-    if isinstance(model, MomentumResNet) and _rank() == 0:
-        policy = f' (policy {model.gamma_policy})' if model.gamma_policy else ''
-        print(f"gamma per stage: {_describe_gamma(model.momentum_cfg['gamma'])}{policy}", flush=True)
+    if isinstance(model, MomentumResNet):  # args.yaml and checkpoints record the gamma the run trains at
+        cfg = dict(cfg, gamma=list(model.momentum_cfg['gamma']))
+        if _rank() == 0:
+            policy = f' (policy {model.gamma_policy})' if model.gamma_policy else ''
+            print(f"gamma per stage: {_describe_gamma(cfg['gamma'])}{policy}", flush=True)
     if cfg['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
@@ -584,14 +901,16 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     last = out / 'last.pth.tar'
     start_epoch, best_acc, rows = 0, -1.0, []
     if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # its parents exist already: train's folder_lock made them
         for name in ('last.pth.tar', 'metrics.csv', 'best', 'final'):  # what runs killed mid-write left
             remove_stale_temps(out, name)
         atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
             yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
     plots = _rank() == 0 and cfg['plots'] and _can_plot()
-    if cfg['resume'] and last.exists():
-        start_epoch, best_acc, rows = resume_checkpoint(last, model, optimizer, scheduler, scaler, ema)
+    if resume_state is not None:
+        start_epoch, best_acc, rows = resume_checkpoint(resume_state, last, cfg, model, optimizer, scheduler, scaler,
+                                                        ema)
+        resume_state.clear()  # loaded: let the checkpoint's copies go (train's frame still holds this dict)
         if _rank() == 0:
             print(f'resuming from {last} at epoch {start_epoch}', flush=True)
 
@@ -612,7 +931,7 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             distribute_bn(model, dist.get_world_size(), reduce=True)
         eval_model = ema.module if ema is not None else model
         val_loss, val_acc = validate(eval_model, build_loader(val_set, cfg, False, device, 0, _is_distributed()),
-                                     device, amp)
+                                     device, amp, cfg)
         row = {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
                'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
                'images_per_s': trained['images'] / (time.perf_counter() - started),

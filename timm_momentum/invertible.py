@@ -376,6 +376,51 @@ def _sketch(state: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return torch.cat([signs @ flat[:body].view(-1, _SKETCH_WIDTH), flat[body:]])
 
 
+# (the module's parameter or buffer dict, the name in it, the tensor, its version counter at the end of forward)
+_Read = Tuple[dict, str, torch.Tensor, int]
+
+
+def _recompute_reads(blocks: Sequence[nn.Module]) -> List[_Read]:
+    """The parameters and buffers the memory-efficient backward's recompute of ``blocks`` reads, with their versions.
+
+    Standard backprop saves these tensors, so autograd raises when one is changed in place before backward. The
+    recompute reads them afresh instead, so it checks them itself. Left out, as autograd leaves them out: the
+    running statistics of norm layers in training mode, which the forward does not read and a second forward
+    updates in place.
+    """
+    reads = []
+    for block in blocks:
+        for module in block.modules():
+            for name, tensor in module._parameters.items():
+                if tensor is not None:
+                    reads.append((module._parameters, name, tensor, tensor._version))
+            training_norm = isinstance(module, _NormBase) and module.training
+            for name, tensor in module._buffers.items():
+                if tensor is not None and not (training_norm and name in _NORM_STATS):
+                    reads.append((module._buffers, name, tensor, tensor._version))
+    return reads
+
+
+def _check_unchanged(reads: Sequence[_Read], blocks: Sequence[nn.Module]) -> None:
+    """Raise as autograd does when a tensor the recompute reads was changed in place (or replaced) after forward:
+    the rebuilt activations, and so the gradients, would be those of other weights."""
+    for where, name, tensor, version in reads:
+        if where.get(name) is tensor and tensor._version == version:
+            continue
+        qualified = next((f'block {n} {prefix + "." if prefix else ""}{name}' for n, block in enumerate(blocks)
+                          for prefix, module in block.named_modules()
+                          if where is module._parameters or where is module._buffers), name)
+        what = f'{qualified} [{tensor.type()} {list(tensor.shape)}]'
+        if where.get(name) is not tensor:
+            raise RuntimeError(f'one of the variables needed for gradient computation has been replaced: {what} is '
+                               f'another tensor than in forward, and the memory-efficient backward recomputes the '
+                               f'blocks from their current weights')
+        raise RuntimeError(f'one of the variables needed for gradient computation has been modified by an inplace '
+                           f'operation: {what} is at version {tensor._version}; expected version {version} instead. '
+                           f'The memory-efficient backward recomputes the blocks from their weights, so they must '
+                           f'not change between forward and backward.')
+
+
 class _InvertibleMomentum(torch.autograd.Function):
     """One momentum chain as one autograd node that keeps only its final state for backward.
 
@@ -420,6 +465,7 @@ class _InvertibleMomentum(torch.autograd.Function):
         ctx.span = span
         ctx.in_dtype = x.dtype
         ctx.work_dtype = work_dtype
+        ctx.reads = _recompute_reads(spec.blocks)
         # x_in is the chain's output, x_state rounded to the input dtype in a tensor of its own: the
         # backward rebuilds x in the saved state's storage and the caller's output must not move
         if store_inputs:
@@ -432,6 +478,7 @@ class _InvertibleMomentum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         _check_pending()
+        _check_unchanged(ctx.reads, ctx.spec.blocks)
         spec: _ChainSpec = ctx.spec
         # The saved state is rebuilt in place, so a second backward through this node fails loudly
         # (autograd's "modified by an inplace operation") instead of using stale activations.
@@ -555,6 +602,10 @@ def _check_reconstruction(worst_gap: float, work_dtype: torch.dtype, gamma: floa
     tol = _RECONSTRUCTION_TOL.get(work_dtype, 5e-6)
     if worst_gap <= tol:
         return
+    if not math.isfinite(worst_gap):  # the inverse amplifies rounding by at most 2^24 (plan_chain): not an overflow
+        raise RuntimeError(f'memory-efficient backward of a {num_blocks}-block momentum chain: the input or the '
+                           f'activations hold NaN or inf, so its gradients cannot be computed. Check the input '
+                           f'batch and the weights (a diverged step, a too-large lr); gamma is not the cause.')
     what = (f'memory-efficient backward rebuilt the activations of a {num_blocks}-block momentum chain at '
             f'gamma={gamma} with relative error {worst_gap:.3g} (expected <= {tol:g} for {work_dtype}): '
             f'the blocks amplify rounding in the inverse')
@@ -593,6 +644,13 @@ def momentum_chain(
 
     Returns:
         x_N, the chain's final position.
+
+    Note:
+        The memory-efficient backward, like ``grad_checkpointing`` and ``torch.utils.checkpoint``, recomputes each
+        block, so forward hooks on the blocks (and on their submodules) fire a second time there, with gradients
+        enabled: a hook that counts or logs calls sees two per block and training step. A hook that changes the
+        block's output must change it the same way both times, or the recomputed activations differ from the
+        forward's.
     """
     gamma = validate_gamma(gamma)
     if not blocks:

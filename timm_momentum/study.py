@@ -341,6 +341,9 @@ def run_study(out: str = 'output/study', seeds: Optional[int] = None, quick: boo
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f'--out {out_dir} exists and is not a folder')
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # each arm writes a new run; finetune refuses to overwrite one
+        raise ConfigError(f'--out {out_dir} is not empty: it holds an earlier study, which this one would '
+                          f'overwrite; choose another --out, or remove it first')
     started = time.perf_counter()
     arms = study_arms(settings.depths)
     starts = _prepare_starts(out_dir, settings, arms, log)
