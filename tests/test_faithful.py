@@ -19,7 +19,7 @@ from timm_momentum.convert import convert
 from timm_momentum.data import FASHION_MNIST_DIR, FashionMNIST, DigitsDataset
 from timm_momentum.errors import ConfigError, ConversionError
 from timm_momentum.finetune import DEFAULTS, load_config, train
-from timm_momentum.invertible import plan_bytes
+from timm_momentum.invertible import POLICY_AMPLIFICATION, plan_bytes
 from timm_momentum.memory import saved_tensor_bytes
 
 from conftest import relative_error
@@ -32,12 +32,12 @@ def test_gamma_takes_one_value_per_stage_and_names_the_stage():
     assert model.momentum_cfg['gamma'] == [0.1, 0.2, 0.3, 0.4] and model.gamma_policy is None
     assert [stage.gamma for stage in model.stages] == [0.1, 0.2, 0.3, 0.4]
     assert parse_gamma('0, 0, 0.036, 0') == [0.0, 0.0, 0.036, 0.0] and parse_gamma('0.5') == 0.5
-    assert parse_gamma('[0.5]') == [0.5] and parse_gamma('auto:bf16') == 'auto:bf16'
+    assert parse_gamma('[0.5]') == [0.5] and parse_gamma(' auto ') == 'auto'
     with pytest.raises(ValueError, match='gamma for layer2: gamma must be in'):
         timm.create_model('momentum_resnet50', gamma=[0.1, 1.5, 0.2, 0.3])
     with pytest.raises(ValueError, match=r'one per stage \(4: layer1, layer2, layer3, layer4\)'):
         model.set_momentum(gamma=[0.1, 0.2])
-    with pytest.raises(ValueError, match='auto:bf16'):
+    with pytest.raises(ValueError, match="or 'auto'"):
         model.set_momentum(gamma='faithful')
     # a chain that must invert refuses gamma 0, naming its stage; nothing changed
     with pytest.raises(ValueError, match='layer3: gamma=0.0 cannot be inverted'):
@@ -51,18 +51,16 @@ def test_the_policy_keeps_gamma_zero_where_a_chain_stores_its_inputs():
             assert faithful_gamma(blocks, dtype) == 0.0
             assert plan_chain(0.0, blocks, dtype).store_inputs  # it never inverts: exact at gamma 0
     gammas, policy = resolve_gamma('auto', R101_CHAINS)
-    assert policy == 'auto' and gammas == [0.0, 0.0, 0.47, 0.0]
-    assert resolve_gamma('auto:bf16', R101_CHAINS)[0] == [0.0, 0.0, 0.778, 0.0]
+    assert policy == 'auto' and gammas == [0.0, 0.0, 0.778, 0.0]
     for blocks in (5, 7, 22, 35):
+        gamma = faithful_gamma(blocks)
+        assert gamma ** -blocks <= POLICY_AMPLIFICATION < (gamma - 0.001) ** -blocks  # the smallest, to 3 digits
         for dtype in (torch.float32, torch.bfloat16):
-            gamma = faithful_gamma(blocks, dtype)
+            assert faithful_gamma(blocks, dtype) == gamma  # one policy for every precision
             plan = plan_chain(gamma, blocks, dtype)
             # inverts with no extra stored state, and keeps no more than at the paper's gamma
             assert not plan.store_inputs and plan.span == blocks, (blocks, dtype)
             assert plan_bytes(plan, blocks, dtype) == plan_bytes(plan_chain(0.9, blocks, dtype), blocks, dtype)
-            # and it is the smallest such gamma, to 3 significant digits
-            assert plan_chain(gamma * 0.99, blocks, dtype).span < blocks or \
-                plan_bytes(plan_chain(gamma * 0.99, blocks, dtype), blocks, dtype) > plan_bytes(plan, blocks, dtype)
 
 
 @pytest.mark.parametrize('depth', [50, 101])
@@ -70,13 +68,13 @@ def test_the_policy_stores_no_more_than_gamma_0_9(depth):
     """Bytes saved for backward in memory-efficient mode, float32 and bfloat16 autocast, policy against 0.9."""
     model = timm.create_model(f'momentum_resnet{depth}', memory_efficient=True).train()
     x = torch.randn(2, 3, 64, 64)
-    for policy, amp in (('auto', None), ('auto:bf16', torch.bfloat16)):
+    for amp in (None, torch.bfloat16):
         measured = {}
-        for gamma in (0.9, policy):
+        for gamma in (0.9, 'auto'):
             model.set_momentum(gamma=gamma)
             with torch.autocast('cpu', dtype=amp, enabled=amp is not None):
                 measured[gamma] = saved_tensor_bytes(model, x)
-        assert measured[policy] <= 1.05 * measured[0.9], (policy, measured)
+        assert measured['auto'] == measured[0.9], (amp, measured)
 
 
 def _trained_resnet34(tmp_path: Path):
@@ -102,7 +100,7 @@ def test_pretrained_at_defaults_keeps_the_source_and_trains_exactly(tmp_path):
     images = DigitsDataset('validation', [0, 1, 2, 3, 4], 16).images
     model = timm.create_model('momentum_resnet34', pretrained=True, num_classes=5,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
-    assert model.gamma_policy == 'auto' and model.momentum_cfg['gamma'] == [0.0, 0.0, 0.0359, 0.0]
+    assert model.gamma_policy == 'auto' and model.momentum_cfg['gamma'] == [0.0, 0.0, 0.33, 0.0]
     with torch.no_grad():
         reference, faithful = source(images), model.eval()(images)
         model.set_momentum(gamma=0.9)
@@ -113,7 +111,7 @@ def test_pretrained_at_defaults_keeps_the_source_and_trains_exactly(tmp_path):
           f'{float((faithful - reference).abs().max()):.2e} at the policy')
     assert agreement >= 0.99 and relative_error(faithful, reference) < 0.05
     assert relative_error(paper, reference) > 5 * relative_error(faithful, reference)
-    # memory-efficient gradients at the policy's gamma (layer3 inverts at 0.0359) are standard backprop's
+    # memory-efficient gradients at the policy's gamma (layer3 inverts at 0.33) are standard backprop's
     model.set_momentum(gamma='auto')
     grads = []
     for memory_efficient in (False, True):
@@ -122,7 +120,7 @@ def test_pretrained_at_defaults_keeps_the_source_and_trains_exactly(tmp_path):
         x = images[:16].clone().requires_grad_(True)
         nn.functional.cross_entropy(net(x), torch.arange(16) % 5).backward()
         grads.append([x.grad] + [p.grad for p in net.parameters()])
-    assert plan_chain(0.0359, 5).span == 5 and not plan_chain(0.0359, 5).store_inputs
+    assert plan_chain(0.33, 5).span == 5 and not plan_chain(0.33, 5).store_inputs
     assert max(relative_error(e, s) for e, s in zip(grads[1], grads[0])) <= 1e-5
 
 
@@ -132,17 +130,17 @@ def test_per_stage_gamma_round_trips_through_convert_and_local_dir(tmp_path):
     # the default is the faithful policy; the folder carries its values, which load back as they are
     result = convert(str(tmp_path / 'r34.safetensors'), tmp_path / 'auto', img_size=16, eval_images='sklearn/digits')
     config = json.loads((result.out_dir / 'config.json').read_text())
-    assert config['model_args']['gamma'] == [0.0, 0.0, 0.0359, 0.0]
+    assert config['model_args']['gamma'] == [0.0, 0.0, 0.33, 0.0]
     assert config['provenance']['gamma_policy'] == 'auto' and result.verify['gamma_policy'] == 'auto'
-    assert result.verify['gamma'] == [0.0, 0.0, 0.0359, 0.0]
+    assert result.verify['gamma'] == [0.0, 0.0, 0.33, 0.0]
     drift = result.verify['drift_at_gamma']
     assert drift['against'].startswith('the source ResNet, run as timm resnet34') and drift['images'] == 256
     assert {'top1_agreement', 'kl_source_to_converted'} <= set(drift)
     card = (result.out_dir / 'README.md').read_text()
-    assert '(0, 0, 0.0359, 0), chosen by the faithful policy `auto`' in card
+    assert '(0, 0, 0.33, 0), chosen by the faithful policy `auto`' in card
     assert 'do not compute their source\'s function' in card and 'is exactly' not in card.split('## How')[1]
     loaded = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True)
-    assert loaded.momentum_cfg['gamma'] == [0.0, 0.0, 0.0359, 0.0]
+    assert loaded.momentum_cfg['gamma'] == [0.0, 0.0, 0.33, 0.0]
     # one value per stage from the command line, through the CLI's own parsing
     out = tmp_path / 'stages'
     proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', 'convert', str(tmp_path / 'r34.safetensors'),
@@ -207,24 +205,13 @@ def test_finetune_takes_per_stage_gamma_and_exports_it(tmp_path):
     assert result['model'].momentum_cfg['gamma'] == [0.0, 0.3, 0.5, 0.0]
     final = timm.create_model(f'local-dir:{tmp_path / "run" / "final"}', pretrained=True)
     assert final.momentum_cfg['gamma'] == [0.0, 0.3, 0.5, 0.0]
-    # 'auto' is the faithful policy for the run's precision (float32 here)
     result = train(dict(cfg, gamma='auto', output=str(tmp_path / 'auto')))
-    assert result['model'].momentum_cfg['gamma'] == [0.0, 0.0, 0.0359, 0.0]
+    assert result['model'].momentum_cfg['gamma'] == [0.0, 0.0, 0.33, 0.0]
     assert load_config(None, ['--gamma', '0,0,0.5,0'])['gamma'] == [0.0, 0.0, 0.5, 0.0]
     with pytest.raises(ConfigError, match='gamma for stage 3'):
         load_config(None, ['--gamma', '[0, 0, 1.5, 0]'])
     with pytest.raises(ConfigError, match='layer3: gamma=0.0 cannot be inverted'):
         train(dict(cfg, gamma=0.0, output=str(tmp_path / 'zero')))
-
-
-def test_finetune_resolves_a_pretrained_model_s_policy_for_its_precision():
-    from timm_momentum.finetune import _run_gamma
-
-    assert _run_gamma(None, 'auto', torch.bfloat16) == 'auto:bf16'
-    assert _run_gamma('auto', None, torch.float16) == 'auto:fp16'
-    assert _run_gamma(None, 'auto', None) == 'auto'
-    assert _run_gamma(None, None, torch.bfloat16) is None  # a folder's recorded values stay
-    assert _run_gamma([0.1] * 4, 'auto', torch.bfloat16) == [0.1] * 4
 
 
 _REQUIRE = os.environ.get('TIMM_MOMENTUM_REQUIRE_FASHION_MNIST') == '1'  # .ci/run installs the data and sets it

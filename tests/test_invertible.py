@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_momentum import invertible
-from timm_momentum.invertible import faithful_gamma, min_safe_gamma, momentum_chain, plan_bytes, plan_chain
+from timm_momentum.invertible import min_safe_gamma, momentum_chain, plan_bytes, plan_chain
 
 from conftest import relative_error
 
@@ -349,7 +349,7 @@ def test_cuda_check_does_not_sync_and_raises_at_a_later_backward():
 def test_low_precision_inverse_anchored_to_float32(dtype):
     """Under autocast a long chain at gamma 0.9 inverts with a float32 carrier: its gradients are no further from
     float32 backprop's than standard low-precision backprop's are (resnet50 at 64 px: layer3's 5-block chain
-    inverts; at the float32 policy's 0.0359 it would store its inputs instead, see test_plan_under_autocast_widens_the_carrier_instead_of_storing_states)."""
+    inverts; at its float64 floor 0.0359 it would store its inputs instead, see test_plan_under_autocast_widens_the_carrier_instead_of_storing_states)."""
     torch.manual_seed(0)
     standard = timm.create_model('momentum_resnet50', num_classes=10, zero_init_last=False)
     efficient = copy.deepcopy(standard)
@@ -376,9 +376,9 @@ def test_plan_under_autocast_widens_the_carrier_instead_of_storing_states():
     assert plan_chain(0.8, 35, torch.bfloat16) == (torch.float64, 35, False)
     assert plan_bytes(plan_chain(0.8, 35, torch.bfloat16), 35, torch.bfloat16) == 16
     assert plan_chain(0.9, 35, torch.bfloat16) == (torch.float32, 35, False)  # 0.9^-35 = 40 < 2^8
-    # the float32 policy's gamma for a 5-block chain: under autocast, storing 5 bfloat16 inputs (10 bytes) is
-    # cheaper than a float64 state (16) and needs no inverse
-    assert plan_chain(faithful_gamma(5), 5, torch.bfloat16).store_inputs
+    # the float64 floor of a 5-block chain under autocast: storing 5 bfloat16 inputs (10 bytes) is cheaper than a
+    # float64 state (16) and needs no inverse
+    assert plan_chain(min_safe_gamma(5), 5, torch.bfloat16).store_inputs
     # below the float64 floor a float32 chain stores extra states, or its inputs where cheaper
     assert plan_chain(0.3, 35) == (torch.float64, 13, False)
     assert plan_chain(0.01, 5).store_inputs  # 2 float64 states (32 bytes) or 5 float32 inputs (20)

@@ -32,7 +32,7 @@ from .files import (MARKER, FolderInUseError, file_in_the_way, folder_lock, mark
                     recover_interrupted_folder, write_folder_atomically, write_marker)
 from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from .invertible import PAPER_GAMMA
-from .momentum_resnet import GAMMA_POLICIES, GammaSpec, parse_gamma
+from .momentum_resnet import GammaSpec, parse_gamma
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
            'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
@@ -495,10 +495,9 @@ def _card_text(value: Any) -> str:
 def _gamma_sentence(gammas: List[float], policy: Optional[str], block_fn: str) -> str:
     """What the config's gamma is and what it means for the source's function."""
     if policy:
-        dtype = {torch.float32: 'float32', torch.bfloat16: 'bfloat16 autocast', torch.float16: 'float16 autocast'}
         text = (f'The config sets γ per stage (layer1–layer4) to {_format_gamma(gammas)}, chosen by the faithful '
-                f'policy `{policy}` for {dtype[GAMMA_POLICIES[policy]]} training: γ = 0 where a chain stores its '
-                f'inputs, else the smallest γ at which the chain inverts exactly while storing no more than at γ = 0.9.')
+                f'policy `{policy}`: γ = 0 where a chain stores its inputs, else the smallest γ at which the chain '
+                f'still inverts exactly in training (γ^−N ≤ 2^8) while storing no more than at γ = 0.9.')
     else:
         text = f'The config sets γ = {_format_gamma(gammas)}' + (' per stage (layer1–layer4).' if len(set(gammas)) > 1
                                                                   else '.')
@@ -870,7 +869,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--out', required=True, help='output folder (Hugging Face / timm layout)')
     parser.add_argument('--gamma', default=None,
                         help="momentum stored in the config: a number in [0, 1), one per stage (0,0,0.036,0), or a "
-                        "policy: auto (faithful, float32 training), auto:bf16, auto:fp16 (default: auto for "
+                        "policy: auto, the faithful one (default: auto for "
                         "timm/torchvision ResNets, 0.9 for the paper block function, the source's own for the "
                         "official momentumnet layouts)")
     parser.add_argument('--source-gamma', default=None,

@@ -27,7 +27,7 @@ from .data import FASHION_MNIST, build_datasets, build_loader
 from .errors import ConfigError, first_line, load_failure, run_reporting_user_errors
 from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
 from .memory import vm_hwm_bytes
-from .momentum_resnet import MomentumResNet, parse_gamma, policy_for_dtype
+from .momentum_resnet import MomentumResNet, parse_gamma
 
 __all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
            'seed_everything', 'load_resume_state', 'compare_resume_config', 'checkpoint_checksum', 'check_output',
@@ -36,8 +36,8 @@ __all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'descri
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
     'model': 'momentum_resnet50', 'pretrained': False, 'initial_checkpoint': None, 'num_classes': None,
-    # gamma: a number, one per stage, or a policy ('auto': the faithful one for this run's precision); None keeps
-    # the model's own (a folder's recorded values; a drop-in model's default policy, for this run's precision)
+    # gamma: a number, one per stage, or 'auto' (the faithful policy); None keeps the model's own (a folder's
+    # recorded values, 'auto' for a pretrained drop-in model, 0.9 from scratch)
     'in_chans': 3, 'img_size': None, 'gamma': None, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
     'grad_checkpointing': False,  # timm's set_grad_checkpointing(): recompute each block in backward
     # data
@@ -353,8 +353,8 @@ def _amp_dtype(cfg: Dict[str, Any], device: torch.device) -> Optional[torch.dtyp
     return torch.float16 if amp == 'fp16' else torch.bfloat16
 
 
-def _build_model(cfg: Dict[str, Any], num_classes: int, amp: Optional[torch.dtype] = None) -> nn.Module:
-    """The model ``cfg`` names, with its gamma and memory mode set for training that computes in ``amp``."""
+def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+    """The model ``cfg`` names, with its gamma and memory mode set."""
     import timm
 
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
@@ -366,8 +366,7 @@ def _build_model(cfg: Dict[str, Any], num_classes: int, amp: Optional[torch.dtyp
     # Asked of the model, not its name: local-dir: and hf-hub: names do not say they hold a momentum net.
     if isinstance(model, MomentumResNet):
         try:
-            model.set_momentum(gamma=_run_gamma(cfg['gamma'], model.gamma_policy, amp),
-                               memory_efficient=cfg['memory_efficient'])
+            model.set_momentum(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
         except ValueError as e:
             raise ConfigError(f'gamma: {e}') from None
     if cfg['initial_checkpoint']:
@@ -375,14 +374,6 @@ def _build_model(cfg: Dict[str, Any], num_classes: int, amp: Optional[torch.dtyp
     if cfg['grad_checkpointing']:
         model.set_grad_checkpointing(True)
     return model
-
-
-def _run_gamma(gamma: Any, model_policy: Optional[str], amp: Optional[torch.dtype]) -> Any:
-    """The gamma to train at: the config's, where 'auto' (or, with no gamma in the config, a model whose gamma a
-    policy chose) means the faithful policy for the dtype this run computes in; None keeps the model's values."""
-    if gamma == 'auto' or (gamma is None and model_policy is not None):
-        return policy_for_dtype(amp)
-    return gamma
 
 
 def load_initial_checkpoint(model: nn.Module, path: str) -> None:
@@ -874,7 +865,7 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
     if data_classes and num_classes != data_classes:
         raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
     seed_everything(cfg['seed'])
-    model = _build_model(cfg, num_classes, amp).to(device)
+    model = _build_model(cfg, num_classes).to(device)
     if isinstance(model, MomentumResNet):  # args.yaml and checkpoints record the gamma the run trains at
         cfg = dict(cfg, gamma=list(model.momentum_cfg['gamma']))
         if _rank() == 0:

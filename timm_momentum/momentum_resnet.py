@@ -29,7 +29,7 @@ from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn,
 from .invertible import register_deterministic, validate_gamma
 
 __all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS', 'GammaSpec', 'GAMMA_POLICIES',
-           'parse_gamma', 'resolve_gamma', 'policy_for_dtype']
+           'parse_gamma', 'resolve_gamma']
 
 PAPER = 'arXiv:2102.07870'
 
@@ -56,24 +56,18 @@ BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
 
 # gamma: one number for every stage, one number per stage, or the name of a policy that picks one per stage
 GammaSpec = Union[float, Sequence[float], str]
-# The faithful policy, by the dtype training computes in: per stage, the gamma closest to the source ResNet's
-# function at which the chain still trains memory-efficiently and exactly, storing no more than at gamma 0.9
-# (``invertible.faithful_gamma``). 0 where a chain stores its inputs: there the net is the source, exactly.
-# 'auto:fp32' is 'auto' by name; finetune reads a bare 'auto' as the policy for its run's precision.
-GAMMA_POLICIES: Dict[str, torch.dtype] = {'auto': torch.float32, 'auto:fp32': torch.float32,
-                                          'auto:bf16': torch.bfloat16, 'auto:fp16': torch.float16}
-
-
-def policy_for_dtype(dtype: Optional[torch.dtype]) -> str:
-    """The faithful policy's name for training that computes in ``dtype`` (None: float32, no autocast)."""
-    return {torch.bfloat16: 'auto:bf16', torch.float16: 'auto:fp16'}.get(dtype, 'auto')
+# The faithful policy: per stage, the gamma closest to the source ResNet's function at which the chain still trains
+# memory-efficiently and exactly, storing no more than at gamma 0.9 (``invertible.faithful_gamma``): 0 where a chain
+# stores its inputs, and there the net is the source, exactly. Measured to hold for float32 and half-precision
+# training alike, so one policy serves both.
+GAMMA_POLICIES = ('auto',)
 
 
 def parse_gamma(gamma: GammaSpec, stage_names: Optional[Sequence[str]] = None) -> Union[float, List[float], str]:
     """Check the form of a gamma spec and return it as a float, a list of floats or a policy name.
 
-    Accepts a number in [0, 1), a sequence of them (one per stage), a policy name from ``GAMMA_POLICIES``, or
-    the same written as text: ``'0.9'``, ``'0,0,0.036,0'``, ``'[0, 0, 0.036, 0]'``, ``'auto'``. How many stages
+    Accepts a number in [0, 1), a sequence of them (one per stage), the policy name ``'auto'``, or the same
+    written as text: ``'0.9'``, ``'0,0,0.036,0'``, ``'[0, 0, 0.036, 0]'``, ``'auto'``. How many stages
     there are is checked when a model resolves it (``resolve_gamma``); ``stage_names`` name the values in errors.
     """
     if isinstance(gamma, str):
@@ -82,13 +76,13 @@ def parse_gamma(gamma: GammaSpec, stage_names: Optional[Sequence[str]] = None) -
             return text
         parts = [p.strip() for p in text.strip('[]()').split(',')]
         if not text or not all(parts):
-            raise ValueError(f'gamma must be a number in [0, 1), one per stage, or one of {sorted(GAMMA_POLICIES)}; '
+            raise ValueError(f"gamma must be a number in [0, 1), one per stage, or 'auto' (the faithful policy); "
                              f'got {gamma!r}')
         try:
             numbers = [float(p) for p in parts]
         except ValueError:
-            raise ValueError(f'gamma must be a number in [0, 1), one per stage (comma-separated), or one of '
-                             f'{sorted(GAMMA_POLICIES)}; got {gamma!r}') from None
+            raise ValueError(f"gamma must be a number in [0, 1), one per stage (comma-separated), or 'auto' (the "
+                             f'faithful policy); got {gamma!r}') from None
         gamma = numbers[0] if len(numbers) == 1 and not text.startswith(('[', '(')) else numbers
     if isinstance(gamma, (list, tuple)):
         if not gamma:
@@ -113,7 +107,7 @@ def resolve_gamma(gamma: GammaSpec, chain_lengths: Sequence[int], stage_names: O
     names = list(stage_names or [f'stage {i + 1}' for i in range(len(chain_lengths))])
     spec = parse_gamma(gamma, names)
     if isinstance(spec, str):
-        return [faithful_gamma(n, GAMMA_POLICIES[spec]) for n in chain_lengths], spec
+        return [faithful_gamma(n) for n in chain_lengths], spec
     if isinstance(spec, float):
         return [spec] * len(chain_lengths), None
     if len(spec) != len(chain_lengths):
@@ -273,9 +267,8 @@ class MomentumResNet(ResNet):
         """
         Args:
             *args: Positional ResNet arguments (block, layers).
-            gamma: Momentum in [0, 1): one number for every stage, one per stage, or a policy of
-                ``GAMMA_POLICIES`` ('auto': the faithful policy for float32 training, 'auto:bf16'/'auto:fp16'
-                for half-precision autocast). 0 with block_fn='dropin' gives the plain ResNet; 1 would ignore
+            gamma: Momentum in [0, 1): one number for every stage, one per stage, or 'auto', the faithful
+                policy (``GAMMA_POLICIES``). 0 with block_fn='dropin' gives the plain ResNet; 1 would ignore
                 the chains' blocks. The drop-in ``momentum_resnet*`` models default to 'auto' with
                 ``pretrained=True`` and to the paper's 0.9 otherwise.
             block_fn: 'dropin' (f = block(x) - x) or 'paper' (f = residual branch).
@@ -464,8 +457,8 @@ def _momentum_cfgs_from_timm(arch: str, source_arch: str, layers: Sequence[int])
         cfg['paper_ids'] = ', '.join(filter(None, [cfg.get('paper_ids'), PAPER]))
         cfg['notes'] = (
             f'Weights of {source_arch}.{tag} (hf_hub_id {cfg.get("hf_hub_id")}) loaded unchanged into the '
-            f'drop-in Momentum ResNet at the faithful per-stage gamma (gamma=\'auto\' for float32 training: '
-            f'{tuple(gammas)} for layer1-4). ' + (
+            f'drop-in Momentum ResNet at the faithful per-stage gamma (gamma=\'auto\': {tuple(gammas)} for '
+            f'layer1-4). ' + (
                 'Every chain stores its inputs at gamma 0, so the network computes its source\'s function.'
                 if exact else
                 'Chains at gamma > 0 do not compute their source\'s function exactly; the drift on these '
