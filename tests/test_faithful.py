@@ -77,6 +77,12 @@ def test_the_policy_stores_no_more_than_gamma_0_9(depth):
         assert measured['auto'] == measured[0.9], (amp, measured)
 
 
+def test_pretrained_cfgs_name_the_faithful_gamma():
+    notes = timm.models.get_pretrained_cfg('momentum_resnet50.a1_in1k').notes
+    assert '(0.0, 0.0, 0.33, 0.0)' in notes and 'do not compute their source' in notes
+    assert 'computes its source' in timm.models.get_pretrained_cfg('momentum_resnet18.a1_in1k').notes
+
+
 def _trained_resnet34(tmp_path: Path):
     """A plain timm resnet34 trained briefly on digits 0-4 at 16 px (layer3 is a 5-block chain that inverts)."""
     torch.manual_seed(0)

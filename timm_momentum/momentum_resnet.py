@@ -86,7 +86,7 @@ def parse_gamma(gamma: GammaSpec, stage_names: Optional[Sequence[str]] = None) -
         gamma = numbers[0] if len(numbers) == 1 and not text.startswith(('[', '(')) else numbers
     if isinstance(gamma, (list, tuple)):
         if not gamma:
-            raise ValueError('gamma: an empty list; give one number, one per stage, or a policy name')
+            raise ValueError("gamma: an empty list; give one number, one per stage, or 'auto'")
         values = []
         for index, value in enumerate(gamma):
             try:
@@ -111,8 +111,8 @@ def resolve_gamma(gamma: GammaSpec, chain_lengths: Sequence[int], stage_names: O
     if isinstance(spec, float):
         return [spec] * len(chain_lengths), None
     if len(spec) != len(chain_lengths):
-        raise ValueError(f'gamma: give one number, one per stage ({len(chain_lengths)}: {", ".join(names)}), or a '
-                         f'policy name; got {len(spec)} values {spec}')
+        raise ValueError(f'gamma: give one number, one per stage ({len(chain_lengths)}: {", ".join(names)}), or '
+                         f"'auto'; got {len(spec)} values {spec}")
     return spec, None
 
 # timm's blocks draw random numbers only in their children (drop_block, drop_path), which are checked
