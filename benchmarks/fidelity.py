@@ -449,7 +449,9 @@ def main(argv: List[str] = None) -> int:
         if 'headroom' in parts and 'headroom' not in measured:
             measured['headroom'] = measure_headroom(depth, out, [int(k) for k in args.budgets.split(',')])
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(measured, indent=1)))
+        # what another run of this command measured of the same depth meanwhile stays
+        merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **measured}
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=1)))
     # the tables, from every depth measured so far (each depth's file says how it was measured)
     files = sorted((out / 'records').glob('resnet*.json'), key=lambda p: int(p.stem[len('resnet'):]))
     measured = [json.loads(p.read_text()) for p in files]
