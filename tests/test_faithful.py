@@ -46,20 +46,21 @@ def test_gamma_takes_one_value_per_stage_and_names_the_stage():
 
 
 def test_the_policy_keeps_gamma_zero_where_a_chain_stores_its_inputs():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for blocks in (1, 2, 3, 4):
-            assert faithful_gamma(blocks, dtype) == 0.0
+    for blocks in (1, 2, 3, 4):
+        assert faithful_gamma(blocks) == 0.0
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert plan_chain(0.0, blocks, dtype).store_inputs  # it never inverts: exact at gamma 0
     gammas, policy = resolve_gamma('auto', R101_CHAINS)
     assert policy == 'auto' and gammas == [0.0, 0.0, 0.778, 0.0]
     for blocks in (5, 7, 22, 35):
         gamma = faithful_gamma(blocks)
         assert gamma ** -blocks <= POLICY_AMPLIFICATION < (gamma - 0.001) ** -blocks  # the smallest, to 3 digits
-        for dtype in (torch.float32, torch.bfloat16):
-            assert faithful_gamma(blocks, dtype) == gamma  # one policy for every precision
+        # one policy for every precision: exact with no extra stored state (a half-precision chain of at most 8
+        # blocks stores its inputs instead, as it does at 0.9), and no more bytes than at the paper's gamma
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             plan = plan_chain(gamma, blocks, dtype)
-            # inverts with no extra stored state, and keeps no more than at the paper's gamma
-            assert not plan.store_inputs and plan.span == blocks, (blocks, dtype)
+            assert plan.store_inputs == (dtype != torch.float32 and blocks <= 8), (blocks, dtype)
+            assert plan.store_inputs or plan.span == blocks, (blocks, dtype)
             assert plan_bytes(plan, blocks, dtype) == plan_bytes(plan_chain(0.9, blocks, dtype), blocks, dtype)
 
 

@@ -16,10 +16,9 @@ instead of storing it. This module knows nothing of ResNets or timm: it takes bl
 
 Exactness. Every chain gets a plan (``plan_chain``), the exact one that keeps the fewest bytes. A short chain
 (at most 4 blocks) keeps each block's input, which costs no more than the inverse's state and needs no inverse.
-A longer chain inverts, with its state (x, v) carried in float64 for float32 work (float32 for bfloat16/float16
-work, or float64 where a small gamma would make float32 store extra states), so the inverse's rounding error,
-which grows like gamma^-K over K blocks, stays far below the working precision and each recomputed block input
-rounds to the very value the forward used. Where gamma^-K would outgrow even the carrier, the chain also stores
+A longer chain inverts, with its state (x, v) carried in float64 for float32 and bfloat16/float16 work alike, so
+the inverse's rounding error, which grows like gamma^-K over K blocks, stays far below the working precision and
+each recomputed block input rounds to the very value the forward used. Where gamma^-K would outgrow even the carrier, the chain also stores
 its state every K blocks or keeps its inputs (``check_invertible`` warns and names the gamma that needs no extra
 storage). ``faithful_gamma`` is the policy for pretrained weights: the smallest gamma whose inverse stays exact
 in practice, storing no more than at the paper's 0.9. Standard mode runs the same arithmetic, so both modes compute bitwise the same forward, and the
@@ -57,18 +56,18 @@ _RECONSTRUCTION_TOL = {torch.float64: 1e-9, torch.float32: 5e-6, torch.float16: 
 # Past this error the backward raises instead of warning. For float32 work: random resnet152 at 224 px rebuilt
 # its 35-block chain to 1.3e-6..2e-5 with the float64 carrier, gradients as close to float64 backprop's as
 # float32 standard backprop's (0.8-1.2%), while a forced float32 carrier rebuilt it to 1.8e-4..2.1e-4 and
-# doubled that distance (calibrate_check.py --float64). Under autocast a float32 state flips the rounding
-# of a few half-precision block inputs and random blocks amplify the flips: randomly initialised
-# momentum_resnet101 rebuilt its input to 0.14 under bfloat16, yet its gradients were as far from
-# float32's as standard bfloat16 backprop's (1.1x), so only a mostly lost input raises there.
+# doubled that distance (calibrate_check.py --float64). Under autocast the state is float64 too, and trained
+# resnet50/101/152 rebuilt their chains below these warning levels (benchmarks/half_carrier.py); a float32
+# state there flipped the rounding of half-precision block inputs and rebuilt chains to 0.03..0.2, with
+# gradients up to 3x further from float32's than standard autocast backprop's. The half-precision bounds
+# stay where that float32 state needed them; with the float64 one no measured gap came near them.
 _RECONSTRUCTION_FAIL = {torch.float64: 1e-6, torch.float32: 5e-5, torch.float16: 0.5, torch.bfloat16: 0.5}
 
 BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 # Largest gamma^-K the inverse may amplify rounding by, per carrier dtype. float64 carrying float32
-# work leaves 2^-53 * 2^24 = 2^-29 relative error, 32x below float32's own rounding; float32 carrying
-# bfloat16/float16 work leaves 2^-24 * 2^8 = 2^-16, 32x below float16's.
-_AMPLIFICATION_LIMIT = {torch.float64: 2.0 ** 24, torch.float32: 2.0 ** 8}
+# work leaves 2^-53 * 2^24 = 2^-29 relative error, 32x below float32's own rounding.
+_AMPLIFICATION_LIMIT = {torch.float64: 2.0 ** 24}
 # The paper's gamma: the faithful policy stores no more than a chain stores at it.
 PAPER_GAMMA = 0.9
 # Largest gamma^-N the faithful policy lets an inverse amplify by, whatever the carrier. The carrier's rounding is
@@ -108,9 +107,15 @@ class ChainPlan(NamedTuple):
 
 
 def _carriers(work_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
-    """The state dtypes an inverse may carry for ``work_dtype``, narrowest first."""
-    if work_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32, torch.float64
+    """The state dtypes an inverse may carry for ``work_dtype``, narrowest first: float64 for every work dtype.
+
+    A float32 state under bfloat16/float16 autocast rebuilds each block input to within float32 rounding times
+    gamma^-K, and wherever that lands across a half-precision rounding boundary the rebuilt input is one half-
+    precision ulp off, which the later inverse steps amplify. On ResNets trained on Fashion-MNIST that was never
+    exact, at gamma 0.9 or at the faithful policy: rebuilt chains off by up to 0.2 and parameter gradients up to
+    3x further from float32 backprop's than standard autocast backprop's, while a float64 state rebuilt them
+    exactly (benchmarks/half_carrier.py, benchmarks/fidelity/half_carrier.md). Its cost, 16 bytes per element of a
+    chain's state instead of 8, is the one the plan weighs against storing the inputs."""
     return (torch.float64,)
 
 
@@ -141,9 +146,8 @@ def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.fl
 
     The plan is the exact one that keeps the fewest bytes: storing each block's input (``num_blocks`` tensors of
     the input dtype, no inverse), or inverting with the state carried in a wider dtype, stored at the chain's
-    end and every span. Bfloat16/float16 work may carry its state in float32 or, where a small gamma would make
-    float32 store extra states, in float64. A chain whose inputs cost no more than one state of the narrowest
-    carrier stores them at any gamma; at gamma = 0 a longer chain cannot invert (span 0).
+    end and every span; the state is float64 for every work dtype (``_carriers``). A chain whose inputs cost no
+    more than one state stores them at any gamma; at gamma = 0 a longer chain cannot invert (span 0).
     """
     gamma = validate_gamma(gamma)
     input_dtype = input_dtype or work_dtype
@@ -174,15 +178,18 @@ def _round_up(value: float, digits: int = 3) -> float:
     return round(math.ceil(value / scale - 1e-9) * scale, 12)
 
 
-def faithful_gamma(num_blocks: int, work_dtype: torch.dtype = torch.float32) -> float:
+def faithful_gamma(num_blocks: int) -> float:
     """The faithful policy for one chain: the gamma closest to 0 (the source ResNet's own function, for the
     drop-in f) at which the chain trains memory-efficiently and exactly, keeping no more bytes for backward than
     at the paper's gamma = 0.9.
 
     That is 0 where the chain stores its inputs (it never inverts), else the smallest gamma whose inverse
     amplifies rounding by at most POLICY_AMPLIFICATION = 2^8 over the chain, 2^(-8/N) rounded up to 3 significant
-    digits: one state of the narrowest carrier, as at 0.9, for float32 and for bfloat16/float16 work alike.
+    digits: one float64 state, as at 0.9. The policy is planned for float32 work, and holds under bfloat16/float16
+    autocast too, whose plans also carry a float64 state (or store inputs where those are cheaper): one set of
+    values for every precision, so a model converted once trains exactly in any.
     """
+    work_dtype = torch.float32
     num_blocks = int(num_blocks)
     if num_blocks < 1 or plan_chain(0.0, num_blocks, work_dtype).store_inputs:
         return 0.0
@@ -199,8 +206,8 @@ def check_invertible(gamma: float, num_blocks: int, work_dtype: torch.dtype = to
     Raises ValueError when gamma cannot be inverted at all; warns when the chain must store its state
     more than once (or all its inputs) to stay exact, naming the gamma that would need no extra storage. At
     construction the work dtype is not known yet: float32 is checked, the default. (Under bfloat16/float16
-    autocast a gamma below that work's faithful one carries the state in float64 or stores inputs instead,
-    which keeps up to twice the bytes but no extra states; see ``plan_chain``.)
+    autocast the state is float64 as well, and a chain of half-precision inputs stores them where they cost no
+    more than that state; see ``plan_chain``.)
     """
     plan = plan_chain(gamma, num_blocks, work_dtype)
     if plan.store_inputs and plan_bytes(plan, num_blocks, work_dtype) <= 2 * _itemsize(_carriers(work_dtype)[0]):
