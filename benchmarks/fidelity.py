@@ -18,7 +18,8 @@
 4. Headroom. On every chain that inverts, gamma = B^(-1/N) for amplification budgets B from 2^4 to 2^24, the
    largest reconstruction gap during the same fine-tune: what the policy's budget (2^8) rests on.
 
-Writes ``OUT/records/resnetD.json`` per depth (every record; a depth or part already there is not measured again)
+Writes ``OUT/records/resnetD.json`` per depth (every record; a depth or part already there is not measured again,
+unless ``--again`` names it)
 and ``OUT/fidelity.md`` (the tables, from every depth measured). Run it on a quiet machine if
 its times are to mean anything; the figures themselves do not depend on load.
 """
@@ -297,6 +298,25 @@ def measure_conversions(depth: int, out: Path, scratch: Path) -> List[Dict[str, 
     return records
 
 
+def measure_saved_bytes(depth: int, out: Path, records: List[Dict[str, Any]]) -> None:
+    """Measure again the bytes saved for backward of every unhealed record, at its per-stage gamma, with today's
+    plan (what a plan change alters; the bytes depend on the shapes and the plan, not on the weights)."""
+    import timm
+
+    import timm_momentum  # noqa: F401
+    from timm_momentum.data import FashionMNIST
+
+    source = timm.create_model(f'local-dir:{out / "upstream" / f"resnet{depth}" / "final"}', pretrained=True)
+    train = FashionMNIST('train', img_size=32, limit=2048)
+    images = train.batch(slice(-GRAD_IMAGES, None))
+    for record in records:
+        if 'saved_mib_fp32' in record:
+            model = timm.create_model(f'momentum_resnet{depth}', num_classes=10, gamma=record['stage_gamma'])
+            model.load_state_dict(source.state_dict())
+            record['saved_mib_fp32'] = _saved_mib(model, images, amp=False)
+            record['saved_mib_bf16'] = _saved_mib(model, images, amp=True)
+
+
 def _conversion_gamma(gamma: Any, depth: int) -> Any:
     """The gamma convert gets for a row: the row's own, or the float64 floor per stage."""
     if gamma != 'float64 floor':
@@ -423,6 +443,8 @@ def main(argv: List[str] = None) -> int:
                         '(default: OUT/scratch)')
     parser.add_argument('--parts', default='conversions,bf16,headroom',
                         help='what to measure of each depth not yet measured (default: %(default)s)')
+    parser.add_argument('--again', default='', help="parts to measure again though measured: bf16, bytes (the "
+                        "conversions' saved bytes, after a plan change), headroom")
     parser.add_argument('--budgets', default=','.join(map(str, HEADROOM_BUDGETS)),
                         help='headroom: log2 amplification budgets (default: %(default)s)')
     args = parser.parse_args(argv)
@@ -438,15 +460,20 @@ def main(argv: List[str] = None) -> int:
         return 0
     scratch = Path(args.scratch) if args.scratch else out / 'scratch'
     parts = set(args.parts.split(','))
+    again = set(filter(None, args.again.split(',')))
     for depth in depths:
         path = out / 'records' / f'resnet{depth}.json'
         measured = json.loads(path.read_text()) if path.is_file() else {}
+        for part in again & {'bf16', 'headroom'}:
+            measured.pop(part, None)
+        if 'bytes' in again and 'records' in measured:
+            measure_saved_bytes(depth, out, measured['records'])
         if 'conversions' in parts and 'records' not in measured:
             measured.update(settings=settings, upstream=upstreams[depth],
                             records=measure_conversions(depth, out, scratch))
-        if 'bf16' in parts and 'bf16' not in measured:
+        if ('bf16' in parts or 'bf16' in again) and 'bf16' not in measured:
             measured['bf16'] = measure_bf16_gradients(depth, out)
-        if 'headroom' in parts and 'headroom' not in measured:
+        if ('headroom' in parts or 'headroom' in again) and 'headroom' not in measured:
             measured['headroom'] = measure_headroom(depth, out, [int(k) for k in args.budgets.split(',')])
         path.parent.mkdir(parents=True, exist_ok=True)
         # what another run of this command measured of the same depth meanwhile stays
