@@ -40,19 +40,21 @@ def test_gamma_takes_one_value_per_stage_and_names_the_stage():
     with pytest.raises(ValueError, match="or 'auto'"):
         model.set_momentum(gamma='faithful')
     # a chain that must invert refuses gamma 0, naming its stage; nothing changed
+    deep = timm.create_model('momentum_resnet101', gamma=[0.1, 0.2, 0.3, 0.4])
     with pytest.raises(ValueError, match='layer3: gamma=0.0 cannot be inverted'):
-        model.set_momentum(gamma=[0, 0, 0, 0], memory_efficient=True)
-    assert model.momentum_cfg['gamma'] == [0.1, 0.2, 0.3, 0.4] and not model.layer1.memory_efficient
+        deep.set_momentum(gamma=[0, 0, 0, 0], memory_efficient=True)
+    assert deep.momentum_cfg['gamma'] == [0.1, 0.2, 0.3, 0.4] and not deep.layer1.memory_efficient
 
 
 def test_the_policy_keeps_gamma_zero_where_a_chain_stores_its_inputs():
-    for blocks in (1, 2, 3, 4):
+    for blocks in (1, 2, 3, 4, 5):  # 5: 20 bytes of float32 inputs, within ZERO_GAMMA_STORE_RATIO of a state's 16
         assert faithful_gamma(blocks) == 0.0
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert plan_chain(0.0, blocks, dtype).store_inputs  # it never inverts: exact at gamma 0
     gammas, policy = resolve_gamma('auto', R101_CHAINS)
     assert policy == 'auto' and gammas == [0.0, 0.0, 0.778, 0.0]
-    for blocks in (5, 7, 22, 35):
+    assert resolve_gamma('auto', [2, 3, 5, 2])[0] == [0.0, 0.0, 0.0, 0.0]  # resnet34/50: the source, exactly
+    for blocks in (6, 7, 22, 35):
         gamma = faithful_gamma(blocks)
         assert gamma ** -blocks <= POLICY_AMPLIFICATION < (gamma - 0.001) ** -blocks  # the smallest, to 3 digits
         # one policy for every precision: exact with no extra stored state (a half-precision chain of at most 8
@@ -66,7 +68,8 @@ def test_the_policy_keeps_gamma_zero_where_a_chain_stores_its_inputs():
 
 @pytest.mark.parametrize('depth', [50, 101])
 def test_the_policy_stores_no_more_than_gamma_0_9(depth):
-    """Bytes saved for backward in memory-efficient mode, float32 and bfloat16 autocast, policy against 0.9."""
+    """Bytes saved for backward in memory-efficient mode, float32 and bfloat16 autocast, policy against 0.9: equal,
+    or (resnet50 in float32, whose policy is gamma 0 everywhere) within the 5 % the policy may spend."""
     model = timm.create_model(f'momentum_resnet{depth}', memory_efficient=True).train()
     x = torch.randn(2, 3, 64, 64)
     for amp in (None, torch.bfloat16):
@@ -75,17 +78,21 @@ def test_the_policy_stores_no_more_than_gamma_0_9(depth):
             model.set_momentum(gamma=gamma)
             with torch.autocast('cpu', dtype=amp, enabled=amp is not None):
                 measured[gamma] = saved_tensor_bytes(model, x)
-        assert measured['auto'] == measured[0.9], (amp, measured)
+        if depth == 50 and amp is None:  # layer3's 5 float32 inputs at gamma 0 instead of a 16-byte state
+            assert measured[0.9] < measured['auto'] <= 1.05 * measured[0.9], measured
+        else:
+            assert measured['auto'] == measured[0.9], (amp, measured)
 
 
 def test_pretrained_cfgs_name_the_faithful_gamma():
     notes = timm.models.get_pretrained_cfg('momentum_resnet50.a1_in1k').notes
-    assert '(0.0, 0.0, 0.33, 0.0)' in notes and 'do not compute their source' in notes
-    assert 'computes its source' in timm.models.get_pretrained_cfg('momentum_resnet18.a1_in1k').notes
+    assert '(0.0, 0.0, 0.0, 0.0)' in notes and 'computes its source' in notes
+    notes = timm.models.get_pretrained_cfg('momentum_resnet101.a1h_in1k').notes
+    assert '(0.0, 0.0, 0.778, 0.0)' in notes and 'do not compute their source' in notes
 
 
 def _trained_resnet34(tmp_path: Path):
-    """A plain timm resnet34 trained briefly on digits 0-4 at 16 px (layer3 is a 5-block chain that inverts)."""
+    """A plain timm resnet34 trained briefly on digits 0-4 at 16 px (its 5-block layer3 keeps its inputs at gamma 0)."""
     torch.manual_seed(0)
     source = timm.create_model('resnet34', num_classes=5)
     train_set = DigitsDataset('train', [0, 1, 2, 3, 4], 16)
@@ -107,7 +114,7 @@ def test_pretrained_at_defaults_keeps_the_source_and_trains_exactly(tmp_path):
     images = DigitsDataset('validation', [0, 1, 2, 3, 4], 16).images
     model = timm.create_model('momentum_resnet34', pretrained=True, num_classes=5,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
-    assert model.gamma_policy == 'auto' and model.momentum_cfg['gamma'] == [0.0, 0.0, 0.33, 0.0]
+    assert model.gamma_policy == 'auto' and model.momentum_cfg['gamma'] == [0.0, 0.0, 0.0, 0.0]
     with torch.no_grad():
         reference, faithful = source(images), model.eval()(images)
         model.set_momentum(gamma=0.9)
@@ -116,9 +123,9 @@ def test_pretrained_at_defaults_keeps_the_source_and_trains_exactly(tmp_path):
     print(f'top-1 agreement with the source: {agreement:.4f} at the policy, '
           f'{float((paper.argmax(-1) == reference.argmax(-1)).float().mean()):.4f} at 0.9; max logit difference '
           f'{float((faithful - reference).abs().max()):.2e} at the policy')
-    assert agreement >= 0.99 and relative_error(faithful, reference) < 0.05
-    assert relative_error(paper, reference) > 5 * relative_error(faithful, reference)
-    # memory-efficient gradients at the policy's gamma (layer3 inverts at 0.33) are standard backprop's
+    assert agreement == 1.0 and torch.equal(faithful, reference)  # the source's blocks, bit for bit
+    assert relative_error(paper, reference) > 0.05
+    # memory-efficient gradients at the policy's gamma (layer3's 5 blocks keep their inputs) are standard backprop's
     model.set_momentum(gamma='auto')
     grads = []
     for memory_efficient in (False, True):
@@ -127,27 +134,29 @@ def test_pretrained_at_defaults_keeps_the_source_and_trains_exactly(tmp_path):
         x = images[:16].clone().requires_grad_(True)
         nn.functional.cross_entropy(net(x), torch.arange(16) % 5).backward()
         grads.append([x.grad] + [p.grad for p in net.parameters()])
-    assert plan_chain(0.33, 5).span == 5 and not plan_chain(0.33, 5).store_inputs
+    assert plan_chain(0.0, 5).store_inputs
     assert max(relative_error(e, s) for e, s in zip(grads[1], grads[0])) <= 1e-5
 
 
 def test_per_stage_gamma_round_trips_through_convert_and_local_dir(tmp_path):
-    source = timm.create_model('resnet34', num_classes=5, zero_init_last=False).eval()
-    save_file(source.state_dict(), tmp_path / 'r34.safetensors')
+    source = timm.create_model('resnet101', num_classes=5, zero_init_last=False).eval()
+    save_file(source.state_dict(), tmp_path / 'r101.safetensors')
     # the default is the faithful policy; the folder carries its values, which load back as they are
-    result = convert(str(tmp_path / 'r34.safetensors'), tmp_path / 'auto', img_size=16, eval_images='sklearn/digits')
+    result = convert(str(tmp_path / 'r101.safetensors'), tmp_path / 'auto', img_size=16, eval_images='sklearn/digits')
     config = json.loads((result.out_dir / 'config.json').read_text())
-    assert config['model_args']['gamma'] == [0.0, 0.0, 0.33, 0.0]
+    assert config['model_args']['gamma'] == [0.0, 0.0, 0.778, 0.0]
     assert config['provenance']['gamma_policy'] == 'auto' and result.verify['gamma_policy'] == 'auto'
-    assert result.verify['gamma'] == [0.0, 0.0, 0.33, 0.0]
+    assert result.verify['gamma'] == [0.0, 0.0, 0.778, 0.0]
     drift = result.verify['drift_at_gamma']
-    assert drift['against'].startswith('the source ResNet, run as timm resnet34') and drift['images'] == 256
+    assert drift['against'].startswith('the source ResNet, run as timm resnet101') and drift['images'] == 256
     assert {'top1_agreement', 'kl_source_to_converted'} <= set(drift)
     card = (result.out_dir / 'README.md').read_text()
-    assert '(0, 0, 0.33, 0), chosen by the faithful policy `auto`' in card
+    assert '(0, 0, 0.778, 0), chosen by the faithful policy `auto`' in card
     assert 'do not compute their source\'s function' in card and 'is exactly' not in card.split('## How')[1]
     loaded = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True)
-    assert loaded.momentum_cfg['gamma'] == [0.0, 0.0, 0.33, 0.0]
+    assert loaded.momentum_cfg['gamma'] == [0.0, 0.0, 0.778, 0.0]
+    source = timm.create_model('resnet34', num_classes=5, zero_init_last=False).eval()
+    save_file(source.state_dict(), tmp_path / 'r34.safetensors')
     # one value per stage from the command line, through the CLI's own parsing
     out = tmp_path / 'stages'
     proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', 'convert', str(tmp_path / 'r34.safetensors'),
@@ -213,12 +222,12 @@ def test_finetune_takes_per_stage_gamma_and_exports_it(tmp_path):
     final = timm.create_model(f'local-dir:{tmp_path / "run" / "final"}', pretrained=True)
     assert final.momentum_cfg['gamma'] == [0.0, 0.3, 0.5, 0.0]
     result = train(dict(cfg, gamma='auto', output=str(tmp_path / 'auto')))
-    assert result['model'].momentum_cfg['gamma'] == [0.0, 0.0, 0.33, 0.0]
+    assert result['model'].momentum_cfg['gamma'] == [0.0, 0.0, 0.0, 0.0]
     assert load_config(None, ['--gamma', '0,0,0.5,0'])['gamma'] == [0.0, 0.0, 0.5, 0.0]
     with pytest.raises(ConfigError, match='gamma for stage 3'):
         load_config(None, ['--gamma', '[0, 0, 1.5, 0]'])
     with pytest.raises(ConfigError, match='layer3: gamma=0.0 cannot be inverted'):
-        train(dict(cfg, gamma=0.0, output=str(tmp_path / 'zero')))
+        train(dict(cfg, model='momentum_resnet101', gamma=0.0, output=str(tmp_path / 'zero')))
 
 
 _REQUIRE = os.environ.get('TIMM_MOMENTUM_REQUIRE_FASHION_MNIST') == '1'  # .ci/run installs the data and sets it

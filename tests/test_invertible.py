@@ -37,7 +37,7 @@ def _deepest_stage(gamma: float) -> nn.Module:
     return model.layer3
 
 
-@pytest.mark.parametrize('gamma', [0.5, 0.9, 0.99])
+@pytest.mark.parametrize('gamma', [0.5, 0.854, 0.9, 0.99])  # 0.854: the faithful policy's
 def test_gradients_match_standard_backprop_on_deepest_stage(gamma):
     standard = _deepest_stage(gamma)
     efficient = copy.deepcopy(standard)
@@ -238,9 +238,9 @@ def test_stored_transitions_trade_memory_for_recomputation():
 
 def test_gamma_too_small_for_memory_efficient_mode():
     with pytest.raises(ValueError, match=r'gamma=0\.0 cannot be inverted.*gamma >='):
-        timm.create_model('momentum_resnet50', gamma=0.0, memory_efficient=True)
+        timm.create_model('momentum_resnet101', gamma=0.0, memory_efficient=True)
     with pytest.raises(ValueError, match='cannot be inverted'):
-        timm.create_model('momentum_resnet50', gamma=1e-9, memory_efficient=True)
+        timm.create_model('momentum_resnet101', gamma=1e-9, memory_efficient=True)
     with pytest.warns(UserWarning, match=r'gamma >= 0\.6\d+ needs no extra storage'):
         timm.create_model('momentum_resnet152', gamma=0.5, memory_efficient=True)
     assert plan_chain(0.9, 35) == (torch.float64, 35, False)
@@ -248,6 +248,10 @@ def test_gamma_too_small_for_memory_efficient_mode():
     # short chains keep their block inputs: exact, and no costlier than an inverse's float64 state
     assert plan_chain(0.9, 4) == (torch.float32, 4, True)
     assert plan_chain(0.0, 2, torch.bfloat16) == (torch.bfloat16, 2, True)
+    # at gamma 0 nothing inverts: a 5-block chain keeps its float32 inputs (20 bytes against 16), a 6-block one
+    # (24) is refused
+    assert plan_chain(0.0, 5) == (torch.float32, 5, True) and plan_chain(0.0, 6).span == 0
+    assert plan_chain(0.01, 5).store_inputs and not plan_chain(0.33, 5).store_inputs
 
 
 def _expanding_chain(scale: float):
@@ -389,8 +393,8 @@ def test_plan_under_autocast_carries_a_float64_state():
     # below the float64 floor a float32 chain stores extra states, or its inputs where cheaper
     assert plan_chain(0.3, 35) == (torch.float64, 13, False)
     assert plan_chain(0.01, 5).store_inputs  # 2 float64 states (32 bytes) or 5 float32 inputs (20)
-    # gamma 0 on a chain that must invert is refused, as before
-    assert plan_chain(0.0, 5).span == 0
+    # gamma 0 on a chain that must invert is refused, as before (a 5-block one keeps its inputs instead)
+    assert plan_chain(0.0, 6).span == 0 and plan_chain(1e-9, 6).span == 0 and plan_chain(1e-9, 5).store_inputs
     # so the construction check (float32 work) says nothing where autocast alone would shrink the span
     with warnings.catch_warnings():
         warnings.simplefilter('error')

@@ -29,9 +29,9 @@ def _settings(model):
 
 
 def test_set_momentum_is_atomic():
-    model = timm.create_model('momentum_resnet50', gamma=0.9)
+    model = timm.create_model('momentum_resnet101', gamma=0.9)
     before, cfg = _settings(model), dict(model.momentum_cfg)
-    # layer1 and layer2 (chains of 2 and 3 blocks) keep their inputs and accept gamma = 0; layer3 cannot invert
+    # layer1 and layer2 (chains of 2 and 3 blocks) keep their inputs and accept gamma = 0; layer3 (22) cannot invert
     with pytest.raises(ValueError, match='cannot be inverted'):
         model.set_momentum(gamma=0.0, memory_efficient=True)
     assert _settings(model) == before and model.momentum_cfg == cfg

@@ -497,7 +497,8 @@ def _gamma_sentence(gammas: List[float], policy: Optional[str], block_fn: str) -
     if policy:
         text = (f'The config sets γ per stage (layer1–layer4) to {_format_gamma(gammas)}, chosen by the faithful '
                 f'policy `{policy}`: γ = 0 where a chain stores its inputs, else the smallest γ at which the chain '
-                f'still inverts exactly in training (γ^−N ≤ 2^8) while storing no more than at γ = 0.9.')
+                f'still inverts exactly in training (γ^−N ≤ 2^8) while storing no more than at γ = 0.9 (a few per cent '
+                f'more where γ = 0 keeps a 5-block chain\'s inputs).')
     else:
         text = f'The config sets γ = {_format_gamma(gammas)}' + (' per stage (layer1–layer4).' if len(set(gammas)) > 1
                                                                   else '.')

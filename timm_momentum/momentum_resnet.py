@@ -57,8 +57,8 @@ BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
 # gamma: one number for every stage, one number per stage, or the name of a policy that picks one per stage
 GammaSpec = Union[float, Sequence[float], str]
 # The faithful policy: per stage, the gamma closest to the source ResNet's function at which the chain still trains
-# memory-efficiently and exactly, storing no more than at gamma 0.9 (``invertible.faithful_gamma``): 0 where a chain
-# stores its inputs, and there the net is the source, exactly. Measured to hold for float32 and half-precision
+# memory-efficiently and exactly, storing no more than at gamma 0.9, or a few per cent more to keep the source's function
+# (``invertible.faithful_gamma``): 0 where a chain stores its inputs, and there the net is the source, exactly. Measured to hold for float32 and half-precision
 # training alike, so one policy serves both.
 GAMMA_POLICIES = ('auto',)
 
