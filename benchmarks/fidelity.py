@@ -443,8 +443,8 @@ def main(argv: List[str] = None) -> int:
                         '(default: OUT/scratch)')
     parser.add_argument('--parts', default='conversions,bf16,headroom',
                         help='what to measure of each depth not yet measured (default: %(default)s)')
-    parser.add_argument('--again', default='', help="parts to measure again though measured: bf16, bytes (the "
-                        "conversions' saved bytes, after a plan change), headroom")
+    parser.add_argument('--again', default='', help="parts to measure again though measured: conversions, bf16, "
+                        "bytes (the conversions' saved bytes alone, after a plan change), headroom")
     parser.add_argument('--budgets', default=','.join(map(str, HEADROOM_BUDGETS)),
                         help='headroom: log2 amplification budgets (default: %(default)s)')
     args = parser.parse_args(argv)
@@ -464,11 +464,11 @@ def main(argv: List[str] = None) -> int:
     for depth in depths:
         path = out / 'records' / f'resnet{depth}.json'
         measured = json.loads(path.read_text()) if path.is_file() else {}
-        for part in again & {'bf16', 'headroom'}:
-            measured.pop(part, None)
+        for part in again & {'conversions', 'bf16', 'headroom'}:
+            measured.pop('records' if part == 'conversions' else part, None)
         if 'bytes' in again and 'records' in measured:
             measure_saved_bytes(depth, out, measured['records'])
-        if 'conversions' in parts and 'records' not in measured:
+        if ('conversions' in parts or 'conversions' in again) and 'records' not in measured:
             measured.update(settings=settings, upstream=upstreams[depth],
                             records=measure_conversions(depth, out, scratch))
         if ('bf16' in parts or 'bf16' in again) and 'bf16' not in measured:
