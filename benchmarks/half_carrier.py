@@ -8,7 +8,7 @@ backprop with the float64 state ``plan_chain`` carries under autocast and with a
 it carried before, with its 2^8 amplification bound); the largest reconstruction gaps the backward's
 self-check reported (none: at most its warning level) and the MiB saved for backward.
 
-The float32 state is forced by patching ``timm_momentum.invertible._carriers`` and ``_AMPLIFICATION_LIMIT``,
+The float32 state is forced by patching ``timm_momentum.invertible._carrier`` and ``_AMPLIFICATION_LIMIT``,
 private names: this is an experiment on the plan, not an API.
 
     OMP_NUM_THREADS=1 python benchmarks/half_carrier.py --upstream benchmarks/fidelity/upstream \
@@ -123,8 +123,8 @@ def _state(state):
     if state == 'float64':
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(invertible, '_carriers', lambda work_dtype: (
-        (torch.float32,) if work_dtype in (torch.bfloat16, torch.float16) else (torch.float64,))))
+    stack.enter_context(mock.patch.object(invertible, '_carrier', lambda work_dtype: (
+        torch.float32 if work_dtype in (torch.bfloat16, torch.float16) else torch.float64)))
     stack.enter_context(mock.patch.dict(invertible._AMPLIFICATION_LIMIT, {torch.float32: 2.0 ** 8}))
     return stack
 

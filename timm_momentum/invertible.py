@@ -112,8 +112,8 @@ class ChainPlan(NamedTuple):
     store_inputs: bool   # keep each block's input instead of inverting (cheaper for short chains)
 
 
-def _carriers(work_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
-    """The state dtypes an inverse may carry for ``work_dtype``, narrowest first: float64 for every work dtype.
+def _carrier(work_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an inverse carries its state in for ``work_dtype``: float64 for every work dtype.
 
     A float32 state under bfloat16/float16 autocast rebuilds each block input to within float32 rounding times
     gamma^-K, and wherever that lands across a half-precision rounding boundary the rebuilt input is one half-
@@ -122,7 +122,7 @@ def _carriers(work_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
     3x further from float32 backprop's than standard autocast backprop's, while a float64 state rebuilt them
     exactly (benchmarks/half_carrier.py, benchmarks/fidelity/half_carrier.md). Its cost, 16 bytes per element of a
     chain's state instead of 8, is the one the plan weighs against storing the inputs."""
-    return (torch.float64,)
+    return torch.float64
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -152,32 +152,29 @@ def plan_chain(gamma: float, num_blocks: int, work_dtype: torch.dtype = torch.fl
 
     The plan is the exact one that keeps the fewest bytes: storing each block's input (``num_blocks`` tensors of
     the input dtype, no inverse), or inverting with the state carried in a wider dtype, stored at the chain's
-    end and every span; the state is float64 for every work dtype (``_carriers``). A chain whose inputs cost no
+    end and every span; the state is float64 for every work dtype (``_carrier``). A chain whose inputs cost no
     more than one state stores them at any gamma, and at gamma = 0 (or a gamma too small to invert even one block),
     one whose inputs cost at most ZERO_GAMMA_STORE_RATIO states; a longer chain there cannot run (span 0).
     """
     gamma = validate_gamma(gamma)
     input_dtype = input_dtype or work_dtype
-    carriers = _carriers(work_dtype)
+    carrier = _carrier(work_dtype)
     store = ChainPlan(input_dtype, num_blocks, True)
     store_bytes = plan_bytes(store, num_blocks, input_dtype)
-    state_bytes = 2 * _itemsize(carriers[0])
+    state_bytes = 2 * _itemsize(carrier)
     if store_bytes <= state_bytes:
         return store
-    inverses = [ChainPlan(carrier, _span(gamma, carrier, num_blocks), False) for carrier in carriers]
-    inverses = [plan for plan in inverses if plan.span >= 1]
-    if not inverses:  # gamma = 0 (or too small to invert one block): kept exactly where its inputs are cheap enough
+    inverse = ChainPlan(carrier, _span(gamma, carrier, num_blocks), False)
+    if inverse.span < 1:  # gamma = 0 (or too small to invert one block): kept exactly where its inputs are cheap enough
         return store if store_bytes <= ZERO_GAMMA_STORE_RATIO * state_bytes else ChainPlan(input_dtype, 0, False)
-    # fewest bytes; on a tie the wider carrier, whose inverse runs further with less rounding
-    best = min(inverses, key=lambda plan: (plan_bytes(plan, num_blocks, input_dtype), -_itemsize(plan.carrier)))
     # on a tie, stored inputs: exact, and the backward skips the inverse's element-wise steps
-    return store if store_bytes <= plan_bytes(best, num_blocks, input_dtype) else best
+    return store if store_bytes <= plan_bytes(inverse, num_blocks, input_dtype) else inverse
 
 
 def min_safe_gamma(num_blocks: int, work_dtype: torch.dtype = torch.float32) -> float:
     """The smallest gamma whose inverse runs ``num_blocks`` blocks without storing any extra state (with the
-    widest carrier ``plan_chain`` may use for ``work_dtype``)."""
-    return _AMPLIFICATION_LIMIT[_carriers(work_dtype)[-1]] ** (-1.0 / max(num_blocks, 1))
+    carrier ``plan_chain`` uses for ``work_dtype``)."""
+    return _AMPLIFICATION_LIMIT[_carrier(work_dtype)] ** (-1.0 / max(num_blocks, 1))
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -219,7 +216,7 @@ def check_invertible(gamma: float, num_blocks: int, work_dtype: torch.dtype = to
     """
     plan = plan_chain(gamma, num_blocks, work_dtype)
     if plan.store_inputs and (gamma == 0.0 or  # the plan stores inputs at gamma 0 only where they are cheap
-                              plan_bytes(plan, num_blocks, work_dtype) <= 2 * _itemsize(_carriers(work_dtype)[0])):
+                              plan_bytes(plan, num_blocks, work_dtype) <= 2 * _itemsize(_carrier(work_dtype))):
         return
     safe = _round_up(min_safe_gamma(num_blocks, work_dtype))
     if plan.span < 1:
