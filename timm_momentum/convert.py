@@ -376,11 +376,8 @@ def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], arch: str) ->
     model.load_state_dict(state, strict=True)
 
 
-def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_args: Dict[str, Any],
-            block_fn: str, input_size: Tuple[int, ...]) -> Dict[str, Any]:
-    """Parameter and buffer counts, and the gamma = 0 equivalence with the plain ResNet on a random batch."""
-    import timm
-
+def _verify(model: nn.Module, plain: Optional[nn.Module], block_fn: str, input_size: Tuple[int, ...]) -> Dict[str, Any]:
+    """Parameter and buffer counts, and the gamma = 0 equivalence with the plain ResNet ``plain`` on a random batch."""
     torch.manual_seed(0)
     x = torch.randn(2, *input_size)
     report: Dict[str, Any] = {
@@ -388,10 +385,8 @@ def _verify(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, model_a
         'num_buffers': sum(b.numel() for b in model.buffers()),
         'input_size': list(input_size),
     }
-    if block_fn == 'dropin' and not model_args.get('cifar_stem'):
-        source = timm.create_model(_plain_arch(arch), **_plain_args(model_args))
-        source.load_state_dict(state, strict=True)
-        diff = float((_logits_at(model, x, 0.0) - _logits_at(source, x)).abs().max())
+    if block_fn == 'dropin' and plain is not None:
+        diff = float((_logits_at(model, x, 0.0) - _logits_at(plain, x)).abs().max())
         report['equivalence'] = {'max_abs_logit_diff_gamma0': diff, 'tolerance': EQUIVALENCE_TOL,
                                  'passed': diff <= EQUIVALENCE_TOL, 'input': 'synthetic random normal, 2 images'}
     else:
@@ -408,21 +403,32 @@ def _plain_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in model_args.items() if k not in ('gamma', 'block_fn', 'memory_efficient', 'cifar_stem')}
 
 
+def _plain_resnet(arch: str, model_args: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Optional[nn.Module]:
+    """The plain timm ResNet with the converted net's blocks, holding ``state``; None with the CIFAR stem, which
+    timm has no plain model for."""
+    if model_args.get('cifar_stem'):
+        return None
+    import timm
+
+    network = timm.create_model(_plain_arch(arch), **_plain_args(model_args))
+    network.load_state_dict(state, strict=True)
+    return network.eval()
+
+
 def _source_network(checkpoint: SourceCheckpoint, state: Dict[str, torch.Tensor], arch: str, model_args: Dict[str, Any],
-                    source_gamma: List[float]) -> Tuple[nn.Module, str]:
+                    source_gamma: List[float], plain: Optional[nn.Module]) -> Tuple[nn.Module, str]:
     """The source as the network it is, with its weights, and what that network is (for verify.json and the card).
 
     A timm/torchvision checkpoint is a plain timm ResNet; one with the CIFAR stem, which timm has no plain model
     for, is the drop-in momentum model at gamma 0 with that stem, which computes the plain ResNet's blocks bit for
     bit. The official momentumnet layouts are that package's momentum networks at the gamma they were trained at
-    (``source_gamma``), with their own block function.
+    (``source_gamma``), with their own block function. ``plain`` is the plain ResNet (``_plain_resnet``), if built.
     """
     import timm
 
-    if checkpoint.layout == 'timm' and not model_args.get('cifar_stem'):
-        network = timm.create_model(_plain_arch(arch), **_plain_args(model_args))
-        what = f'the source ResNet, run as timm {_plain_arch(arch)}'
-    elif checkpoint.layout == 'timm':
+    if checkpoint.layout == 'timm' and plain is not None:
+        return plain, f'the source ResNet, run as timm {_plain_arch(arch)}'
+    if checkpoint.layout == 'timm':
         network = timm.create_model(arch, **{**model_args, 'gamma': 0.0, 'block_fn': 'dropin'})
         what = 'the source ResNet with the CIFAR stem (timm has no plain model for it: the drop-in momentum model at gamma 0)'
     else:
@@ -705,11 +711,13 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
     _load_strict(model, state, arch)
     input_size = _input_size(model, checkpoint, model_args, img_size)
     pretrained_cfg = _converted_cfg(model, checkpoint, input_size, img_size, gammas, policy)
-    report = {**_verify(model, state, arch, model_args, block_fn, input_size), 'gamma': gammas, 'gamma_policy': policy}
+    # the plain ResNet, built once: the gamma = 0 equivalence check's reference and a timm source's own network
+    plain = _plain_resnet(arch, model_args, state) if block_fn == 'dropin' or checkpoint.layout == 'timm' else None
+    report = {**_verify(model, plain, block_fn, input_size), 'gamma': gammas, 'gamma_policy': policy}
     if report['equivalence'].get('passed') is False:
         raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
                               f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
-    source_net, against = _source_network(checkpoint, state, arch, model_args, source_gamma)
+    source_net, against = _source_network(checkpoint, state, arch, model_args, source_gamma, plain)
     drift_images, drift_input = _drift_images(eval_images or heal_images, heal_images, input_size)
     reference = _logits_at(source_net, drift_images)
     model.set_momentum(gamma=gammas)  # the equivalence check ran it at 0
