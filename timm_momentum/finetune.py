@@ -197,7 +197,6 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     from timm.optim import list_optimizers
     from timm.scheduler import create_scheduler_v2
 
-
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f'unknown config key(s) {unknown}')

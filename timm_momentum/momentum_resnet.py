@@ -57,9 +57,9 @@ BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
 # gamma: one number for every stage, one number per stage, or the name of a policy that picks one per stage
 GammaSpec = Union[float, Sequence[float], str]
 # The faithful policy: per stage, the gamma closest to the source ResNet's function at which the chain still trains
-# memory-efficiently and exactly, storing no more than at gamma 0.9, or a few per cent more to keep the source's function
-# (``invertible.faithful_gamma``): 0 where a chain stores its inputs, and there the net is the source, exactly. Measured to hold for float32 and half-precision
-# training alike, so one policy serves both.
+# memory-efficiently and exactly, storing no more than at gamma 0.9, or a few per cent more to keep the source's
+# function (``invertible.faithful_gamma``): 0 where a chain stores its inputs, and there the net is the source,
+# exactly. Measured to hold for float32 and half-precision training alike, so one policy serves both.
 GAMMA_POLICIES = ('auto',)
 
 
@@ -495,35 +495,40 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def momentum_resnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-18, drop-in block function (loads timm/torchvision ResNet-18 weights)."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), gamma='auto' if pretrained else 0.9)
+    model_args = dict(block=BasicBlock, layers=_SOURCE_ARCHS['momentum_resnet18'][1],
+                      gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-34, drop-in block function (loads timm/torchvision ResNet-34 weights)."""
-    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), gamma='auto' if pretrained else 0.9)
+    model_args = dict(block=BasicBlock, layers=_SOURCE_ARCHS['momentum_resnet34'][1],
+                      gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-50, drop-in block function (loads timm/torchvision ResNet-50 weights)."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), gamma='auto' if pretrained else 0.9)
+    model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet50'][1],
+                      gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-101, drop-in block function (loads timm/torchvision ResNet-101 weights)."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), gamma='auto' if pretrained else 0.9)
+    model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet101'][1],
+                      gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_resnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-152, drop-in block function (loads timm/torchvision ResNet-152 weights)."""
-    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), gamma='auto' if pretrained else 0.9)
+    model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet152'][1],
+                      gamma='auto' if pretrained else 0.9)
     return _create_momentum_resnet('momentum_resnet152', pretrained, **dict(model_args, **kwargs))
 
 
