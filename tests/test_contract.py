@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from timm.models import group_parameters
+from timm_momentum import resnet_state_dict
 
 MODELS = timm.list_models('momentum_*')
 
@@ -111,7 +112,7 @@ def test_forward_intermediates_takes_the_indices_timm_takes(indices):
     # gamma = 0 drop-in is timm's resnet18: the same intermediates for every way of naming them
     model = timm.create_model('momentum_resnet18', gamma=0.0).eval()
     reference = timm.create_model('resnet18').eval()
-    reference.load_state_dict(model.state_dict())
+    reference.load_state_dict(resnet_state_dict(model.state_dict()))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for stop_early in (False, True):

@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 from timm_momentum import MomentumResNet, MomentumStage
+from timm_momentum.momentum_resnet import RECORD_KEYS
 
 DEPTHS = (18, 34, 50, 101, 152)
 
@@ -22,7 +23,8 @@ def test_list_models_has_dropin_and_paper_variants():
 def test_keys_match_timm_and_torchvision(depth):
     model = timm.create_model(f'momentum_resnet{depth}')
     reference = timm.create_model(f'resnet{depth}')
-    assert list(model.state_dict()) == list(reference.state_dict())
+    # every ResNet key, in ResNet's order, then the record of the momentum settings
+    assert list(model.state_dict()) == list(reference.state_dict()) + list(RECORD_KEYS)
     assert isinstance(model, MomentumResNet) and isinstance(model.layer3, MomentumStage)
     model.load_state_dict(reference.state_dict(), strict=True)
     model.load_state_dict(getattr(torchvision.models, f'resnet{depth}')().state_dict(), strict=True)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .files import atomic_write
 from .memory import (AMP_DTYPES, MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
                      peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
+from .momentum_resnet import resnet_state_dict
 
 __all__ = ['Config', 'CONFIGS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
            'check_targets', 'largest_batch']
@@ -113,7 +114,7 @@ def _build_all(momentum_name: str, configs: Sequence[Config], device: str,
     models = {}
     for config in configs:
         model = build_model(_model_name(momentum_name, config.family), config.mode)
-        model_state = model.state_dict()
+        model_state = resnet_state_dict(model.state_dict())  # the record: the model's own settings, kept
         if set(model_state) == set(state):
             model.load_state_dict(state)
         else:  # the official layout: layerK.1.0.network.{i} holds block i + 1

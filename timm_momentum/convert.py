@@ -1,7 +1,8 @@
 """Convert pretrained ResNet checkpoints into Momentum ResNet model repos that timm loads.
 
 Sources: a timm model name or tag, an ``hf-hub:`` repo, a local ``.safetensors``/``.pth``/``.bin``
-file (timm or torchvision ResNet keys), or a checkpoint of the official ``momentumnet`` package in
+file (timm or torchvision ResNet keys, or a timm ``train.py`` checkpoint), a momentum model's own weights
+(they record the gamma they were trained at), or a checkpoint of the official ``momentumnet`` package in
 either of its layouts. The output folder holds ``config.json``, ``model.safetensors``, a model card
 ``README.md`` and ``verify.json``; it is built in a temporary folder and renamed into place.
 """
@@ -32,10 +33,10 @@ from .files import (MARKER, FolderInUseError, file_in_the_way, folder_lock, mark
                     recover_interrupted_folder, write_folder_atomically, write_marker)
 from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from .invertible import PAPER_GAMMA
-from .momentum_resnet import GammaSpec, parse_gamma
+from .momentum_resnet import BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS, GammaSpec, parse_gamma, read_record
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
-           'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
+           'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 MAX_INPUT_SIDE = 2048  # pixels; verification runs 2 images, and a 40000 px side asked for 38 GB
@@ -63,6 +64,7 @@ class SourceCheckpoint:
     revision: Optional[str] = None
     pretrained_cfg: Dict[str, Any] = field(default_factory=dict)
     card_metadata: Dict[str, Any] = field(default_factory=dict)  # the YAML header of the source's model card
+    record: Dict[str, Any] = field(default_factory=dict)  # the momentum settings a momentum checkpoint records
 
     def license(self) -> str:
         """The source's license as its metadata states it (a license identifier such as ``apache-2.0``), 'other'
@@ -120,14 +122,17 @@ def _read_file(path: Path) -> Dict[str, Any]:
         except Exception as e:
             raise ConversionError(f'{path}: corrupt or truncated safetensors file ({e})') from None
     try:
-        return torch.load(str(path), map_location='cpu', weights_only=True)
+        # timm's train.py saves its arguments as an argparse.Namespace: that class, and no other, is allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:
         raise ConversionError(f'{path}: cannot read as a weights-only PyTorch checkpoint '
                               f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
 
 
 def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
-    """The state dict inside common training-checkpoint wrappers, without 'module.' prefixes."""
+    """The state dict inside common training-checkpoint wrappers, without 'module.' prefixes and without the
+    momentum record (``_record_of`` reads it)."""
     for key in ('state_dict', 'model_state_dict', 'model', 'module', 'state_dict_ema'):
         if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]
@@ -138,9 +143,46 @@ def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
     for key, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f'{where}: entry {key!r} is a {type(value).__name__}, not a tensor')
-        _check_weight(str(key), value, where)
-        state[key[len('module.'):] if key.startswith('module.') else key] = value
+        key = key[len('module.'):] if key.startswith('module.') else key
+        if key not in RECORD_KEYS:
+            _check_weight(str(key), value, where)
+            state[key] = value
     return state
+
+
+def _record_of(checkpoint: Any, where: str) -> Dict[str, Any]:
+    """The momentum settings a checkpoint was trained at: its state dict's record (``RECORD_KEYS``) or, for a
+    timm train.py checkpoint of an earlier version, its ``args.model_kwargs``; {} for a plain ResNet."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    for key in ('state_dict', 'model_state_dict', 'model', 'module', 'state_dict_ema'):
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    else:
+        state = checkpoint
+    prefix = 'module.' if any(str(k).startswith('module.') for k in state) else ''
+    try:
+        record = read_record(state, prefix)
+        if not record and isinstance(checkpoint.get('args'), argparse.Namespace):
+            kwargs = getattr(checkpoint['args'], 'model_kwargs', None) or {}
+            if isinstance(kwargs, dict) and 'gamma' in kwargs:
+                record['gamma'] = parse_gamma(kwargs['gamma'])
+            if isinstance(kwargs, dict) and kwargs.get('block_fn') is not None:
+                record['block_fn'] = str(kwargs['block_fn'])
+    except ValueError as e:
+        raise ConversionError(f'{where}: {e}') from None
+    return record
+
+
+def _source_state(checkpoint: Any, where: str) -> Tuple[Dict[str, torch.Tensor], str, str, Dict[str, Any]]:
+    """A checkpoint's state dict in timm's layout, the layout it came in, its block function, and the momentum
+    settings it records. A state dict that records them is a momentum model in timm's layout ('timm-momentum')."""
+    record = _record_of(checkpoint, where)
+    state, layout, block_fn = _to_timm_layout(_unwrap(checkpoint, where), where)
+    if record and layout == 'timm':
+        layout, block_fn = 'timm-momentum', record.get('block_fn', block_fn)
+    return state, layout, block_fn, record
 
 
 def _check_weight(key: str, value: torch.Tensor, where: str) -> None:
@@ -215,7 +257,10 @@ def _metadata_from(config_path: Optional[Path], card_path: Optional[Path]) -> Tu
     card: Dict[str, Any] = {}
     if config_path is not None and config_path.is_file():
         try:
-            pretrained_cfg = dict(json.loads(config_path.read_text()).get('pretrained_cfg') or {})
+            config = json.loads(config_path.read_text())
+            pretrained_cfg = dict(config.get('pretrained_cfg') or {})
+            if isinstance(config.get('label_names'), list):  # timm keeps them at the root
+                pretrained_cfg['label_names'] = config['label_names']
         except (ValueError, AttributeError, TypeError):
             pass
     for key in ('input_size', 'test_input_size'):
@@ -249,9 +294,9 @@ def _load_hub(repo_id: str, source: str) -> SourceCheckpoint:
             return None
 
     pretrained_cfg, card = _metadata_from(optional('config.json'), optional('README.md'))
-    state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(path), source), source)
+    state, layout, block_fn, record = _source_state(_read_file(path), source)
     return SourceCheckpoint(state, source, block_fn, layout, _sha256_file(path),
-                            revision or path.parent.name, pretrained_cfg, card)
+                            revision or path.parent.name, pretrained_cfg, card, record)
 
 
 def _load_folder(folder: Path, source: str) -> SourceCheckpoint:
@@ -259,9 +304,10 @@ def _load_folder(folder: Path, source: str) -> SourceCheckpoint:
     weights = [folder / n for n in ('model.safetensors', 'pytorch_model.bin') if (folder / n).is_file()]
     if not weights:
         raise ConversionError(f'{source}: the folder holds neither model.safetensors nor pytorch_model.bin')
-    state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(weights[0]), source), source)
+    state, layout, block_fn, record = _source_state(_read_file(weights[0]), source)
     pretrained_cfg, card = _metadata_from(folder / 'config.json', folder / 'README.md')
-    return SourceCheckpoint(state, source, block_fn, layout, _sha256_file(weights[0]), None, pretrained_cfg, card)
+    return SourceCheckpoint(state, source, block_fn, layout, _sha256_file(weights[0]), None, pretrained_cfg, card,
+                            record)
 
 
 def load_source(source: str) -> SourceCheckpoint:
@@ -275,8 +321,8 @@ def load_source(source: str) -> SourceCheckpoint:
     if source.startswith('local-dir:'):
         raise ConversionError(f'{source}: no such folder')
     if path.suffix in ('.safetensors', '.pth', '.bin', '.pt') or path.exists():
-        state, layout, block_fn = _to_timm_layout(_unwrap(_read_file(path), source), source)
-        return SourceCheckpoint(state, str(path), block_fn, layout, _sha256_file(path))
+        state, layout, block_fn, record = _source_state(_read_file(path), source)
+        return SourceCheckpoint(state, str(path), block_fn, layout, _sha256_file(path), record=record)
     if source.startswith('hf-hub:'):
         return _load_hub(source[len('hf-hub:'):], source)
     name = source[len('timm/'):] if source.startswith('timm/') else source
@@ -365,7 +411,7 @@ def _check_finite(state: Dict[str, torch.Tensor]) -> None:
 
 
 def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], arch: str) -> None:
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if k not in RECORD_KEYS}
     for key, value in state.items():
         if key in expected and expected[key].shape != value.shape:
             raise ConversionError(f'shape mismatch for {key}: checkpoint {tuple(value.shape)}, '
@@ -653,8 +699,8 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
         out_dir: The folder to write (must not exist or be empty unless ``force``).
         gamma: The momentum stored in the model's config: a number, one per stage, or a policy name. Default:
             the faithful policy 'auto' for the drop-in block function from a timm/torchvision ResNet, the
-            source's own gamma for the official momentumnet layouts, and the paper's 0.9 for the paper block
-            function from a plain ResNet.
+            source's own gamma for the official momentumnet layouts and momentum checkpoints (which record it),
+            and the paper's 0.9 for the paper block function from a plain ResNet.
         arch: Override the inferred momentum architecture.
         force: Replace a non-empty ``out_dir``.
         push_to_hub: Upload the folder to this Hub repo afterwards.
@@ -666,7 +712,8 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
             its held-out split for ``sklearn/digits`` and ``torch/fashion_mnist``); without either, 2 images
             of random noise.
         source_gamma: The gamma an official momentumnet checkpoint was trained at (default 0.9, that package's
-            default); a timm/torchvision ResNet is its own function and takes none.
+            default); a timm/torchvision ResNet is its own function and takes none, and a momentum checkpoint
+            that records its gamma takes no other.
 
     Returns:
         The folder, architecture, model kwargs (gamma as one value per stage) and the verification report.
@@ -737,9 +784,11 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
     provenance = {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
                   'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}',
                   'gamma': gammas, 'gamma_policy': policy}
+    labels = checkpoint.pretrained_cfg.get('label_names')
     write_model_folder(out_dir, model, model_args, pretrained_cfg, {'provenance': provenance},
                        _model_card(arch, checkpoint, gammas, policy, block_fn, report), force,
-                       {'verify.json': report})
+                       {'verify.json': report},
+                       label_names=labels if isinstance(labels, list) and len(labels) == model.num_classes else None)
     if push_to_hub:
         upload_to_hub(out_dir, push_to_hub)
     return ConvertResult(out_dir, arch, model_args, report)
@@ -753,8 +802,15 @@ def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optio
         raise ConversionError(f'source_gamma: {checkpoint.source} is a {checkpoint.layout}-layout ResNet, which has '
                               f'no gamma (it is its own function); source_gamma is for the official momentumnet '
                               f'layouts')
+    recorded = checkpoint.record.get('gamma')
+    if recorded is not None and source_gamma is not None and \
+            _stage_values(parse_gamma(source_gamma)) != _stage_values(recorded):
+        raise ConversionError(f'source_gamma: {checkpoint.source} records the gamma it was trained at, '
+                              f'{_format_gamma(_stage_values(recorded))}, and source_gamma says '
+                              f'{_clipped(source_gamma)}; leave source_gamma out')
     if official:
-        source_spec = PAPER_GAMMA if source_gamma is None else parse_gamma(source_gamma)
+        source_spec = (PAPER_GAMMA if recorded is None else recorded) if source_gamma is None \
+            else parse_gamma(source_gamma)
         if isinstance(source_spec, str):
             raise ConversionError(f'source_gamma: the gamma the source was trained at, a number or one per stage, '
                                   f'not the policy {source_spec!r}')
@@ -764,6 +820,11 @@ def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optio
         return (stages if gamma is None else gamma), stages
     default = 'auto' if block_fn == 'dropin' else PAPER_GAMMA
     return (default if gamma is None else gamma), [0.0] * 4
+
+
+def _stage_values(spec: Any) -> Any:
+    """A parsed gamma as one value per stage (a policy name stays a name)."""
+    return [spec] * 4 if isinstance(spec, float) else spec
 
 
 def _input_size(model: nn.Module, checkpoint: SourceCheckpoint, model_args: Dict[str, Any],
@@ -777,27 +838,95 @@ def _converted_cfg(model: nn.Module, checkpoint: SourceCheckpoint, input_size: T
                    img_size: Optional[int], gammas: List[float], policy: Optional[str]) -> Dict[str, Any]:
     """The folder's pretrained_cfg: the source's preprocessing and metadata, with what the conversion did."""
     cfg = {k: v for k, v in {**dict(model.pretrained_cfg), **checkpoint.pretrained_cfg}.items()
-           if k in ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std',
-                    'pool_size', 'first_conv', 'classifier', 'license', 'origin_url', 'paper_ids')}
+           if k in ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'test_crop_pct', 'crop_mode',
+                    'mean', 'std', 'pool_size', 'first_conv', 'classifier', 'license', 'origin_url', 'paper_ids')}
+    if checkpoint.pretrained_cfg.get('tag'):  # the source's pretrained tag: which weights these are
+        cfg['tag'] = checkpoint.pretrained_cfg['tag']
     cfg['num_classes'] = model.num_classes
     cfg['license'] = checkpoint.license()  # the weights' license, not the momentum model's default
     chosen = f' (the faithful policy {policy!r})' if policy else ''
     cfg['notes'] = (f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma '
                     f'{_format_gamma(gammas)} per stage{chosen}; verify.json gives the drift from the source.')
     cfg['input_size'] = list(input_size)
-    if img_size is not None:
-        cfg.pop('test_input_size', None)
-        cfg.pop('pool_size', None)
+    if img_size is not None:  # the source's test-time recommendations were for its own size
+        for key in ('test_input_size', 'test_crop_pct', 'pool_size'):
+            cfg.pop(key, None)
     return cfg
+
+
+# model_args that are not the network's architecture: how it trains, or what the caller left to a default
+_RUNTIME_ARGS = ('memory_efficient', 'checkpoint_transitions', 'default_gamma', 'default_block_fn')
+# what a folder's pretrained_cfg takes from the model's own when the caller does not give it
+_CFG_FROM_MODEL = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std', 'first_conv', 'classifier',
+                   'license')
+
+
+def safetensors_metadata(model: nn.Module) -> Dict[str, str]:
+    """The metadata of a momentum model's ``model.safetensors``: timm's architecture and the momentum settings the
+    weights are trained at, so that the bare file says what it holds (the state dict records them too,
+    ``RECORD_KEYS``, which is what loading reads)."""
+    metadata = {'format': 'pt'}
+    architecture = getattr(model, 'pretrained_cfg', {}).get('architecture')
+    if architecture:
+        metadata['architecture'] = architecture
+    momentum_cfg = getattr(model, 'momentum_cfg', None)
+    if momentum_cfg:
+        metadata[GAMMA_KEY] = json.dumps(list(momentum_cfg['gamma']))
+        metadata[BLOCK_FN_KEY] = momentum_cfg['block_fn']
+    return metadata
+
+
+def folder_config(model: nn.Module, model_args: Dict[str, Any], pretrained_cfg: Dict[str, Any],
+                  data_config: Optional[Dict[str, Any]] = None, label_names: Optional[Sequence[str]] = None,
+                  extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A model folder's config.json, laid out by timm's own ``save_config_for_hf``, with the momentum entries.
+
+    ``pretrained_cfg`` describes the weights (filled from the model's for the keys it lacks, ``_CFG_FROM_MODEL``);
+    ``data_config`` the preprocessing they were trained with (input_size, mean, std, crop_pct, interpolation),
+    which replaces the cfg's. ``model_args`` (gamma per stage, block_fn, stem options) rebuild the network; how it
+    trains (memory_efficient) is not recorded, and neither is ``num_classes`` there: the root holds it, and
+    transformers passes its own to ``timm.create_model`` beside model_args.
+    """
+    import tempfile
+
+    from timm.models._hub import save_config_for_hf  # what timm.models.save_for_hf writes config.json with
+
+    saved_cfg = model.pretrained_cfg
+    architecture = saved_cfg.get('architecture') or type(model).__name__
+    # the preprocessing goes in as the weights' cfg, which every timm version's save_config_for_hf copies
+    cfg = {'architecture': architecture, **{k: saved_cfg[k] for k in _CFG_FROM_MODEL if k in saved_cfg},
+           **pretrained_cfg, **(data_config or {})}
+    cfg.setdefault('input_size', (3, 224, 224))
+    reduction = model.feature_info[-1]['reduction'] if getattr(model, 'feature_info', None) else None
+    if reduction and 'pool_size' not in pretrained_cfg:  # the head's input for this input size
+        cfg['pool_size'] = tuple(-(-side // reduction) for side in cfg['input_size'][1:])
+    model_config = {'label_names': list(label_names)} if label_names else {}
+    model.pretrained_cfg = cfg
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_config_for_hf(model, str(Path(tmp) / 'config.json'), model_config=model_config,
+                               model_args=dict(model_args))
+            config = json.loads((Path(tmp) / 'config.json').read_text())
+    except ValueError as e:  # a model argument JSON cannot hold
+        raise ConversionError(f'cannot describe {architecture} in config.json: {e}') from None
+    finally:
+        model.pretrained_cfg = saved_cfg
+    config['model_args'] = {k: v for k, v in config.get('model_args', {}).items()
+                            if k not in _RUNTIME_ARGS and k != 'num_classes'}
+    config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if k not in ('file', 'source')}
+    return {**config, **(extra or {})}
 
 
 def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model_args: Dict[str, Any],
                        pretrained_cfg: Dict[str, Any], extra: Optional[Dict[str, Any]] = None,
                        card: Optional[str] = None, force: bool = True,
-                       reports: Optional[Dict[str, Any]] = None) -> Path:
-    """Write a model folder that timm loads (config.json, model.safetensors, README.md), atomically.
+                       reports: Optional[Dict[str, Any]] = None, data_config: Optional[Dict[str, Any]] = None,
+                       label_names: Optional[Sequence[str]] = None) -> Path:
+    """Write a model folder that timm and transformers load (config.json, model.safetensors, README.md),
+    atomically.
 
     Args:
+        model_args, pretrained_cfg, data_config, label_names: What config.json records (``folder_config``).
         extra: More top-level config.json entries (provenance, metrics).
         card: The README.md model card (default: a title).
         force: Replace a non-empty ``out_dir``.
@@ -807,18 +936,16 @@ def write_model_folder(out_dir: Union[str, os.PathLike], model: nn.Module, model
 
     out_dir = Path(out_dir)
     _check_output(out_dir, force)
-    arch = model.pretrained_cfg.get('architecture') or type(model).__name__
-    config = {'architecture': arch, 'num_classes': model.num_classes, 'num_features': model.num_features,
-              'model_args': model_args, 'pretrained_cfg': {**pretrained_cfg, 'num_classes': model.num_classes},
-              **(extra or {})}
+    config = folder_config(model, model_args, pretrained_cfg, data_config, label_names, extra)
 
     def write(folder: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+                  str(folder / 'model.safetensors'), metadata=safetensors_metadata(model))
         (folder / 'config.json').write_text(strict_json(config))
         for name, report in (reports or {}).items():
             (folder / name).write_text(strict_json(report))
-        (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\n---\n\n# {arch}\n')
+        (folder / 'README.md').write_text(card or f'---\nlibrary_name: timm\npipeline_tag: image-classification\n'
+                                                  f'---\n\n# {config["architecture"]}\n')
         write_marker(folder, f'timm-momentum {__version__}')
 
     try:
@@ -873,17 +1000,17 @@ def _run(args: argparse.Namespace) -> int:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand."""
     parser = subparsers.add_parser('convert', help='convert a pretrained ResNet checkpoint into a Momentum ResNet repo')
-    parser.add_argument('source', help='local .safetensors/.pth/.bin file, a model folder (local-dir:PATH), '
-                        'hf-hub:ORG/NAME, or a timm ResNet name/tag')
+    parser.add_argument('source', help='local .safetensors/.pth/.bin file (a timm train.py checkpoint too), a model '
+                        'folder (local-dir:PATH), hf-hub:ORG/NAME, or a timm ResNet name/tag')
     parser.add_argument('--out', required=True, help='output folder (Hugging Face / timm layout)')
     parser.add_argument('--gamma', default=None,
                         help="momentum stored in the config: a number in [0, 1), one per stage (0,0,0.036,0), or a "
                         "policy: auto, the faithful one (default: auto for "
                         "timm/torchvision ResNets, 0.9 for the paper block function, the source's own for the "
-                        "official momentumnet layouts)")
+                        "official momentumnet layouts and for momentum checkpoints, which record it)")
     parser.add_argument('--source-gamma', default=None,
                         help='the gamma an official momentumnet checkpoint was trained at (default: 0.9, its '
-                        'package default); timm/torchvision ResNets take none')
+                        'package default); timm/torchvision ResNets take none, momentum checkpoints only their own')
     parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50 '
                         '(default: inferred from the weights)')
     parser.add_argument('--force', action='store_true', help='replace a non-empty output folder')

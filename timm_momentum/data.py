@@ -4,7 +4,7 @@ and healing both read from here.
 """
 import gzip
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch.nn as nn
 from .errors import ConfigError
 
 __all__ = ['DigitsDataset', 'FashionMNIST', 'FASHION_MNIST', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES',
-           'find_fashion_mnist', 'build_datasets', 'build_loader']
+           'find_fashion_mnist', 'build_datasets', 'build_loader', 'data_config_of', 'label_names']
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -21,8 +21,10 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
     ``per_class`` keeps that many training images of each class, drawn by ``seed`` (few-shot); the test
-    split is never subsampled.
+    split is never subsampled. Pixels are normalised with mean 0.5 and std 0.5 (``mean``, ``std``).
     """
+
+    mean = std = 0.5
 
     def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
                  in_chans: int = 3, per_class: Optional[int] = None, seed: int = 0) -> None:
@@ -45,9 +47,10 @@ class DigitsDataset(torch.utils.data.Dataset):
             idx = _draw_per_class(idx, labels[idx], per_class, seed)
         x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
         x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
-        self.images = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()
+        self.images = ((x - self.mean) / self.std).expand(-1, in_chans, -1, -1).contiguous()
         remap = {c: i for i, c in enumerate(classes)}
         self.targets = torch.tensor([remap[int(t)] for t in labels[idx]])
+        self.classes = [str(c) for c in classes]
         self.num_classes = len(classes)
 
     def __len__(self) -> int:
@@ -129,7 +132,7 @@ class FashionMNIST(torch.utils.data.Dataset):
     keeps those classes, relabelled 0..len(classes)-1; ``limit`` keeps the first N images (after the class subset).
     """
 
-    mean, std = (_FASHION_MNIST_MEAN,) * 3, (_FASHION_MNIST_STD,) * 3
+    mean, std = _FASHION_MNIST_MEAN, _FASHION_MNIST_STD
 
     def __init__(self, split: str = 'train', data_dir: Optional[Union[str, Path]] = None,
                  classes: Optional[Sequence[int]] = None, img_size: int = 32, in_chans: int = 3,
@@ -148,7 +151,7 @@ class FashionMNIST(torch.utils.data.Dataset):
         x = torch.from_numpy(images[keep].copy()).unsqueeze(1).float().div_(255.0)
         if img_size != x.shape[-1]:
             x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
-        self.images = x.sub_(_FASHION_MNIST_MEAN).div_(_FASHION_MNIST_STD)
+        self.images = x.sub_(self.mean).div_(self.std)
         self.in_chans = in_chans
         remap = {c: i for i, c in enumerate(classes)}
         self.targets = torch.tensor([remap[int(t)] for t in labels[keep]])
@@ -186,8 +189,7 @@ def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any
         raise ConfigError(f"dataset path {cfg['data_dir']} does not exist")
     if not cfg['data_dir'] and not cfg['dataset'].startswith(('hfds/', 'hfids/')):
         raise ConfigError(f"dataset {cfg['dataset']!r} needs data_dir")
-    data_config = resolve_data_config({'input_size': (cfg['in_chans'], cfg['img_size'], cfg['img_size'])}
-                                      if cfg['img_size'] else {}, model=model)
+    data_config = _timm_data_config(cfg, model)
 
     def open_split(split: str, training: bool, class_map: Optional[Dict[str, int]] = None) -> Any:
         try:
@@ -214,6 +216,40 @@ def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any
                                                  **({'scale': tuple(cfg['scale'])} if cfg['scale'] else {}))
     num_classes = len(getattr(train_set, 'classes', None) or class_to_idx or []) or cfg['num_classes']
     return train_set, val_set, num_classes
+
+
+def _timm_data_config(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Dict[str, Any]:
+    """The preprocessing of timm's datasets: the model's, at ``img_size`` where the config sets one."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config({'input_size': (cfg['in_chans'], cfg['img_size'], cfg['img_size'])}
+                               if cfg['img_size'] else {}, model=model)
+
+
+def data_config_of(cfg: Dict[str, Any], dataset: Any, model: Optional[nn.Module]) -> Dict[str, Any]:
+    """The preprocessing ``build_datasets`` gave ``dataset`` for ``cfg``, as timm names it (input_size,
+    interpolation, crop_pct, crop_mode, mean, std), for exports to record, so that timm's and transformers'
+    transforms feed a trained model as training did."""
+    if isinstance(dataset, (DigitsDataset, FashionMNIST)):  # resized whole (bilinear), never cropped
+        size = cfg['img_size'] or 32
+        return {'input_size': (cfg['in_chans'], size, size), 'interpolation': 'bilinear', 'crop_pct': 1.0,
+                'crop_mode': 'center', 'mean': (dataset.mean,) * cfg['in_chans'],
+                'std': (dataset.std,) * cfg['in_chans']}
+    data_config = dict(_timm_data_config(cfg, model))
+    if cfg['crop_padding'] is not None:  # evaluation centre-crops img_size from images of that size
+        data_config['crop_pct'] = 1.0
+    return data_config
+
+
+def label_names(dataset: Any) -> Optional[List[str]]:
+    """The class names of ``dataset`` in label order (folders: by their class index), or None where it has none."""
+    classes = getattr(dataset, 'classes', None)
+    if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    class_to_idx = _class_to_idx(dataset)
+    if class_to_idx and sorted(class_to_idx.values()) == list(range(len(class_to_idx))):
+        return [name for name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
+    return None
 
 
 def _class_to_idx(dataset: Any) -> Optional[Dict[str, int]]:

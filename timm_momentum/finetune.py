@@ -22,12 +22,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
+from . import __version__
 from .convert import write_model_folder
-from .data import FASHION_MNIST, build_datasets, build_loader
+from .data import FASHION_MNIST, build_datasets, build_loader, data_config_of, label_names
 from .errors import ConfigError, first_line, load_failure, run_reporting_user_errors
 from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
+from .loading import folder_architecture
 from .memory import vm_hwm_bytes
-from .momentum_resnet import MomentumResNet, parse_gamma
+from .momentum_resnet import RECORD_KEYS, MomentumResNet, parse_gamma, resnet_state_dict
 
 __all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
            'seed_everything', 'load_resume_state', 'compare_resume_config', 'checkpoint_checksum', 'check_output',
@@ -263,16 +265,15 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _check_local_model(model: str) -> None:
-    """A ``local-dir:`` model must name a folder with a config.json (timm raised FileNotFoundError). Checked when
-    a run starts, not when its config loads: a config may name the folder an earlier step is to write."""
+    """A ``local-dir:`` model must name a folder whose config.json names a model timm knows (timm raised
+    FileNotFoundError or 'Unknown model'). Checked when a run starts, not when its config loads: a config may
+    name the folder an earlier step is to write."""
     if not model.startswith('local-dir:'):
         return
-    folder = Path(model[len('local-dir:'):])
-    if not folder.is_dir():
-        raise ConfigError(f'model: {_clipped(model, quote=False)}: no such folder')
-    if not (folder / 'config.json').is_file():
-        raise ConfigError(f'model: {_clipped(model, quote=False)}: the folder holds no config.json (write one with '
-                          f'timm-momentum convert)')
+    try:
+        folder_architecture(model[len('local-dir:'):], _clipped(model, quote=False))
+    except ConfigError as e:
+        raise ConfigError(f'model: {e}') from None
 
 
 def _output_folder(cfg: Dict[str, Any]) -> str:
@@ -380,18 +381,20 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
     from timm.models import load_state_dict
 
     try:
-        state = load_state_dict(path, use_ema=False, weights_only=True)
+        # timm's train.py saves its arguments as an argparse.Namespace: that class, and no other, is allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as e:
         raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
                           f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
-    expected = model.state_dict()
+    expected = resnet_state_dict(model.state_dict())  # a plain ResNet's checkpoint records no momentum settings
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     head = [k for k in expected if k.startswith(f'{classifier}.')]
     head_differs = any(k in state and state[k].shape != expected[k].shape for k in head)
     if head_differs:  # a new head for other classes: keep the freshly initialised one
         state = {k: v for k, v in state.items() if k not in head}
     missing = sorted(set(expected) - set(state) - (set(head) if head_differs else set()))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected) - set(RECORD_KEYS))
     mismatched = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}'
                         for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or mismatched:
@@ -399,7 +402,10 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
                     (('missing', missing), ('unexpected', unexpected), ('shape mismatch in', mismatched)) if keys]
         raise ConfigError(f'initial_checkpoint {path} does not match {type(model).__name__} '
                           f'({model.pretrained_cfg.get("architecture")}): ' + '; '.join(problems))
-    model.load_state_dict(state, strict=not head_differs)
+    try:  # a momentum checkpoint's recorded gamma is taken where the config gives none
+        model.load_state_dict(state, strict=not head_differs)
+    except RuntimeError as e:
+        raise ConfigError(f'initial_checkpoint {path}: {first_line(e)} {str(e).splitlines()[-1].strip()}') from None
 
 
 def _is_distributed() -> bool:
@@ -860,6 +866,7 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
     # timm's datasets take their transforms' input size, mean and std from the model; in-memory ones need none
     probe = None if cfg['dataset'] in ('sklearn/digits', FASHION_MNIST) else _build_model(cfg, cfg['num_classes'] or 2)
     train_set, val_set, data_classes = build_datasets(cfg, probe)
+    export_data = {'data_config': data_config_of(cfg, train_set, probe), 'label_names': label_names(train_set)}
     num_classes = cfg['num_classes'] or data_classes
     if data_classes and num_classes != data_classes:
         raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
@@ -944,10 +951,10 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
         if _rank() == 0 and cfg['checkpoints']:
             if val_acc > best_acc:
                 best_acc = val_acc
-                _export(eval_model, out / 'best', cfg, row)
+                _export(eval_model, out / 'best', cfg, row, export_data)
             save_checkpoint(last, model, optimizer, scheduler, scaler, ema, epoch, best_acc, rows, cfg)
     if _rank() == 0 and rows:
-        _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1])
+        _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1], export_data)
     return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
             'steps_per_epoch': steps_per_epoch}
 
@@ -967,19 +974,26 @@ def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
 
 
 
-def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any]) -> None:
+def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any], data: Dict[str, Any]) -> None:
+    """Write ``model`` as a model folder: the momentum settings it trained at, the preprocessing training used
+    (``data['data_config']``) and the class names (``data['label_names']``), so that timm and transformers
+    preprocess and label as training did."""
     momentum_cfg = getattr(model, 'momentum_cfg', {})
     model_args = {'num_classes': model.num_classes, **({'in_chans': cfg['in_chans']} if cfg['in_chans'] != 3 else {}),
                   **{k: v for k, v in momentum_cfg.items() if k in ('gamma', 'block_fn')}}
-    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items()
-                      if k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std', 'first_conv', 'classifier',
-                               'license')}
-    if cfg['img_size']:
-        pretrained_cfg['input_size'] = [cfg['in_chans'], cfg['img_size'], cfg['img_size']]
-    card = (f"---\nlibrary_name: timm\ntags:\n  - timm-momentum\n---\n\n# {cfg['model']} fine-tuned on {cfg['dataset']}\n\n"
-            f"Fine-tuned by `timm-momentum finetune` (gamma per stage {_describe_gamma(momentum_cfg.get('gamma'))}, memory_efficient="
-            f"{cfg['memory_efficient']}). Epoch {row['epoch']}: validation accuracy {row['val_acc']:.2f}%.\n")
-    write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card)
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k in ('first_conv', 'classifier', 'license')}
+    pretrained_cfg['notes'] = (f"Fine-tuned by timm-momentum {__version__} from {cfg['model']} on {cfg['dataset']}"
+                               + (f" at gamma {_describe_gamma(momentum_cfg['gamma'])} per stage" if momentum_cfg
+                                  else '') + '.')
+    card = (f"---\nlibrary_name: timm\npipeline_tag: image-classification\ntags:\n  - image-classification\n"
+            f"  - timm\n  - timm-momentum\n---\n\n# {cfg['model']} fine-tuned on {cfg['dataset']}\n\n"
+            f"Fine-tuned by `timm-momentum finetune` (gamma per stage {_describe_gamma(momentum_cfg.get('gamma'))}, "
+            f"memory_efficient={cfg['memory_efficient']}). Epoch {row['epoch']}: validation accuracy "
+            f"{row['val_acc']:.2f}%.\n\n"
+            f"```python\nimport timm, timm_momentum  # the import registers the momentum_* models with timm\n"
+            f"model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:ORG/NAME'\n```\n")
+    write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card,
+                       data_config=data['data_config'], label_names=data['label_names'])
 
 
 def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:

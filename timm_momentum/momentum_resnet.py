@@ -14,9 +14,12 @@ Two block functions f:
     paper's MResNet models trained from scratch.
 
 The models are timm's own ``ResNet`` with only the stage rule changed: every timm ResNet option
-works and every parameter and buffer keeps its timm name, so ResNet state dicts load with strict=True.
+works and every parameter and buffer keeps its timm name, so ResNet state dicts load with strict=True. A momentum
+model's state dict adds, after those, the gamma and block function it computes with (``RECORD_KEYS``), which
+loading gives back wherever the caller chose none.
 """
 import contextlib
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,12 +29,21 @@ from timm.models import register_model, register_notrace_module
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .invertible import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, faithful_gamma, momentum_chain
-from .invertible import register_deterministic, validate_gamma
+from .invertible import PAPER_GAMMA, register_deterministic, validate_gamma
 
 __all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS', 'GammaSpec', 'GAMMA_POLICIES',
-           'parse_gamma', 'resolve_gamma']
+           'GAMMA_KEY', 'BLOCK_FN_KEY', 'RECORD_KEYS', 'parse_gamma', 'resolve_gamma', 'read_record',
+           'resnet_state_dict']
 
 PAPER = 'arXiv:2102.07870'
+# The state-dict entries that record the momentum settings the weights were trained at, so that every way of
+# saving and loading a state dict (timm's load_checkpoint and pretrained_cfg_overlay=dict(file=...), train.py's
+# checkpoints, a bare model.safetensors, transformers) carries them: gamma per stage (float64) and the block
+# function's name (ASCII, zero-padded to BLOCK_FN_BYTES, uint8). They come after the ResNet's keys, and a state
+# dict without them (a plain ResNet's) still loads with strict=True.
+GAMMA_KEY, BLOCK_FN_KEY = 'momentum_gamma', 'momentum_block_fn'
+RECORD_KEYS = (GAMMA_KEY, BLOCK_FN_KEY)
+BLOCK_FN_BYTES = 8
 
 
 def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +136,41 @@ def _block_fn(name: str) -> BlockFn:
     if name not in BLOCK_FNS:
         raise ValueError(f'block_fn must be one of {sorted(BLOCK_FNS)}, got {name!r}')
     return BLOCK_FNS[name]
+
+
+def read_record(state: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    """The momentum settings a state dict records (``GAMMA_KEY``, ``BLOCK_FN_KEY`` under ``prefix``) as
+    ``{'gamma': [per stage], 'block_fn': name}``, each only where recorded; ValueError naming a malformed entry."""
+    record: Dict[str, Any] = {}
+    gamma = state.get(prefix + GAMMA_KEY)
+    if gamma is not None:
+        if not isinstance(gamma, torch.Tensor) or gamma.dim() != 1 or not gamma.is_floating_point() or \
+                gamma.numel() != len(_STAGES):
+            raise ValueError(f'{prefix + GAMMA_KEY}: the recorded gamma must be {len(_STAGES)} floating-point '
+                             f'values, one per stage, got {gamma!r:.80}')
+        record['gamma'] = parse_gamma([float(g) for g in gamma.tolist()], _STAGES)
+    block_fn = state.get(prefix + BLOCK_FN_KEY)
+    if block_fn is not None:
+        try:
+            name = bytes(block_fn.tolist()).rstrip(b'\0').decode('ascii') if isinstance(block_fn, torch.Tensor) \
+                and block_fn.dtype == torch.uint8 and block_fn.dim() == 1 else None
+        except (UnicodeDecodeError, ValueError):
+            name = None
+        if name not in BLOCK_FNS:
+            raise ValueError(f'{prefix + BLOCK_FN_KEY}: the recorded block function must be the ASCII bytes of one '
+                             f'of {sorted(BLOCK_FNS)}, got {block_fn!r:.80}')
+        record['block_fn'] = name
+    return record
+
+
+def resnet_state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` without the momentum record (``RECORD_KEYS``, under any prefix): what a plain timm ResNet loads
+    with strict=True. Only at gamma 0 with the drop-in block function does that ResNet compute the same function."""
+    return {k: v for k, v in state.items() if k.rpartition('.')[2] not in RECORD_KEYS}
+
+
+def _block_fn_bytes(name: str) -> List[int]:
+    return list(name.encode('ascii').ljust(BLOCK_FN_BYTES, b'\0'))
 
 
 class MomentumStage(nn.Sequential):
@@ -257,8 +304,10 @@ class MomentumResNet(ResNet):
     def __init__(
             self,
             *args: Any,
-            gamma: GammaSpec = 0.9,
-            block_fn: str = 'dropin',
+            gamma: Optional[GammaSpec] = None,
+            block_fn: Optional[str] = None,
+            default_gamma: GammaSpec = PAPER_GAMMA,
+            default_block_fn: str = 'dropin',
             memory_efficient: bool = False,
             checkpoint_transitions: bool = True,
             cifar_stem: bool = False,
@@ -269,9 +318,14 @@ class MomentumResNet(ResNet):
             *args: Positional ResNet arguments (block, layers).
             gamma: Momentum in [0, 1): one number for every stage, one per stage, or 'auto', the faithful
                 policy (``GAMMA_POLICIES``). 0 with block_fn='dropin' gives the plain ResNet; 1 would ignore
-                the chains' blocks. The drop-in ``momentum_resnet*`` models default to 'auto' with
-                ``pretrained=True`` and to the paper's 0.9 otherwise.
-            block_fn: 'dropin' (f = block(x) - x) or 'paper' (f = residual branch).
+                the chains' blocks. None: ``default_gamma``, replaced by the gamma that loaded weights record
+                (``GAMMA_KEY``); a gamma given here is kept, with a warning naming both where weights record
+                another.
+            block_fn: 'dropin' (f = block(x) - x) or 'paper' (f = residual branch). None: ``default_block_fn``,
+                replaced by the one loaded weights record, as for gamma.
+            default_gamma: The gamma without one given or recorded. The drop-in ``momentum_resnet*`` models pass
+                'auto' with ``pretrained=True``, the paper's 0.9 otherwise.
+            default_block_fn: The block function without one given or recorded.
             memory_efficient: Train with invertible chains and checkpointed stem and stage transitions,
                 so stored activations do not grow with depth.
             checkpoint_transitions: In memory-efficient mode, also recompute the stem and each stage's
@@ -280,6 +334,10 @@ class MomentumResNet(ResNet):
             cifar_stem: The paper's CIFAR stem: one 3x3 stride-1 conv, no max-pool.
             **kwargs: Keyword ResNet arguments (num_classes, stem_type, drop_path_rate, ...).
         """
+        # what the caller chose, as against defaults: loaded weights replace defaults with what they record
+        self.momentum_chosen = {'gamma': gamma is not None, 'block_fn': block_fn is not None}
+        gamma = default_gamma if gamma is None else gamma
+        block_fn = default_block_fn if block_fn is None else block_fn
         parse_gamma(gamma, _STAGES)  # a malformed gamma fails before the network is built
         _block_fn(block_fn)
         for name, flag in (('memory_efficient', memory_efficient), ('checkpoint_transitions', checkpoint_transitions),
@@ -296,6 +354,13 @@ class MomentumResNet(ResNet):
                                       memory_efficient=memory_efficient, checkpoint_first=checkpoint_transitions)
             setattr(self, name, stage)
         self.momentum_cfg = dict(gamma=gammas, block_fn=block_fn, memory_efficient=memory_efficient)
+        # the record as buffers, which loaders that set tensors by name (transformers) fill too; the state-dict
+        # hook writes them after the ResNet's keys, from momentum_cfg's exact values (model.half() casts buffers)
+        device = next(self.parameters()).device  # where timm's device= put the network (meta included)
+        self.register_buffer(GAMMA_KEY, torch.tensor(gammas, dtype=torch.float64, device=device))
+        self.register_buffer(BLOCK_FN_KEY, torch.tensor(_block_fn_bytes(block_fn), dtype=torch.uint8, device=device))
+        # register_state_dict_post_hook is the public name; torch versions without it have _register_state_dict_hook
+        (getattr(self, 'register_state_dict_post_hook', None) or self._register_state_dict_hook)(_record_momentum)
 
     def _make_cifar_stem(self) -> None:
         conv = self.conv1
@@ -334,6 +399,54 @@ class MomentumResNet(ResNet):
         self.gamma_policy = policy
         self.momentum_cfg = dict(gamma=[stage.gamma for stage in self.stages], block_fn=self.layer1.block_fn,
                                  memory_efficient=self.layer1.memory_efficient)
+        with torch.no_grad():
+            getattr(self, GAMMA_KEY).copy_(torch.tensor(self.momentum_cfg['gamma'], dtype=torch.float64))
+            getattr(self, BLOCK_FN_KEY).copy_(torch.tensor(_block_fn_bytes(self.momentum_cfg['block_fn']),
+                                                           dtype=torch.uint8))
+        self.momentum_chosen = {'gamma': self.momentum_chosen['gamma'] or gamma is not None,
+                                'block_fn': self.momentum_chosen['block_fn'] or block_fn is not None}
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any],
+                              strict: bool, missing_keys: List[str], unexpected_keys: List[str],
+                              error_msgs: List[str]) -> None:
+        """Load as timm's ResNet does; where the state dict records momentum settings (``RECORD_KEYS``), take
+        those the caller left at their defaults, and warn where a chosen one differs. A plain ResNet's state
+        dict, which records none, leaves the settings as they are."""
+        try:
+            record = read_record(state_dict, prefix)
+        except ValueError as e:
+            record = {}
+            error_msgs.append(str(e))
+        for key in RECORD_KEYS:
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        missing_keys[:] = [k for k in missing_keys if k not in (prefix + GAMMA_KEY, prefix + BLOCK_FN_KEY)]
+        if record:
+            try:
+                self._take_record(record)
+            except ValueError as e:
+                error_msgs.append(f'the weights record gamma {record.get("gamma")} and block_fn '
+                                  f'{record.get("block_fn")!r}, which this model cannot take: {e}')
+
+    def _take_record(self, record: Dict[str, Any]) -> None:
+        """Set what a state dict records where the caller chose nothing; warn, keeping the choice, where the
+        caller chose another value."""
+        taken = {}
+        for name, recorded in record.items():
+            current = self.momentum_cfg[name]
+            if recorded == current:
+                continue
+            if self.momentum_chosen[name]:
+                warnings.warn(f'{self.pretrained_cfg.get("architecture", type(self).__name__)}: the weights were '
+                              f'trained at {name} {recorded} (recorded in their state dict), but {name} {current} '
+                              f'was given; keeping {current}. Give no {name} to use the recorded one.', stacklevel=5)
+            else:
+                taken[name] = recorded
+        if taken:
+            chosen = dict(self.momentum_chosen)
+            self.set_momentum(**taken)
+            self.momentum_chosen = chosen  # taken from the weights, not chosen: the next weights may record another
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -408,6 +521,19 @@ class MomentumResNet(ResNet):
         x = self.layer3(x)
         x = self.layer4(x)
         return x
+
+
+@torch.jit.ignore
+def _record_momentum(model: 'MomentumResNet', state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict hook: the model's gamma per stage and block function (``RECORD_KEYS``), exact whatever
+    dtype its buffers were cast to, after the ResNet's keys."""
+    device = getattr(model, GAMMA_KEY).device
+    state[prefix + GAMMA_KEY] = torch.tensor(model.momentum_cfg['gamma'], dtype=torch.float64, device=device)
+    state[prefix + BLOCK_FN_KEY] = torch.tensor(_block_fn_bytes(model.momentum_cfg['block_fn']), dtype=torch.uint8,
+                                                device=device)
+    if hasattr(state, 'move_to_end'):
+        for key in RECORD_KEYS:
+            state.move_to_end(prefix + key)
 
 
 def _take_indices(num_features: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
@@ -496,7 +622,7 @@ default_cfgs = generate_default_cfgs({
 def momentum_resnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-18, drop-in block function (loads timm/torchvision ResNet-18 weights)."""
     model_args = dict(block=BasicBlock, layers=_SOURCE_ARCHS['momentum_resnet18'][1],
-                      gamma='auto' if pretrained else 0.9)
+                      default_gamma='auto' if pretrained else PAPER_GAMMA)
     return _create_momentum_resnet('momentum_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
@@ -504,7 +630,7 @@ def momentum_resnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet
 def momentum_resnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-34, drop-in block function (loads timm/torchvision ResNet-34 weights)."""
     model_args = dict(block=BasicBlock, layers=_SOURCE_ARCHS['momentum_resnet34'][1],
-                      gamma='auto' if pretrained else 0.9)
+                      default_gamma='auto' if pretrained else PAPER_GAMMA)
     return _create_momentum_resnet('momentum_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
@@ -512,7 +638,7 @@ def momentum_resnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet
 def momentum_resnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-50, drop-in block function (loads timm/torchvision ResNet-50 weights)."""
     model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet50'][1],
-                      gamma='auto' if pretrained else 0.9)
+                      default_gamma='auto' if pretrained else PAPER_GAMMA)
     return _create_momentum_resnet('momentum_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
@@ -520,7 +646,7 @@ def momentum_resnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet
 def momentum_resnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-101, drop-in block function (loads timm/torchvision ResNet-101 weights)."""
     model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet101'][1],
-                      gamma='auto' if pretrained else 0.9)
+                      default_gamma='auto' if pretrained else PAPER_GAMMA)
     return _create_momentum_resnet('momentum_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
@@ -528,75 +654,80 @@ def momentum_resnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNe
 def momentum_resnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """Momentum ResNet-152, drop-in block function (loads timm/torchvision ResNet-152 weights)."""
     model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet152'][1],
-                      gamma='auto' if pretrained else 0.9)
+                      default_gamma='auto' if pretrained else PAPER_GAMMA)
     return _create_momentum_resnet('momentum_resnet152', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's Momentum ResNet-18 (f = residual branch), ImageNet stem."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), block_fn='paper')
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), default_block_fn='paper')
     return _create_momentum_resnet('momentum_mresnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's Momentum ResNet-34 (f = residual branch), ImageNet stem."""
-    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), block_fn='paper')
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), default_block_fn='paper')
     return _create_momentum_resnet('momentum_mresnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's Momentum ResNet-50 (f = residual branch), ImageNet stem."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), block_fn='paper')
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), default_block_fn='paper')
     return _create_momentum_resnet('momentum_mresnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's Momentum ResNet-101 (f = residual branch), ImageNet stem."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), block_fn='paper')
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), default_block_fn='paper')
     return _create_momentum_resnet('momentum_mresnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's Momentum ResNet-152 (f = residual branch), ImageNet stem."""
-    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), block_fn='paper')
+    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), default_block_fn='paper')
     return _create_momentum_resnet('momentum_mresnet152', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet18_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's CIFAR Momentum ResNet-18: residual-branch f, 3x3 stride-1 stem, no max-pool."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), block_fn='paper', cifar_stem=True, num_classes=10)
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), default_block_fn='paper', cifar_stem=True,
+                      num_classes=10)
     return _create_momentum_resnet('momentum_mresnet18_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet34_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's CIFAR Momentum ResNet-34: residual-branch f, 3x3 stride-1 stem, no max-pool."""
-    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), default_block_fn='paper', cifar_stem=True,
+                      num_classes=10)
     return _create_momentum_resnet('momentum_mresnet34_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet50_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's CIFAR Momentum ResNet-50: residual-branch f, 3x3 stride-1 stem, no max-pool."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), default_block_fn='paper', cifar_stem=True,
+                      num_classes=10)
     return _create_momentum_resnet('momentum_mresnet50_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet101_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's CIFAR Momentum ResNet-101: residual-branch f, 3x3 stride-1 stem, no max-pool."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), default_block_fn='paper', cifar_stem=True,
+                      num_classes=10)
     return _create_momentum_resnet('momentum_mresnet101_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def momentum_mresnet152_cifar(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
     """The paper's CIFAR Momentum ResNet-152: residual-branch f, 3x3 stride-1 stem, no max-pool."""
-    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), block_fn='paper', cifar_stem=True, num_classes=10)
+    model_args = dict(block=Bottleneck, layers=(3, 8, 36, 3), default_block_fn='paper', cifar_stem=True,
+                      num_classes=10)
     return _create_momentum_resnet('momentum_mresnet152_cifar', pretrained, **dict(model_args, **kwargs))
