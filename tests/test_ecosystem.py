@@ -147,9 +147,12 @@ if args.validate:
     load_checkpoint(model, args.output)
     model.eval()
     with torch.no_grad():
-        torch.save({'gamma': model.momentum_cfg['gamma'], 'logits': model(x)}, args.output + '.val')
+        logits = model(x)
+        gamma = model.momentum_cfg['gamma']
+        model.set_momentum(gamma=0.9)  # what validate.py ran at before the weights recorded their gamma
+        torch.save({'gamma': gamma, 'logits': logits, 'at_0.9': model(x)}, args.output + '.val')
     sys.exit(0)
-model = timm.create_model(args.model, num_classes=3, **args.model_kwargs)
+model = timm.create_model(args.model, num_classes=3, zero_init_last=False, **args.model_kwargs)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 model.train()
 for _ in range(2):
@@ -181,6 +184,7 @@ def test_the_wrapper_runs_train_and_validate_and_the_trained_gamma_comes_back(tm
     result = torch.load(str(checkpoint) + '.val')
     assert result['gamma'] == [0.5] * 4  # not the default 0.9
     assert torch.allclose(result['logits'], torch.load(str(checkpoint) + '.train')['logits'], atol=1e-6)
+    assert (result['at_0.9'] - result['logits']).abs().max() > 1e-2  # so gamma matters to these logits
     # the converter reads the same checkpoint (its args are an argparse.Namespace) at its recorded gamma
     folder = convert(str(checkpoint), tmp_path / 'converted', img_size=32).out_dir
     config = json.loads((folder / 'config.json').read_text())
