@@ -352,3 +352,18 @@ def test_label_names_of_image_folders_follow_their_class_indices(tmp_path):
     assert label_names(folder) == ['ant', 'moth', 'zebra']  # timm sorts class folders by name
     assert label_names(DigitsDataset('validation', classes=[9, 2], img_size=8)) == ['9', '2']
     assert label_names(torch.utils.data.TensorDataset(torch.zeros(2, 3))) is None
+
+
+def test_finetune_starts_from_a_train_py_checkpoint_at_its_gamma(tmp_path):
+    import yaml
+
+    trained = _model(gamma=0.6, num_classes=2)
+    args = argparse.Namespace(model='momentum_resnet18', model_kwargs={'gamma': 0.6}, lr=0.1)
+    torch.save({'epoch': 3, 'arch': 'momentum_resnet18', 'state_dict': trained.state_dict(), 'args': args},
+               tmp_path / 'model_best.pth.tar')
+    cfg = dict(DEFAULTS, model='momentum_resnet18', dataset='sklearn/digits', classes=[0, 1], img_size=16,
+               batch_size=32, epochs=1, progress=False, plots=False, checkpoints=False,
+               initial_checkpoint=str(tmp_path / 'model_best.pth.tar'), output=str(tmp_path / 'run'))
+    result = train(cfg)
+    assert result['model'].momentum_cfg['gamma'] == [0.6] * 4  # the checkpoint's, not the from-scratch 0.9
+    assert yaml.safe_load((tmp_path / 'run' / 'args.yaml').read_text())['gamma'] == [0.6] * 4

@@ -382,6 +382,7 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
 
     try:
         # timm's train.py saves its arguments as an argparse.Namespace: that class, and no other, is allowed
+        # (recent timm's load_state_dict allows it itself; the versions this package supports from do not)
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as e:
