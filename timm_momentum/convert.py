@@ -33,7 +33,8 @@ from .files import (MARKER, FolderInUseError, file_in_the_way, folder_lock, mark
                     recover_interrupted_folder, write_folder_atomically, write_marker)
 from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from .invertible import PAPER_GAMMA
-from .momentum_resnet import BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS, GammaSpec, parse_gamma, read_record
+from .momentum_resnet import (BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS, GammaSpec, parse_gamma, read_record,
+                              resnet_state_dict)
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
            'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
@@ -130,13 +131,18 @@ def _read_file(path: Path) -> Dict[str, Any]:
                               f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
 
 
+def _wrapped_state(checkpoint: Any) -> Any:
+    """What a common training-checkpoint wrapper holds as its state dict (the checkpoint itself if none)."""
+    for key in ('state_dict', 'model_state_dict', 'model', 'module', 'state_dict_ema'):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
 def _unwrap(checkpoint: Any, where: str) -> Dict[str, torch.Tensor]:
     """The state dict inside common training-checkpoint wrappers, without 'module.' prefixes and without the
     momentum record (``_record_of`` reads it)."""
-    for key in ('state_dict', 'model_state_dict', 'model', 'module', 'state_dict_ema'):
-        if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
+    checkpoint = _wrapped_state(checkpoint)
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise ConversionError(f'{where}: holds no state dict')
     state = {}
@@ -155,12 +161,7 @@ def _record_of(checkpoint: Any, where: str) -> Dict[str, Any]:
     timm train.py checkpoint of an earlier version, its ``args.model_kwargs``; {} for a plain ResNet."""
     if not isinstance(checkpoint, dict):
         return {}
-    for key in ('state_dict', 'model_state_dict', 'model', 'module', 'state_dict_ema'):
-        if isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    else:
-        state = checkpoint
+    state = _wrapped_state(checkpoint)
     prefix = 'module.' if any(str(k).startswith('module.') for k in state) else ''
     try:
         record = read_record(state, prefix)
@@ -411,7 +412,7 @@ def _check_finite(state: Dict[str, torch.Tensor]) -> None:
 
 
 def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], arch: str) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if k not in RECORD_KEYS}
+    expected = resnet_state_dict(model.state_dict())  # the source's record, if any, was read apart
     for key, value in state.items():
         if key in expected and expected[key].shape != value.shape:
             raise ConversionError(f'shape mismatch for {key}: checkpoint {tuple(value.shape)}, '
@@ -814,7 +815,7 @@ def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optio
         if isinstance(source_spec, str):
             raise ConversionError(f'source_gamma: the gamma the source was trained at, a number or one per stage, '
                                   f'not the policy {source_spec!r}')
-        stages = [source_spec] * 4 if isinstance(source_spec, float) else list(source_spec)
+        stages = list(_stage_values(source_spec))
         if len(stages) != 4:
             raise ConversionError(f'source_gamma: one number or one per stage (4), got {len(stages)} values')
         return (stages if gamma is None else gamma), stages
@@ -913,7 +914,6 @@ def folder_config(model: nn.Module, model_args: Dict[str, Any], pretrained_cfg: 
         model.pretrained_cfg = saved_cfg
     config['model_args'] = {k: v for k, v in config.get('model_args', {}).items()
                             if k not in _RUNTIME_ARGS and k != 'num_classes'}
-    config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if k not in ('file', 'source')}
     return {**config, **(extra or {})}
 
 

@@ -421,7 +421,7 @@ class MomentumResNet(ResNet):
             state_dict.pop(prefix + key, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        missing_keys[:] = [k for k in missing_keys if k not in (prefix + GAMMA_KEY, prefix + BLOCK_FN_KEY)]
+        missing_keys[:] = [k for k in missing_keys if k not in {prefix + key for key in RECORD_KEYS}]
         if record:
             try:
                 self._take_record(record)
