@@ -12,7 +12,7 @@ import typing as _typing
 import timm as _timm
 
 import timm_momentum as _timm_momentum  # noqa: F401  registers the momentum_* models with timm
-from timm_momentum.loading import from_folder  # noqa: F401  an entry point
+from timm_momentum.tools.loading import from_folder  # noqa: F401  an entry point
 
 dependencies = ['torch', 'timm']
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 import timm_momentum  # noqa: F401
-from timm_momentum import invertible
+from timm_momentum.core import chain as invertible
 
 
 def run(model_name: str, img: int, batch: int, gamma: float, force_float32: bool, seed: int = 0,

@@ -3,10 +3,10 @@
     python benchmarks/fidelity.py [--depths 18,50,101,152] [--out benchmarks/fidelity]
 
 1. Upstreams. A plain timm ResNet per depth is trained on Fashion-MNIST (all 60000 training images, 32x32,
-   3 channels) by ``timm_momentum.finetune`` with one fixed recipe (below), and exported to
+   3 channels) by ``timm_momentum.tools.finetune`` with one fixed recipe (below), and exported to
    ``OUT/upstream/resnetD/final``. Nothing is chosen on the test split: the epochs are fixed beforehand and the
    last epoch is kept. An upstream already there is reused.
-2. Conversions. Each upstream goes through ``timm_momentum.convert`` at gamma 0.9, at 0.5 and under the faithful
+2. Conversions. Each upstream goes through ``timm_momentum.tools.convert`` at gamma 0.9, at 0.5 and under the faithful
    policy 'auto', each unhealed, after BatchNorm recalibration and after distillation, and unhealed at the float64
    floor (the smallest gamma a float64 state inverts without extra states), and is loaded back from the folder
    with ``local-dir:``.
@@ -38,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timm_momentum.data import FASHION_MNIST  # noqa: E402
-from timm_momentum.files import atomic_write  # noqa: E402
+from timm_momentum.tools.data import FASHION_MNIST  # noqa: E402
+from timm_momentum.tools.files import atomic_write  # noqa: E402
 
 # One recipe for every depth, fixed before any run: SGD with momentum, cosine, no warm-up (timm's
 # zero-initialised last BatchNorm of each block keeps deep nets stable from the first step). Epochs by depth,
@@ -53,7 +53,7 @@ UPSTREAM_EPOCHS = {18: 2, 50: 2, 101: 1, 152: 1}
 
 def train_upstream(depth: int, out: Path) -> Dict[str, Any]:
     """Train (or reuse) the plain resnet<depth> upstream; returns its metrics and the CPU seconds it took."""
-    from timm_momentum.finetune import DEFAULTS, train
+    from timm_momentum.tools.finetune import DEFAULTS, train
 
     folder = out / 'upstream' / f'resnet{depth}'
     summary_path = folder / 'upstream.json'
@@ -117,7 +117,7 @@ def _fine_tune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     reconstruction gaps of every backward as the self-check measured them (recorded, not raised), by chain length."""
     from unittest import mock
 
-    from timm_momentum import invertible
+    from timm_momentum.core import chain as invertible
 
     model.train().set_momentum(memory_efficient=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -164,8 +164,8 @@ def measure_headroom(depth: int, out: Path, budgets: Sequence[int] = HEADROOM_BU
     import timm
 
     import timm_momentum  # noqa: F401
-    from timm_momentum import invertible
-    from timm_momentum.data import FashionMNIST
+    from timm_momentum.core import chain as invertible
+    from timm_momentum.tools.data import FashionMNIST
 
     source = timm.create_model(f'local-dir:{out / "upstream" / f"resnet{depth}" / "final"}', pretrained=True)
     train = FashionMNIST('train', img_size=32, limit=2048)
@@ -200,7 +200,7 @@ def measure_bf16_gradients(depth: int, out: Path) -> List[Dict[str, Any]]:
     import timm
 
     import timm_momentum  # noqa: F401
-    from timm_momentum.data import FashionMNIST
+    from timm_momentum.tools.data import FashionMNIST
 
     source = timm.create_model(f'local-dir:{out / "upstream" / f"resnet{depth}" / "final"}', pretrained=True)
     train = FashionMNIST('train', img_size=32, limit=2048)
@@ -236,7 +236,7 @@ def measure_bf16_gradients(depth: int, out: Path) -> List[Dict[str, Any]]:
 def _saved_mib(model: torch.nn.Module, images: torch.Tensor, amp: bool) -> float:
     import copy
 
-    from timm_momentum.memory import MiB, autocast, saved_tensor_bytes
+    from timm_momentum.tools.memory import MiB, autocast, saved_tensor_bytes
 
     net = copy.deepcopy(model).train()
     net.set_momentum(memory_efficient=True)
@@ -251,8 +251,8 @@ def measure_conversions(depth: int, out: Path, scratch: Path) -> List[Dict[str, 
     import timm
 
     import timm_momentum  # noqa: F401
-    from timm_momentum.convert import convert
-    from timm_momentum.data import FashionMNIST
+    from timm_momentum.tools.convert import convert
+    from timm_momentum.tools.data import FashionMNIST
 
     upstream_dir = out / 'upstream' / f'resnet{depth}' / 'final'
     test = FashionMNIST('test', img_size=32)
@@ -304,7 +304,7 @@ def measure_saved_bytes(depth: int, out: Path, records: List[Dict[str, Any]]) ->
     import timm
 
     import timm_momentum  # noqa: F401
-    from timm_momentum.data import FashionMNIST
+    from timm_momentum.tools.data import FashionMNIST
 
     source = timm.create_model(f'local-dir:{out / "upstream" / f"resnet{depth}" / "final"}', pretrained=True)
     train = FashionMNIST('train', img_size=32, limit=2048)
@@ -324,7 +324,7 @@ def _conversion_gamma(gamma: Any, depth: int) -> Any:
     import timm
 
     import timm_momentum  # noqa: F401
-    from timm_momentum.invertible import min_safe_gamma, plan_chain
+    from timm_momentum.core.chain import min_safe_gamma, plan_chain
 
     blocks = [len(stage) - 1 for stage in timm.create_model(f'momentum_resnet{depth}').stages]
     return [0.0 if plan_chain(0.0, n).store_inputs else float(f'{min_safe_gamma(n) * 1.0005:.3g}') for n in blocks]

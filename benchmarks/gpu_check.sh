@@ -60,7 +60,7 @@ EOF
     exit 1
 fi
 
-BENCH=("$PYTHON" -m timm_momentum.cli bench)
+BENCH=("$PYTHON" -m timm_momentum.tools.cli bench)
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     stage tests 120 "$OUT/gpu_tests.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
     # Largest batch: on an H200 resnet101 fits ~10^3 images, so cap the search at 16384 and 60 s per model.

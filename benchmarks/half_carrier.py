@@ -8,7 +8,7 @@ backprop with the float64 state ``plan_chain`` carries under autocast and with a
 it carried before, with its 2^8 amplification bound); the largest reconstruction gaps the backward's
 self-check reported (none: at most its warning level) and the MiB saved for backward.
 
-The float32 state is forced by patching ``timm_momentum.invertible._carrier`` and ``_AMPLIFICATION_LIMIT``,
+The float32 state is forced by patching ``timm_momentum.core.chain._carrier`` and ``_AMPLIFICATION_LIMIT``,
 private names: this is an experiment on the plan, not an API.
 
     OMP_NUM_THREADS=1 python benchmarks/half_carrier.py --upstream benchmarks/fidelity/upstream \
@@ -27,9 +27,9 @@ import timm
 import torch
 
 import timm_momentum  # noqa: F401
-import timm_momentum.invertible as invertible
-from timm_momentum.data import FashionMNIST
-from timm_momentum.memory import MiB, saved_tensor_bytes
+import timm_momentum.core.chain as invertible
+from timm_momentum.tools.data import FashionMNIST
+from timm_momentum.tools.memory import MiB, saved_tensor_bytes
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 

@@ -22,7 +22,7 @@ Three parts:
   for before/after ratios under the same load. ``--cpu-time --threads 1`` times steps by the process's
   CPU seconds, which other jobs on a shared machine barely move.
 
-* ``kernels``: milliseconds per training step spent in each element-wise step of ``timm_momentum.kernels``,
+* ``kernels``: milliseconds per training step spent in each element-wise step of ``timm_momentum.core.kernels``,
   eager and compiled (``set_fused``), in alternating steps of one memory-efficient model::
 
       PYTHONPATH=$PWD python benchmarks/speed_ab.py kernels --depth 101 --threads 2
@@ -82,7 +82,7 @@ class PassCounter(TorchDispatchMode):
 
 def count_passes(memory_efficient: bool, blocks: int = 12, gamma: float = 0.9) -> Dict[str, float]:
     """Kernels and bytes per activation element, per block, of one training step of a 1x1-conv chain."""
-    from timm_momentum.invertible import momentum_chain
+    from timm_momentum.core.chain import momentum_chain
 
     torch.manual_seed(0)
     chain = [nn.Conv2d(16, 16, 1, bias=False) for _ in range(blocks)]
@@ -118,7 +118,7 @@ class _WithChain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from unittest import mock
 
-        from timm_momentum import momentum_resnet
+        from timm_momentum.core.models import momentum_resnet
 
         with mock.patch.object(momentum_resnet, 'momentum_chain', self.momentum_chain):
             return self.model(x)
@@ -152,8 +152,8 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
 
     import timm
     import timm_momentum
-    from timm_momentum import kernels
-    from timm_momentum.memory import build_model, train_step
+    from timm_momentum.core import kernels
+    from timm_momentum.tools.memory import build_model, train_step
 
     print(f'timm_momentum from {timm_momentum.__file__}; torch {torch.__version__}, timm {timm.__version__}')
 
@@ -216,10 +216,10 @@ def time_steps(depths: List[int], steps: int, warmup: int, batch: int, img: int,
 
 
 def kernel_times(depth: int, steps: int, batch: int, img: int) -> None:
-    """Milliseconds per training step spent in each element-wise step of ``timm_momentum.kernels``, eager and
+    """Milliseconds per training step spent in each element-wise step of ``timm_momentum.core.kernels``, eager and
     compiled, steps alternating in one process (memory-efficient momentum_resnet{depth})."""
-    from timm_momentum import kernels
-    from timm_momentum.memory import build_model, train_step
+    from timm_momentum.core import kernels
+    from timm_momentum.tools.memory import build_model, train_step
 
     spent: Dict[tuple, float] = defaultdict(float)
     call = kernels._call

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import timm_momentum  # noqa: F401
-from timm_momentum.memory import saved_tensor_bytes
+from timm_momentum.tools.memory import saved_tensor_bytes
 
 SIZES = ((32, 16), (64, 16), (224, 8), (512, 2))  # (input size, batch)
 

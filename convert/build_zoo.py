@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from timm_momentum.convert import convert
-from timm_momentum.errors import ConversionError
+from timm_momentum.tools.convert import convert
+from timm_momentum.tools.errors import ConversionError
 
 
 def build_zoo(manifest: str, out: str, force: bool = False, push_org: str = None) -> dict:

@@ -19,10 +19,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from timm_momentum.convert import convert
-from timm_momentum.data import DigitsDataset
-from timm_momentum.files import atomic_write
-from timm_momentum.finetune import DEFAULTS, train
+from timm_momentum.tools.convert import convert
+from timm_momentum.tools.data import DigitsDataset
+from timm_momentum.tools.files import atomic_write
+from timm_momentum.tools.finetune import DEFAULTS, train
 
 
 def evaluate(model: torch.nn.Module, dataset: DigitsDataset, reference: torch.Tensor = None):

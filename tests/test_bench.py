@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import timm_momentum.bench as bench
-from timm_momentum.bench import CONFIGS, check_targets, format_table, plot_results, run_benchmark
-from timm_momentum.cli import main
+import timm_momentum.tools.bench as bench
+from timm_momentum.tools.bench import CONFIGS, check_targets, format_table, plot_results, run_benchmark
+from timm_momentum.tools.cli import main
 
 from conftest import hide_package
 

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from timm_momentum.cli import build_parser, main
-from timm_momentum.example import compare_saved_activations
+from timm_momentum.tools.cli import build_parser, main
+from timm_momentum.tools.example import compare_saved_activations
 
 
 def test_example_reports_less_stored_activation(capsys):
@@ -38,14 +38,14 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
 
 
 def test_console_script_is_installed():
-    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', '--help'], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.cli', '--help'], capture_output=True, text=True)
     assert proc.returncode == 0 and 'example' in proc.stdout
 
 
 def test_user_errors_become_one_line_and_bugs_still_raise(capsys):
     import errno
 
-    from timm_momentum.errors import ConfigError, run_reporting_user_errors, user_error_message
+    from timm_momentum.tools.errors import ConfigError, run_reporting_user_errors, user_error_message
 
     full = OSError(errno.ENOSPC, 'No space left on device', '/out/metrics.csv')
     assert user_error_message(full) == 'cannot write: no space left on device (/out/metrics.csv)'

@@ -11,10 +11,10 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from timm_momentum.cli import main
-from timm_momentum.convert import convert, infer_architecture, plan_upload, upload_to_hub
-from timm_momentum.errors import ConversionError
-from timm_momentum.files import write_marker
+from timm_momentum.tools.cli import main
+from timm_momentum.tools.convert import convert, infer_architecture, plan_upload, upload_to_hub
+from timm_momentum.tools.errors import ConversionError
+from timm_momentum.tools.files import write_marker
 
 from conftest import hide_package
 from test_loading import _add_repo
@@ -162,7 +162,7 @@ def test_an_absent_repo_offline_names_hf_hub_offline_and_the_ways_to_work_offlin
     empty_cache = tmp_path / 'hub'
     empty_cache.mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(empty_cache))
-    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', 'convert', 'hf-hub:nobody/absent-resnet',
+    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.cli', 'convert', 'hf-hub:nobody/absent-resnet',
                            '--out', str(tmp_path / 'out')], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert 'HF_HUB_OFFLINE=1 is set' in proc.stderr and 'local-dir:PATH' in proc.stderr
@@ -394,8 +394,8 @@ def test_healing_brings_the_converted_net_back_toward_its_source():
     """The measurement of convert/HEALING.md at a test's size: a resnet18 trained briefly on digits 0-4,
     converted to gamma = 0.9; recalibration lowers the KL divergence from the source on held-out digits,
     and distillation after it lowers it further."""
-    from timm_momentum.data import DigitsDataset
-    from timm_momentum.heal import distill, load_images, recalibrate_batchnorm
+    from timm_momentum.tools.data import DigitsDataset
+    from timm_momentum.tools.heal import distill, load_images, recalibrate_batchnorm
 
     torch.manual_seed(0)
     train, held_out = DigitsDataset('train', [0, 1, 2, 3, 4], 16), DigitsDataset('validation', [0, 1, 2, 3, 4], 16)
@@ -430,7 +430,7 @@ def test_healing_brings_the_converted_net_back_toward_its_source():
 
 
 def test_healing_on_digits_without_scikit_learn_is_a_conversion_error(monkeypatch):
-    from timm_momentum.heal import load_images
+    from timm_momentum.tools.heal import load_images
 
     hide_package(monkeypatch, 'sklearn')
     with pytest.raises(ConversionError, match='healing images sklearn/digits: .*needs scikit-learn'):

@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 
 import timm_momentum
 from timm_momentum import RECORD_KEYS, read_record, resnet_state_dict
-from timm_momentum.convert import convert
-from timm_momentum.errors import ConfigError
-from timm_momentum.finetune import DEFAULTS, train
-from timm_momentum.loading import from_folder
+from timm_momentum.tools.convert import convert
+from timm_momentum.tools.errors import ConfigError
+from timm_momentum.tools.finetune import DEFAULTS, train
+from timm_momentum.tools.loading import from_folder
 
 ROOT = Path(__file__).parent.parent
 REVISION = 'b' * 40
@@ -105,7 +105,7 @@ def test_a_malformed_record_is_an_error_naming_it():
 def test_a_bare_model_safetensors_remembers_its_gamma(tmp_path):
     folder = tmp_path / 'folder'
     trained = _model(gamma=[0.0, 0.5, 0.5, 0.6])
-    from timm_momentum.convert import write_model_folder
+    from timm_momentum.tools.convert import write_model_folder
     write_model_folder(folder, trained, {'gamma': trained.momentum_cfg['gamma']}, {'input_size': (3, 32, 32)})
     with safe_open(str(folder / 'model.safetensors'), 'pt') as f:
         metadata = f.metadata()
@@ -170,7 +170,7 @@ with torch.no_grad():
 def _run_wrapped(tmp_path, *args):
     script = tmp_path / 'train_like.py'
     script.write_text(TRAIN_SCRIPT)
-    return subprocess.run([sys.executable, '-m', 'timm_momentum.run', str(script), *args], capture_output=True,
+    return subprocess.run([sys.executable, '-m', 'timm_momentum.tools.run', str(script), *args], capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)
 
 
@@ -210,18 +210,18 @@ def test_the_converter_takes_train_py_kwargs_where_the_state_dict_records_nothin
 
 
 def test_the_wrapper_says_what_is_wrong(tmp_path):
-    missing = subprocess.run([sys.executable, '-m', 'timm_momentum.run', str(tmp_path / 'nope.py')],
+    missing = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.run', str(tmp_path / 'nope.py')],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and 'no such script' in missing.stderr
     script = tmp_path / 'unknown.py'
     script.write_text("import timm\ntimm.create_model('momentum_resnet19')\n")
-    unknown = subprocess.run([sys.executable, '-m', 'timm_momentum.run', str(script)], capture_output=True,
+    unknown = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.run', str(script)], capture_output=True,
                              text=True, timeout=120)
     assert unknown.returncode != 0 and 'needs a newer timm-momentum' in unknown.stderr
     exits = tmp_path / 'exits.py'
     exits.write_text("import sys, timm\nassert 'momentum_resnet50' in timm.list_models('momentum_*')\n"
                      "assert sys.argv[1:] == ['--flag', 'x']\nsys.exit(3)\n")
-    ran = subprocess.run([sys.executable, '-m', 'timm_momentum.run', str(exits), '--flag', 'x'], capture_output=True,
+    ran = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.run', str(exits), '--flag', 'x'], capture_output=True,
                          text=True, timeout=120)
     assert ran.returncode == 3, ran.stderr
 
@@ -344,7 +344,7 @@ def test_label_names_of_image_folders_follow_their_class_indices(tmp_path):
     from PIL import Image
     from timm.data import create_dataset
 
-    from timm_momentum.data import DigitsDataset, label_names
+    from timm_momentum.tools.data import DigitsDataset, label_names
     for name in ('zebra', 'ant', 'moth'):
         (tmp_path / name).mkdir()
         Image.new('RGB', (8, 8)).save(tmp_path / name / 'a.png')

@@ -15,12 +15,12 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from timm_momentum import faithful_gamma, parse_gamma, plan_chain, resolve_gamma
-from timm_momentum.convert import convert
-from timm_momentum.data import FASHION_MNIST_DIR, FashionMNIST, DigitsDataset
-from timm_momentum.errors import ConfigError, ConversionError
-from timm_momentum.finetune import DEFAULTS, load_config, train
-from timm_momentum.invertible import POLICY_AMPLIFICATION, plan_bytes
-from timm_momentum.memory import saved_tensor_bytes
+from timm_momentum.tools.convert import convert
+from timm_momentum.tools.data import FASHION_MNIST_DIR, FashionMNIST, DigitsDataset
+from timm_momentum.tools.errors import ConfigError, ConversionError
+from timm_momentum.tools.finetune import DEFAULTS, load_config, train
+from timm_momentum.core.chain import POLICY_AMPLIFICATION, plan_bytes
+from timm_momentum.tools.memory import saved_tensor_bytes
 
 from conftest import relative_error
 
@@ -159,7 +159,7 @@ def test_per_stage_gamma_round_trips_through_convert_and_local_dir(tmp_path):
     save_file(source.state_dict(), tmp_path / 'r34.safetensors')
     # one value per stage from the command line, through the CLI's own parsing
     out = tmp_path / 'stages'
-    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', 'convert', str(tmp_path / 'r34.safetensors'),
+    proc = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.cli', 'convert', str(tmp_path / 'r34.safetensors'),
                            '--out', str(out), '--gamma', '0,0.2,0.5,0', '--img-size', '16'],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -168,7 +168,7 @@ def test_per_stage_gamma_round_trips_through_convert_and_local_dir(tmp_path):
     card = (out / 'README.md').read_text()
     assert 'γ = (0, 0.2, 0.5, 0) per stage' in card
     for bad, message in (('0.5,x', 'comma-separated'), ('0.1,0.2', 'one per stage'), ('1.5', r'in \[0, 1\)')):
-        proc = subprocess.run([sys.executable, '-m', 'timm_momentum.cli', 'convert', str(tmp_path / 'r34.safetensors'),
+        proc = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.cli', 'convert', str(tmp_path / 'r34.safetensors'),
                                '--out', str(tmp_path / 'bad'), '--gamma', bad], capture_output=True, text=True)
         assert proc.returncode == 2 and re.search(message, proc.stderr.splitlines()[-1]), (bad, proc.stderr)
         assert not (tmp_path / 'bad').exists()
@@ -252,7 +252,7 @@ def test_fashion_mnist_reads_the_real_files(tmp_path):
         (raw / path.name).symlink_to(path)
     assert len(FashionMNIST('test', tmp_path, limit=100)) == 100
     cfg = load_config(None, ['--dataset', 'torch/fashion_mnist', '--data-dir', str(tmp_path), '--classes', '[0, 1]'])
-    from timm_momentum.data import build_datasets
+    from timm_momentum.tools.data import build_datasets
     train_set, val_set, classes = build_datasets(cfg, None)
     assert classes == 2 and len(train_set) == 12000 and len(val_set) == 2000
 

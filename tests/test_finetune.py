@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from timm_momentum.cli import main
-from timm_momentum.demo import run_demo
-from timm_momentum.errors import ConfigError
-from timm_momentum.finetune import DEFAULTS, checkpoint_checksum, load_config, train, validate_config
+from timm_momentum.tools.cli import main
+from timm_momentum.tools.demo import run_demo
+from timm_momentum.tools.errors import ConfigError
+from timm_momentum.tools.finetune import DEFAULTS, checkpoint_checksum, load_config, train, validate_config
 
 from conftest import hide_package
 
@@ -113,7 +113,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
 def _run_cli(tmp_path: Path, output: Path, *extra: str) -> subprocess.Popen:
     args = ['--model', 'momentum_resnet18', '--classes', '[0,1]', '--img_size', '16', '--batch_size', '32',
             '--epochs', '2', '--opt', 'sgd', '--lr', '0.05', '--progress', 'false', '--output', str(output), *extra]
-    return subprocess.Popen([sys.executable, '-m', 'timm_momentum.finetune', *args],
+    return subprocess.Popen([sys.executable, '-m', 'timm_momentum.tools.finetune', *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -177,8 +177,8 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_reduced_demo_pipeline(tmp_path):
-    from timm_momentum.data import DigitsDataset
-    from timm_momentum.demo import folder_bytes
+    from timm_momentum.tools.data import DigitsDataset
+    from timm_momentum.tools.demo import folder_bytes
 
     lines = []
     report = run_demo(str(tmp_path / 'demo'), epochs_source=1, epochs_target=1, img_size=16, progress=False,
@@ -202,7 +202,7 @@ def test_reduced_demo_pipeline(tmp_path):
 
 
 def test_demo_summary_uses_one_split_name_and_rounds(monkeypatch, capsys):
-    import timm_momentum.demo as demo
+    import timm_momentum.tools.demo as demo
 
     monkeypatch.setattr(demo, 'run_demo', lambda *args: {
         'upstream_val_acc_digits0-4': 99.7245179063361, 'val_acc_digits5-9': 99.4475138121547,
@@ -274,8 +274,8 @@ def _folder_cfg(tmp_path: Path, root: Path, **overrides) -> dict:
 
 
 def test_validation_folder_takes_the_training_class_indices(tmp_path):
-    from timm_momentum.data import build_datasets
-    from timm_momentum.finetune import validate_config
+    from timm_momentum.tools.data import build_datasets
+    from timm_momentum.tools.finetune import validate_config
 
     root = _image_folder(tmp_path / 'data', {'train': ['cat', 'dog', 'emu'], 'validation': ['dog', 'emu']})
     train_set, val_set, num_classes = build_datasets(validate_config(_folder_cfg(tmp_path, root)), None)
@@ -304,7 +304,7 @@ def test_image_folder_runs_with_the_same_seed_repeat_exactly(tmp_path):
 def test_initial_checkpoint_loads_strictly_except_a_new_classifier(tmp_path):
     from safetensors.torch import save_file
 
-    from timm_momentum.finetune import load_initial_checkpoint
+    from timm_momentum.tools.finetune import load_initial_checkpoint
 
     resnet18 = timm.create_model('resnet18').state_dict()
     save_file(resnet18, tmp_path / 'resnet18.safetensors')
@@ -334,7 +334,7 @@ def test_a_diverged_model_is_neither_best_nor_a_good_checkpoint(tmp_path):
 
 
 def test_exported_json_is_strict(tmp_path):
-    from timm_momentum.convert import write_model_folder
+    from timm_momentum.tools.convert import write_model_folder
 
     model = timm.create_model('momentum_resnet18', num_classes=2)
     write_model_folder(tmp_path / 'out', model, {'num_classes': 2}, {}, {'metrics': {'val_loss': float('nan')}})
@@ -355,7 +355,7 @@ def test_without_matplotlib_training_skips_the_plots_with_one_message(tmp_path, 
 
 
 def test_without_scikit_learn_the_digits_name_the_extra(monkeypatch):
-    from timm_momentum.data import DigitsDataset
+    from timm_momentum.tools.data import DigitsDataset
 
     hide_package(monkeypatch, 'sklearn')
     with pytest.raises(ConfigError, match=r'needs scikit-learn: pip install "timm-momentum\[train\]"'):
@@ -365,7 +365,7 @@ def test_without_scikit_learn_the_digits_name_the_extra(monkeypatch):
 def test_a_local_dir_model_trains_in_the_configured_mode(tmp_path):
     """local-dir: names hide the architecture (this path holds no word "momentum"); gamma and
     memory_efficient must still reach the model."""
-    from timm_momentum.convert import write_model_folder
+    from timm_momentum.tools.convert import write_model_folder
 
     saved = timm.create_model('momentum_resnet18', num_classes=2, gamma=0.9, memory_efficient=False)
     folder = write_model_folder(tmp_path / 'saved', saved, dict(saved.momentum_cfg), dict(saved.pretrained_cfg))
@@ -377,7 +377,7 @@ def test_a_local_dir_model_trains_in_the_configured_mode(tmp_path):
 
 
 def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
-    from timm_momentum.finetune import _curves_figure
+    from timm_momentum.tools.finetune import _curves_figure
 
     rows = [{'epoch': e, 'train_loss': 2.0 / (e + 1) ** 3, 'val_loss': 1.5 / (e + 1) ** 2, 'train_acc': 50.0 + 10 * e,
              'val_acc': 55.0 + 9 * e} for e in range(4)]
@@ -390,7 +390,7 @@ def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
 
 
 def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
-    from timm_momentum.finetune import describe_config
+    from timm_momentum.tools.finetune import describe_config
 
     first, second = describe_config(load_config()).splitlines()
     assert re.fullmatch(r'finetune momentum_resnet50 on sklearn/digits for 10 epochs, batch 64, sgd lr 0.01, gamma '

@@ -53,14 +53,14 @@ def test_cuda_memory_efficient_uses_less_memory():
 
 
 def test_largest_batch_search_stops_at_its_cap():
-    from timm_momentum.bench import largest_batch
+    from timm_momentum.tools.bench import largest_batch
     found = largest_batch('resnet18', 'plain', 32, 'bf16', limit=48, seconds=60)
     assert found['max_batch'] == 48 and found['max_batch_search'] == 'capped at 48'
     assert found['throughput_batch'] == 48 and found['throughput_img_s'] > 0
 
 
 def test_cuda_bench_measures_compiled_rows_in_process():
-    from timm_momentum.bench import run_benchmark
+    from timm_momentum.tools.bench import run_benchmark
     results = run_benchmark(['momentum_resnet18'], batch_size=4, img_size=32, device='cuda', amp='bf16',
                             time_batch_size=4, warmup=1, steps=2, max_batch=False, compiled=['standard'],
                             compile_backend='aot_eager')

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from timm_momentum import invertible
-from timm_momentum.invertible import min_safe_gamma, momentum_chain, plan_bytes, plan_chain
+from timm_momentum.core import chain as invertible
+from timm_momentum.core.chain import min_safe_gamma, momentum_chain, plan_bytes, plan_chain
 
 from conftest import relative_error
 
@@ -221,7 +221,7 @@ def test_eval_and_no_grad_run_the_plain_forward():
 def test_stored_transitions_trade_memory_for_recomputation():
     """checkpoint_transitions=False keeps the stem's and first blocks' activations: no checkpoint, the
     same gradients, and more bytes saved for backward (a deterministic count)."""
-    from timm_momentum.memory import saved_tensor_bytes
+    from timm_momentum.tools.memory import saved_tensor_bytes
 
     recomputed = timm.create_model('momentum_resnet50', memory_efficient=True, zero_init_last=False)
     stored = timm.create_model('momentum_resnet50', memory_efficient=True, checkpoint_transitions=False)

@@ -8,8 +8,8 @@ import timm
 import torch
 
 import timm_momentum  # noqa: F401  (registers the models)
-from timm_momentum import kernels
-from timm_momentum.invertible import momentum_chain
+from timm_momentum.core import kernels
+from timm_momentum.core.chain import momentum_chain
 
 
 @pytest.fixture

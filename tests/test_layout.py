@@ -1,47 +1,89 @@
-"""The package's layout: its modules import each other as a tree (no cycles, lazy imports inside functions
-included), and what one module takes from another is public there (no leading underscore)."""
+"""The package's layout: the core (``timm_momentum.core``) imports nothing from the tools
+(``timm_momentum.tools``); all modules import each other as a tree (no cycles, lazy imports inside functions
+included); what one module takes from another is public there (no leading underscore); and the modules that
+moved still import, and run, from their old names with a FutureWarning."""
 import ast
+import importlib
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
+
+import pytest
 
 import timm_momentum
 
 PACKAGE = Path(timm_momentum.__file__).parent
 
+# old module name -> where it lives now
+MOVED = {
+    'kernels': 'core.kernels', 'invertible': 'core.chain', 'momentum_resnet': 'core.models.momentum_resnet',
+    **{name: f'tools.{name}' for name in ('bench', 'cli', 'convert', 'data', 'demo', 'errors', 'example', 'files',
+                                          'finetune', 'heal', 'loading', 'memory', 'run', 'study')},
+}
 
-def _imports(path: Path) -> List[Tuple[str, List[str], int]]:
-    """(imported timm_momentum module, names taken from it, line) for every import in the file, at any depth."""
+
+def _module_name(path: Path, root: Path) -> str:
+    """Dotted name of ``path`` relative to the package root: 'core.chain', 'core' for core/__init__.py."""
+    parts = list(path.relative_to(root).with_suffix('').parts)
+    if parts[-1] == '__init__':
+        parts.pop()
+    return '.'.join(parts)
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == '__init__.py'
+
+
+def _resolve(name: str, root: Path) -> str:
+    """``name`` if it is a module or package under root, else its parent (``from pkg import NAME`` of a value)."""
+    as_path = root.joinpath(*name.split('.')) if name else root
+    if as_path.with_suffix('.py').exists() or (as_path / '__init__.py').exists():
+        return name
+    return name.rpartition('.')[0]
+
+
+def _imports(path: Path, root: Path) -> List[Tuple[str, List[str], int]]:
+    """(imported module, relative to the package; names taken from it; line) for every import in the file,
+    at any depth, with relative imports resolved."""
+    here = _module_name(path, root)
+    package = here if _is_package(path) else here.rpartition('.')[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                base = node.module or ''
-            elif node.level == 0 and (node.module or '').split('.')[0] == 'timm_momentum':
-                base = node.module[len('timm_momentum.'):] if '.' in node.module else ''
+            if node.level:
+                parts = package.split('.') if package else []
+                parts = parts[:len(parts) - (node.level - 1)]
+                base = '.'.join(parts + ([node.module] if node.module else []))
+            elif (node.module or '').split('.')[0] == 'timm_momentum':
+                base = node.module.partition('.')[2]
             else:
                 continue
             names = [a.name for a in node.names]
-            if base:
-                found.append((base, names, node.lineno))
-            else:  # ``from . import x``: x is a module, or a name of the package's __init__
-                for name in names:
-                    module = name if (PACKAGE / f'{name}.py').exists() else '__init__'
-                    found.append((module, [] if module == name else [name], node.lineno))
+            submodules = [n for n in names if _resolve(f'{base}.{n}'.strip('.'), root) == f'{base}.{n}'.strip('.')]
+            for name in submodules:
+                found.append((f'{base}.{name}'.strip('.'), [], node.lineno))
+            values = [n for n in names if n not in submodules]
+            if values or not submodules:
+                found.append((base, values, node.lineno))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split('.')
                 if parts[0] == 'timm_momentum':
-                    found.append(('.'.join(parts[1:]) or '__init__', [], node.lineno))
+                    found.append(('.'.join(parts[1:]), [], node.lineno))
     return found
 
 
-def _graph() -> Dict[str, Set[str]]:
-    return {path.stem: {module for module, _, _ in _imports(path)} for path in PACKAGE.glob('*.py')}
+def _graph(root: Path = None) -> Dict[str, Set[str]]:
+    root = root or PACKAGE
+    return {_module_name(path, root): {module for module, _, _ in _imports(path, root)}
+            for path in root.rglob('*.py')}
 
 
 def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
-    """A cycle of imports in ``graph`` (module -> modules it imports), or [] when there is none."""
+    """A cycle of imports in ``graph`` (module -> modules it imports), or [] when there is none. A package's
+    ``__init__`` importing its own submodules is not a cycle; a submodule importing its package's ``__init__`` is."""
     visiting: List[str] = []
     done: Set[str] = set()
 
@@ -66,23 +108,75 @@ def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
     return []
 
 
+def _shims(root: Path) -> Set[str]:
+    return {_module_name(path, root) for path in root.glob('*.py') if 'alias(globals()' in path.read_text()}
+
+
+def _core_reaches_tools(graph: Dict[str, Set[str]], shims: Set[str]) -> List[str]:
+    """'core.x -> tools.y' (or -> a shim, which stands for a tool) for each import from the core outward."""
+    return [f'{module} -> {imported}' for module, imports in sorted(graph.items())
+            if module == 'core' or module.startswith('core.')
+            for imported in sorted(imports)
+            if imported == 'tools' or imported.startswith('tools.') or imported in shims
+            or not (imported == 'core' or imported.startswith('core.') or imported == '_moved')]
+
+
+def test_the_core_imports_nothing_from_the_tools():
+    graph = _graph()
+    assert {'core.chain', 'core.kernels', 'core.models.momentum_resnet', 'tools.convert', 'tools.cli'} <= set(graph)
+    assert _core_reaches_tools(graph, _shims(PACKAGE)) == []
+
+
 def test_the_import_graph_is_a_tree():
     graph = _graph()
-    assert {'data', 'heal', 'demo', 'errors', 'finetune', 'convert'} <= set(graph)
-    assert _cycle(graph) == [], 'import cycle: ' + ' -> '.join(_cycle(graph))
+    cycle = _cycle({module: {i for i in imports if i != ''} for module, imports in graph.items()})
+    assert cycle == [], 'import cycle: ' + ' -> '.join(cycle)
+    # the package's __init__ is the public face: only the core may sit under it, never a tool
+    assert not [i for i in graph[''] if i.startswith('tools')], graph['']
 
 
 def test_no_module_takes_a_private_name_from_another():
-    private = [f'{path.name}:{line} takes {name} from {module}'
-               for path in PACKAGE.glob('*.py') for module, names, line in _imports(path)
+    private = [f'{path.relative_to(PACKAGE)}:{line} takes {name} from {module or "timm_momentum"}'
+               for path in PACKAGE.rglob('*.py') for module, names, line in _imports(path, PACKAGE)
                for name in names if name.startswith('_') and not name.startswith('__')]
     assert not private, private
 
 
-def test_the_checker_sees_a_cycle_and_a_private_import(tmp_path, monkeypatch):
-    """The two checks above fail where they should: on a lazy import that closes a cycle, and on a private name."""
+def test_the_checker_sees_a_cycle_a_private_import_and_the_core_reaching_a_tool(tmp_path):
+    """The checks above fail where they should: on a lazy import that closes a cycle, on a private name, and on
+    a core module that imports a tool (directly, or through an old name's shim)."""
+    (tmp_path / '__init__.py').write_text('')
     (tmp_path / 'a.py').write_text('from .b import thing\n')
     (tmp_path / 'b.py').write_text('def f():\n    from timm_momentum.a import _hidden\n')
-    monkeypatch.setattr(sys.modules[__name__], 'PACKAGE', tmp_path)
-    assert _cycle(_graph()) == ['a', 'b', 'a']
-    assert [names for _, names, _ in _imports(tmp_path / 'b.py')] == [['_hidden']]
+    (tmp_path / 'old.py').write_text("from ._moved import alias\nalias(globals(), 'timm_momentum.tools.t')\n")
+    for folder in ('core', 'core/models', 'tools'):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / '__init__.py').write_text('')
+    (tmp_path / 'tools' / 't.py').write_text('')
+    (tmp_path / 'core' / 'models' / 'm.py').write_text('from ...tools import t\nfrom ... import old\n'
+                                                        'from ..chain import x\n')
+    (tmp_path / 'core' / 'chain.py').write_text('x = 1\n')
+    graph = _graph(tmp_path)
+    assert _cycle(graph) == ['a', 'b', 'a']
+    assert [names for _, names, _ in _imports(tmp_path / 'b.py', tmp_path)] == [['_hidden']]
+    assert _core_reaches_tools(graph, _shims(tmp_path)) == ['core.models.m -> old', 'core.models.m -> tools.t']
+
+
+@pytest.mark.parametrize('old', sorted(MOVED))
+def test_a_moved_module_still_imports_from_its_old_name(old):
+    new = importlib.import_module(f'timm_momentum.{MOVED[old]}')
+    sys.modules.pop(f'timm_momentum.{old}', None)
+    with pytest.warns(FutureWarning, match=f'timm_momentum.{old} moved to timm_momentum.{MOVED[old]}'):
+        shim = importlib.import_module(f'timm_momentum.{old}')
+    assert shim is new
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert getattr(timm_momentum, old) is new  # the package attribute is the moved module too
+
+
+def test_a_moved_module_still_runs_from_its_old_name():
+    """``python -m timm_momentum.run`` (in cards already on the Hub) runs the moved module, warning once."""
+    done = subprocess.run([sys.executable, '-m', 'timm_momentum.run'], capture_output=True, text=True)
+    assert done.returncode == 2, done
+    assert 'usage: python -m timm_momentum.tools.run SCRIPT' in done.stdout
+    assert done.stderr.count('FutureWarning: timm_momentum.run moved to timm_momentum.tools.run') == 1

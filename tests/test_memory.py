@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from timm_momentum.memory import (MiB, build_model, peak_step_memory, reset_peak_rss, saved_tensor_bytes,
+from timm_momentum.tools.memory import (MiB, build_model, peak_step_memory, reset_peak_rss, saved_tensor_bytes,
                                   vm_hwm_bytes)
 
 

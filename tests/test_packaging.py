@@ -15,9 +15,9 @@ CARD = 'MODEL_CARD.md'
 
 
 def test_the_packaged_model_card_is_the_repositorys():
-    """timm_momentum/MODEL_CARD.md is a copy of the top-level one; after editing that, copy it over."""
-    assert (ROOT / 'timm_momentum' / CARD).read_text() == (ROOT / CARD).read_text(), \
-        f'cp {CARD} timm_momentum/{CARD}'
+    """timm_momentum/tools/MODEL_CARD.md is a copy of the top-level one; after editing that, copy it over."""
+    assert (ROOT / 'timm_momentum' / 'tools' / CARD).read_text() == (ROOT / CARD).read_text(), \
+        f'cp {CARD} timm_momentum/tools/{CARD}'
 
 
 def test_a_wheel_install_finds_the_model_card(tmp_path):
@@ -34,7 +34,7 @@ def test_a_wheel_install_finds_the_model_card(tmp_path):
                    check=True, cwd=tmp_path, capture_output=True)
     script = ('import importlib.resources, timm_momentum; '
               'print(timm_momentum.__file__); '
-              f'print(importlib.resources.files("timm_momentum").joinpath("{CARD}").read_text(), end="")')
+              f'print(importlib.resources.files("timm_momentum.tools").joinpath("{CARD}").read_text(), end="")')
     found = subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, capture_output=True, text=True,
                            env={**os.environ, 'PYTHONPATH': str(site)}).stdout
     where, card = found.split('\n', 1)
@@ -52,7 +52,7 @@ sys.modules['matplotlib'] = None
 import timm, torch
 import timm_momentum
 from safetensors.torch import save_file
-from timm_momentum.convert import convert
+from timm_momentum.tools.convert import convert
 model = timm.create_model('momentum_resnet18')
 assert type(model).__name__ == 'MomentumResNet'
 save_file(timm.create_model('resnet18', num_classes=3).state_dict(), r'{tmp_path / "r18.safetensors"}')

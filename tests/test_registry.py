@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from timm_momentum import MomentumResNet, MomentumStage
-from timm_momentum.momentum_resnet import RECORD_KEYS
+from timm_momentum.core.models.momentum_resnet import RECORD_KEYS
 
 DEPTHS = (18, 34, 50, 101, 152)
 

@@ -9,10 +9,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from timm_momentum.cli import main
-from timm_momentum.convert import convert
-from timm_momentum.errors import ConversionError
-from timm_momentum.files import MARKER, folder_lock
+from timm_momentum.tools.cli import main
+from timm_momentum.tools.convert import convert
+from timm_momentum.tools.errors import ConversionError
+from timm_momentum.tools.files import MARKER, folder_lock
 
 
 def _source(folder: Path, name: str = 'x.safetensors') -> Path:

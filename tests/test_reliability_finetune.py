@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from timm_momentum.cli import main
-from timm_momentum.errors import ConfigError
-from timm_momentum.files import folder_lock
-from timm_momentum.finetune import DEFAULTS, load_config, train
+from timm_momentum.tools.cli import main
+from timm_momentum.tools.errors import ConfigError
+from timm_momentum.tools.files import folder_lock
+from timm_momentum.tools.finetune import DEFAULTS, load_config, train
 
 TINY = ['--model', 'momentum_resnet18', '--classes', '[0,1]', '--train_per_class', '4', '--img_size', '16',
         '--batch_size', '4', '--epochs', '1', '--opt', 'sgd', '--lr', '0.01', '--progress', 'false', '--plots', 'false']

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_momentum.invertible import momentum_chain, plan_chain
+from timm_momentum.core.chain import momentum_chain, plan_chain
 
 
 def _blocks(count: int) -> nn.ModuleList:

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from timm_momentum.convert import strict_json
-from timm_momentum.data import DigitsDataset
-from timm_momentum.errors import ConfigError
-from timm_momentum.finetune import DEFAULTS, validate_config
+from timm_momentum.tools.convert import strict_json
+from timm_momentum.tools.data import DigitsDataset
+from timm_momentum.tools.errors import ConfigError
+from timm_momentum.tools.finetune import DEFAULTS, validate_config
 
 
 def test_digits_few_shot_draws_per_class_by_seed_and_leaves_the_test_split_whole():
@@ -38,7 +38,7 @@ def test_train_per_class_is_checked():
 
 
 def test_grad_checkpointing_key_turns_on_timm_checkpointing(tmp_path):
-    from timm_momentum.finetune import train
+    from timm_momentum.tools.finetune import train
 
     result = train(dict(DEFAULTS, model='resnet18', dataset='sklearn/digits', classes=[0, 1], img_size=16,
                         epochs=1, batch_size=32, progress=False, device='cpu', grad_checkpointing=True,
@@ -47,7 +47,7 @@ def test_grad_checkpointing_key_turns_on_timm_checkpointing(tmp_path):
 
 
 def test_plots_and_checkpoints_can_be_turned_off(tmp_path):
-    from timm_momentum.finetune import train
+    from timm_momentum.tools.finetune import train
 
     train(dict(DEFAULTS, model='resnet18', dataset='sklearn/digits', classes=[0, 1], img_size=16, epochs=2,
                batch_size=32, progress=False, device='cpu', plots=False, checkpoints=False,
@@ -63,7 +63,7 @@ def _csv_rows(path):
 
 
 def test_quick_study_reports_exactly_what_its_runs_wrote(tmp_path, monkeypatch):
-    from timm_momentum.study import REGIMES, run_study, study_arms
+    from timm_momentum.tools.study import REGIMES, run_study, study_arms
 
     # two threads on a busy 2-core machine run many times slower than one
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
@@ -115,7 +115,7 @@ def test_quick_study_reports_exactly_what_its_runs_wrote(tmp_path, monkeypatch):
 
 
 def test_summary_mean_std_and_ratios_against_plain():
-    from timm_momentum.study import summarize
+    from timm_momentum.tools.study import summarize
 
     def record(key, kind, seed, acc, mib, seconds):
         return dict(arm=key, arm_key=key, depth='resnet18', kind=kind, regime='full', seed=seed, test_acc=acc,
@@ -130,7 +130,7 @@ def test_summary_mean_std_and_ratios_against_plain():
 
 
 def test_no_matplotlib_skips_the_png(tmp_path, monkeypatch):
-    from timm_momentum.study import plot_study
+    from timm_momentum.tools.study import plot_study
 
     monkeypatch.setitem(sys.modules, 'matplotlib', None)
     assert plot_study({'summary': []}, tmp_path / 'study.png') is False
@@ -142,7 +142,7 @@ def test_no_matplotlib_skips_the_png(tmp_path, monkeypatch):
     (['--seeds', '-2'], 'error: --seeds must be >= 1, got -2'),
 ])
 def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys):
-    from timm_momentum.cli import main
+    from timm_momentum.tools.cli import main
 
     assert main(['study', '--out', str(tmp_path / 'study')] + args) == 2
     assert message in capsys.readouterr().err
@@ -150,7 +150,7 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys):
 
 
 def test_an_output_path_that_is_a_file_exits_2(tmp_path, capsys):
-    from timm_momentum.cli import main
+    from timm_momentum.tools.cli import main
 
     (tmp_path / 'taken').write_text('keep me')
     assert main(['study', '--quick', '--out', str(tmp_path / 'taken')]) == 2

@@ -11,10 +11,10 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import pytest
 
-from timm_momentum.finetune import load_config, train
-from timm_momentum.invertible import momentum_chain
-from timm_momentum.memory import saved_tensor_bytes
-from timm_momentum.momentum_resnet import BLOCK_FNS
+from timm_momentum.tools.finetune import load_config, train
+from timm_momentum.core.chain import momentum_chain
+from timm_momentum.tools.memory import saved_tensor_bytes
+from timm_momentum.core.models.momentum_resnet import BLOCK_FNS
 
 from conftest import relative_error
 

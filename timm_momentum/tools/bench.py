@@ -1,0 +1,650 @@
+"""``timm-momentum bench``: memory, speed and gradient fidelity of Momentum ResNets against ResNet,
+timm's gradient checkpointing, the official ``momentumnet`` package and, optionally, ``torch.compile``d
+models (measured as in benchmarks/MEASURE.md).
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .files import atomic_write
+from .memory import (AMP_DTYPES, MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
+                     peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
+from ..core.models.momentum_resnet import resnet_state_dict
+
+__all__ = ['Config', 'CONFIGS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
+           'check_targets', 'largest_batch']
+
+
+class Config(NamedTuple):
+    """One measured configuration: the momentum family is the --models name, the resnet family its source."""
+    label: str
+    family: str
+    mode: str
+    compiled: bool = False
+
+
+CONFIGS = (
+    Config('resnet', 'resnet', 'plain'),
+    Config('resnet+checkpointing', 'resnet', 'checkpoint'),
+    Config('momentum', 'momentum', 'plain'),
+    Config('momentum memory-efficient', 'momentum', 'memory_efficient'),
+    Config('momentum memory-efficient, transitions stored', 'momentum', 'memory_efficient_stored_transitions'),
+    Config('official momentumnet', 'momentum', 'official'),
+)
+# torch.compile'd configurations, by the names --compile takes.
+COMPILED_CONFIGS = {
+    'checkpointing': Config('resnet+checkpointing, compiled', 'resnet', 'checkpoint', compiled=True),
+    'standard': Config('momentum, compiled', 'momentum', 'plain', compiled=True),
+    'memory-efficient': Config('momentum memory-efficient, compiled', 'momentum', 'memory_efficient', compiled=True),
+}
+# What --compile alone measures: the two memory-saving options a user weighs.
+DEFAULT_COMPILED = ('checkpointing', 'memory-efficient')
+# Which configuration each one's gradients are compared with (same weights, same batch).
+_GRAD_REFERENCE = {
+    'resnet+checkpointing': 'resnet',
+    'momentum memory-efficient': 'momentum',
+    'momentum memory-efficient, transitions stored': 'momentum',
+    'official momentumnet': 'momentum',
+    'resnet+checkpointing, compiled': 'resnet',
+    'momentum, compiled': 'momentum',
+    'momentum memory-efficient, compiled': 'momentum',
+}
+# The sizes the targets of benchmarks/MEASURE.md were set at.
+MEMORY_TARGET_SIZE = {'batch_size': 16, 'img_size': 224}
+TIME_TARGET_SIZE = {'time_batch_size': 4, 'img_size': 224}
+TIME_TARGET_DEPTHS = (101, 152)
+GPU_TARGET = {'img_size': 224, 'amp': 'bf16', 'depth': 101}
+
+
+def _official_available() -> bool:
+    try:
+        import momentumnet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _model_name(momentum_name: str, family: str) -> str:
+    return momentum_name if family == 'momentum' else momentum_name.replace('momentum_', '')
+
+
+def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequence[str]) -> None:
+    import timm
+
+    if not models:
+        raise ValueError('no models given: bench takes e.g. momentum_resnet50,momentum_resnet101')
+    for name in models:
+        if not name.startswith('momentum_resnet') or name not in timm.list_models('momentum_*'):
+            raise ValueError(f'unknown model {name!r}: bench takes drop-in momentum models such as '
+                             f'momentum_resnet50,momentum_resnet101,momentum_resnet152')
+    if device not in ('cpu', 'cuda'):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('device cuda requested but torch.cuda.is_available() is False')
+    check_amp(amp)
+    for key in compiled:
+        if key not in COMPILED_CONFIGS:
+            raise ValueError(f'unknown compiled configuration {key!r}: choose from {", ".join(COMPILED_CONFIGS)}')
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a configuration failed."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    text = f'{type(error).__name__}: {lines[0] if lines else ""}'
+    return text if len(text) <= 240 else text[:237] + '...'
+
+
+def _build_all(momentum_name: str, configs: Sequence[Config], device: str,
+               compile_backend: str) -> Dict[str, nn.Module]:
+    """Every configuration of one depth, all with the same weights (compiled ones wrapped, not yet compiled)."""
+    torch.manual_seed(0)
+    source = build_model(_model_name(momentum_name, 'resnet'), 'plain', zero_init_last=False)
+    state = source.state_dict()
+    models = {}
+    for config in configs:
+        model = build_model(_model_name(momentum_name, config.family), config.mode)
+        model_state = resnet_state_dict(model.state_dict())  # the record: the model's own settings, kept
+        if set(model_state) == set(state):
+            model.load_state_dict(state)
+        else:  # the official layout: layerK.1.0.network.{i} holds block i + 1
+            model.load_state_dict(_to_official_keys(state, model_state))
+        model = model.to(device).train()
+        models[config.label] = compile_model(model, compile_backend) if config.compiled else model
+    return models
+
+
+def _to_official_keys(state: Dict[str, torch.Tensor], official: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        parts = key.split('.')
+        if parts[0].startswith('layer') and int(parts[1]) > 0:
+            key = '.'.join([parts[0], '1', '0', 'network', str(int(parts[1]) - 1)] + parts[2:])
+        out[key] = value
+    missing = set(official) - set(out)
+    if missing:
+        raise RuntimeError(f'cannot map weights onto the official layout; missing {sorted(missing)[:3]}')
+    return out
+
+
+def _batch(batch_size: int, img_size: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    return x, torch.randint(0, 1000, (batch_size,), device=device)
+
+
+def _gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: Optional[str]) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with autocast(x.device.type, amp):
+        loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    grads = torch.cat([p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tensor, amp: Optional[str],
+                warmup: int, steps: int, failures: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """Median step time of each configuration, interleaved A B A B after a warm-up.
+
+    With ``failures``, a configuration whose step raises is dropped and its reason recorded there.
+    """
+    device = x.device.type
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
+    times: Dict[str, List[float]] = {k: [] for k in models}
+
+    def step(label: str) -> float:
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast(device, amp):
+            train_step(models[label], x, target, optimizers[label])
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    live = list(models)
+    for round_ in range(warmup + steps):
+        for label in list(live):
+            try:
+                seconds = step(label)
+            except Exception as e:
+                if failures is None:
+                    raise
+                failures[label] = f'timing: {_reason(e)}'
+                live.remove(label)
+                continue
+            if round_ >= warmup:
+                times[label].append(seconds)
+    return {k: statistics.median(times[k]) for k in live}
+
+
+def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit: int = 8192,
+                  seconds: float = 120.0) -> Dict[str, Any]:
+    """Largest batch whose training step fits on the GPU, and the throughput at it.
+
+    Doubles from 8, then bisects to within 1/32; stops at ``limit`` images or after ``seconds`` of
+    searching, and says which in ``max_batch_search``.
+    """
+    model = build_model(name, mode).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    started = time.perf_counter()
+
+    def fits(batch: int) -> bool:
+        try:
+            x, t = _batch(batch, img_size, 'cuda')
+            with autocast('cuda', amp):
+                train_step(model, x, t, optimizer)
+            torch.cuda.synchronize()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - started > seconds
+
+    low, high, search = 0, min(8, limit), 'converged'
+    while fits(high):
+        low = high
+        if low >= limit:
+            search = f'capped at {limit}'
+            break
+        if out_of_time():
+            search = f'stopped after {seconds:.0f} s'
+            break
+        high = min(high * 2, limit)
+    while search == 'converged' and high - low > max(1, low // 32):
+        if out_of_time():
+            search = f'stopped after {seconds:.0f} s'
+            break
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    result = {'max_batch': low, 'max_batch_search': search, 'search_seconds': time.perf_counter() - started,
+              'throughput_img_s': 0.0}
+    for _ in range(3):  # a repeated step may not fit where one did (allocator fragmentation)
+        if low == 0:
+            break
+        try:
+            x, t = _batch(low, img_size, 'cuda')
+            step_seconds = _time_steps({'m': model}, x, t, amp, warmup=1, steps=3)['m']
+            result.update(throughput_batch=low, throughput_img_s=low / step_seconds)
+            break
+        except torch.cuda.OutOfMemoryError:
+            x = t = None  # free this batch before the smaller one is drawn
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            low = int(low * 0.95)
+    return result
+
+
+
+
+def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, device: str = 'cpu',
+                  amp: Optional[str] = None, time_batch_size: int = 4, warmup: int = 1, steps: int = 3,
+                  max_batch: bool = True, measure_peak: bool = True, compiled: Sequence[str] = (),
+                  compile_backend: str = 'inductor', max_batch_models: Optional[Sequence[str]] = None,
+                  max_batch_limit: int = 8192, max_batch_seconds: float = 120.0,
+                  log: Callable[[str], None] = lambda line: None) -> Dict[str, Any]:
+    """Measure every configuration at every depth.
+
+    A configuration whose measurement raises becomes a row with ``failed`` (the stage and the error)
+    instead of stopping the run; only plain resnet, the reference of every ratio, must succeed.
+
+    Args:
+        models: Momentum model names, e.g. ``['momentum_resnet50', 'momentum_resnet101']``.
+        batch_size: Batch of the memory measurements.
+        img_size: Input resolution.
+        device: ``cpu`` or ``cuda``.
+        amp: ``bf16``, ``fp16`` or None (fp32).
+        time_batch_size: Batch of the timing, gradient and saved-bytes measurements.
+        warmup: Warm-up steps per configuration before timing (compiled ones first warm up until they
+            stop recompiling, at least 2 steps).
+        steps: Timed steps per configuration (the median is reported).
+        max_batch: On CUDA, also search the largest batch that fits.
+        measure_peak: Measure peak step memory (CPU: one fresh subprocess per configuration); 0 when False.
+        compiled: Keys of COMPILED_CONFIGS to measure as well.
+        compile_backend: ``torch.compile`` backend of the compiled configurations.
+        max_batch_models: Models whose largest batch is searched (default: all).
+        max_batch_limit: The largest batch the search tries.
+        max_batch_seconds: Search time per model and configuration before it stops.
+        log: Called with a line of progress after each stage.
+
+    Returns:
+        A JSON-ready dict with the environment, one row per (model, configuration), the targets judged
+        and the targets not judged (with why).
+    """
+    _validate(models, device, amp, compiled)
+    unknown = set(max_batch_models or ()) - set(models)
+    if unknown:
+        raise ValueError(f'max_batch_models must be among the benched models; {sorted(unknown)} are not')
+    import timm
+
+    configs = [c for c in CONFIGS if c.mode != 'official' or (_official_available() and amp != 'fp16')]
+    configs += [COMPILED_CONFIGS[key] for key in compiled]
+    rows = []
+    for name in models:
+        search = device == 'cuda' and max_batch and (max_batch_models is None or name in max_batch_models)
+        rows += _measure_depth(name, configs, batch_size, img_size, device, amp, time_batch_size, warmup, steps,
+                               measure_peak, compile_backend, log)
+        if search:
+            for row in rows[-len(configs):]:
+                if row['config'] in ('resnet', 'momentum memory-efficient') and 'failed' not in row:
+                    try:
+                        row.update(largest_batch(row['arch'], row['mode'], img_size, amp, max_batch_limit,
+                                                 max_batch_seconds))
+                    except Exception as e:  # keep what was measured; the search is the last stage
+                        row.update(max_batch=0, max_batch_search=f'failed: {_reason(e)}', throughput_img_s=0.0)
+                    log(f'{name} {row["config"]}: largest batch {row["max_batch"]} ({row["max_batch_search"]}), '
+                        f'{row["throughput_img_s"]:.0f} img/s')
+    command_args = dict(models=models, batch_size=batch_size, img_size=img_size, device=device, amp=amp,
+                        time_batch_size=time_batch_size, warmup=warmup, steps=steps, compiled=list(compiled),
+                        compile_backend=compile_backend if compiled else None, measure_peak=measure_peak)
+    targets, not_judged = check_targets(rows, command_args)
+    return {
+        'command_args': command_args,
+        'environment': {
+            'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
+            'machine': _machine(device), 'threads': torch.get_num_threads(),
+            'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        },
+        'rows': rows,
+        'targets': targets,
+        'targets_not_judged': not_judged,
+    }
+
+
+def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_size: int, device: str,
+                   amp: Optional[str], time_batch_size: int, warmup: int, steps: int, measure_peak: bool,
+                   compile_backend: str, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """The rows of one depth: gradients, interleaved timing, saved bytes and peak memory of each configuration."""
+    instances = _build_all(name, configs, device, compile_backend)
+    failures: Dict[str, str] = {}
+    compile_info: Dict[str, Dict[str, int]] = {}
+
+    def attempt(label: str, stage: str, measure: Callable[[], Any]) -> Any:
+        if label in failures:
+            return None
+        started = time.perf_counter()
+        try:
+            result = measure()
+        except Exception as e:
+            if label == 'resnet':  # every ratio is against it
+                raise
+            failures[label] = f'{stage}: {_reason(e)}'
+            log(f'{name} {label}: {stage} failed: {failures[label]}')
+            return None
+        log(f'{name} {label}: {stage} {time.perf_counter() - started:.1f} s')
+        return result
+
+    x, target = _batch(time_batch_size, img_size, device)
+    grads = {}
+    for config in configs:
+        model = instances[config.label]
+        if config.compiled:  # without an optimizer: the weights stay those of the eager configurations
+            compile_info[config.label] = attempt(config.label, 'compile',
+                                                 lambda: warm_up_compiled(model, x, target, None, amp))
+        grads[config.label] = attempt(config.label, 'gradients', lambda: _gradients(model, x, target, amp))
+    started = time.perf_counter()
+    seconds = _time_steps({k: m for k, m in instances.items() if k not in failures}, x, target, amp,
+                          warmup, steps, failures)
+    log(f'{name}: timing {time.perf_counter() - started:.1f} s')
+    if 'resnet' in failures:  # every ratio is against it
+        raise RuntimeError(f'plain resnet failed: {failures["resnet"]}')
+    rows = []
+    for config in configs:
+        label, model = config.label, instances[config.label]
+        row: Dict[str, Any] = {'model': name, 'depth': int(name.split('resnet')[-1]), 'config': label,
+                               'arch': _model_name(name, config.family), 'mode': config.mode,
+                               'compiled': compile_backend if config.compiled else None}
+        with autocast(device, amp):  # at the timing batch: the official package's stores are huge
+            saved = attempt(label, 'saved bytes', lambda: saved_tensor_bytes(model, x))
+        peak = attempt(label, 'peak memory', lambda: _peak(name, config, model, batch_size, img_size, device, amp,
+                                                           compile_backend)) if measure_peak else 0
+        if label in failures:
+            rows.append({**row, 'failed': failures[label]})
+            continue
+        row.update(saved_bytes=saved, peak_bytes=peak,
+                   param_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                   step_seconds=seconds[label], time_ratio=seconds[label] / seconds['resnet'],
+                   **compile_info.get(label, {}))
+        reference = _GRAD_REFERENCE.get(label)
+        if reference and grads.get(reference) is not None:
+            diff = (grads[label] - grads[reference]).norm() / grads[reference].norm()
+            row.update(grad_rel_error=float(diff), grad_reference=reference)
+        rows.append(row)
+    del instances
+    gc.collect()
+    if device == 'cuda':
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _peak(name: str, config: Config, model: nn.Module, batch_size: int, img_size: int, device: str,
+          amp: Optional[str], compile_backend: str) -> int:
+    """Peak memory of a step after a warm-up (the steady state, and what compiled rows allow): on CPU in a
+    fresh subprocess; on CUDA in this process, from the allocator's statistics."""
+    if device == 'cuda':
+        x, target = _batch(batch_size, img_size, device)
+        if config.compiled:  # a new batch size compiles new graphs: not part of the step
+            warm_up_compiled(model, x, target, None, amp)
+        model.zero_grad(set_to_none=True)
+        return cuda_step_peak(model, x, target, torch.optim.SGD(model.parameters(), lr=1e-3), amp)
+    kwargs = {} if config.mode == 'official' else {'zero_init_last': False}
+    return peak_step_memory(_model_name(name, config.family), config.mode, batch_size, img_size, device,
+                            model_kwargs=kwargs, amp=amp, compile_backend=compile_backend if config.compiled else None,
+                            after_warmup=True)
+
+
+def _machine(device: str) -> str:
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    return f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores'
+
+
+def check_targets(rows: List[Dict[str, Any]], command_args: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The targets of benchmarks/MEASURE.md, judged only at the sizes they were set for.
+
+    Returns:
+        The judged targets (measured value, limit, pass, margin) and one line per group of targets
+        this run could not judge, saying why.
+    """
+    by = {(r['depth'], r['config']): r for r in rows if 'failed' not in r}
+    depths = sorted({r['depth'] for r in rows})
+    efficient = 'momentum memory-efficient'
+    args = command_args
+    targets: List[Dict[str, Any]] = []
+    not_judged: List[str] = []
+
+    def add(name: str, value: float, limit: float, smaller_is_better: bool = True) -> None:
+        passed = value <= limit if smaller_is_better else value >= limit
+        targets.append({'target': name, 'value': value, 'limit': limit, 'pass': bool(passed),
+                        'margin': (limit - value) if smaller_is_better else (value - limit)})
+
+    def measured(*keys: Tuple[int, str]) -> bool:
+        return all(key in by for key in keys)
+
+    size = f'batch {args["batch_size"]}, {args["img_size"]}²'
+    if not args.get('measure_peak', True):
+        not_judged.append('peak memory targets: peaks were not measured')
+    elif any(args[k] != v for k, v in MEMORY_TARGET_SIZE.items()):
+        not_judged.append(f'peak memory targets: set for batch 16, 224² (this run: {size}); '
+                          f'peaks are reported, not judged')
+    else:
+        if measured((101, efficient), (101, 'resnet')):
+            add('peak memory momentum_resnet101 memory-efficient / resnet101 (<= 0.4)',
+                by[101, efficient]['peak_bytes'] / by[101, 'resnet']['peak_bytes'], 0.4)
+        for depth in depths:
+            if measured((depth, efficient), (depth, 'resnet+checkpointing')):
+                add(f'peak memory depth {depth}: memory-efficient / timm checkpointing (< 1)',
+                    by[depth, efficient]['peak_bytes'] / by[depth, 'resnet+checkpointing']['peak_bytes'], 1.0)
+        if measured((50, efficient), (152, efficient)):
+            activations = {d: by[d, efficient]['peak_bytes'] - by[d, efficient]['param_bytes'] for d in (50, 152)}
+            add('peak memory less parameter gradients, depth 152 / depth 50, memory-efficient (<= 1.10)',
+                activations[152] / activations[50], 1.10)
+        else:
+            not_judged.append('peak growth with depth: needs depths 50 and 152')
+    if measured((50, efficient), (152, efficient)):
+        add('bytes saved for backward depth 152 / depth 50, memory-efficient (<= 1.10)',
+            by[152, efficient]['saved_bytes'] / by[50, efficient]['saved_bytes'], 1.10)
+    else:
+        not_judged.append('bytes saved, depth 152 / depth 50: needs depths 50 and 152')
+
+    time_size = f'{args["device"]} {args["amp"] or "fp32"}, batch {args["time_batch_size"]}, {args["img_size"]}²'
+    time_depths = [d for d in depths if d in TIME_TARGET_DEPTHS]
+    if args['device'] != 'cpu' or args['amp'] or any(args[k] != v for k, v in TIME_TARGET_SIZE.items()):
+        not_judged.append(f'step-time targets: set for cpu fp32, batch 4, 224² (this run: {time_size}); '
+                          f'ratios are reported, not judged')
+        time_depths = []
+    elif not time_depths:
+        not_judged.append('step-time targets: set for depths 101 and 152, neither in this run')
+    for depth in time_depths:
+        if measured((depth, efficient), (depth, 'resnet+checkpointing')):
+            add(f'step time depth {depth}: memory-efficient / timm checkpointing (<= 1.03)',
+                by[depth, efficient]['step_seconds'] / by[depth, 'resnet+checkpointing']['step_seconds'], 1.03)
+        if measured((depth, 'momentum'), (depth, 'resnet')):
+            add(f'step time depth {depth}: momentum standard / resnet (<= 1.05)',
+                by[depth, 'momentum']['time_ratio'], 1.05)
+
+    if args['device'] == 'cuda':
+        plain, eff = by.get((101, 'resnet'), {}), by.get((101, efficient), {})
+        if args['img_size'] != GPU_TARGET['img_size'] or args['amp'] != GPU_TARGET['amp']:
+            not_judged.append(f'largest-batch targets: set for bf16 at 224² (this run: {args["amp"] or "fp32"} at '
+                              f'{args["img_size"]}²)')
+        elif not plain.get('max_batch') or 'max_batch' not in eff:
+            not_judged.append('largest-batch targets: set for depth 101, whose largest batches were not found')
+        else:
+            ratio = eff['max_batch'] / plain['max_batch']
+            if ratio < 5 and eff['max_batch_search'] != 'converged':
+                not_judged.append(f'largest batch ratio: the momentum search {eff["max_batch_search"]} at '
+                                  f'{ratio:.2f}x, before reaching 5x')
+            else:
+                add('largest batch momentum_resnet101 memory-efficient / resnet101 (>= 5)', ratio, 5.0,
+                    smaller_is_better=False)
+            add('throughput at largest batch, momentum_resnet101 memory-efficient / resnet101 (>= 0.8)',
+                eff['throughput_img_s'] / max(plain['throughput_img_s'], 1e-9), 0.8, smaller_is_better=False)
+    return targets, not_judged
+
+
+def describe_run(results: Dict[str, Any]) -> str:
+    """One line naming a bench run: models, device and precision, sizes, versions and date."""
+    args, env = results['command_args'], results['environment']
+    depths = '/'.join(m.replace('momentum_resnet', '') for m in args['models'])
+    return (f'bench r{depths}, {args["device"]} {args["amp"] or "fp32"}, peak at batch {args["batch_size"]}, '
+            f'time at batch {args["time_batch_size"]}, {args["img_size"]}²; torch {env["torch"]}, '
+            f'{env["date"]}')
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    """A plain-text table of the results and the targets."""
+    cuda = results['command_args']['device'] == 'cuda'
+    header = f'{"depth":>5}  {"configuration":<46} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} {"grad err":>9}'
+    if cuda:
+        header += f' {"max batch":>9} {"img/s":>8}'
+    lines = [describe_run(results), header]
+    notes = []
+    for r in results['rows']:
+        if 'failed' in r:
+            lines.append(f'{r["depth"]:>5}  {r["config"]:<46} failed: {r["failed"]}')
+            continue
+        err = f'{r["grad_rel_error"]:.1e}' if 'grad_rel_error' in r else '-'
+        line = (f'{r["depth"]:>5}  {r["config"]:<46} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
+                f'{r["time_ratio"]:7.2f} {err:>9}')
+        if cuda and 'max_batch' in r:
+            line += f' {r["max_batch"]:>9} {r["throughput_img_s"]:8.1f}'
+            if r['max_batch_search'] != 'converged':
+                notes.append(f'depth {r["depth"]} {r["config"]}: largest-batch search {r["max_batch_search"]}')
+        if r['compiled']:
+            notes.append(f'depth {r["depth"]} {r["config"]}: {r["compiled"]}, warmed up {r["warmup_steps"]} steps, '
+                         f'{r["compilations"]} compilations, {r["graph_breaks"]} graph breaks')
+        lines.append(line)
+    lines += notes + ['']
+    for t in results['targets']:
+        lines.append(f'[{"PASS" if t["pass"] else "MISS"}] {t["target"]}: {t["value"]:.3f} '
+                     f'(margin {t["margin"]:+.3f})')
+    lines += [f'[not judged] {line}' for line in results['targets_not_judged']]
+    return '\n'.join(lines)
+
+
+def plot_results(results: Dict[str, Any], path: str) -> None:
+    """Draw peak memory and step time against depth, and step time against peak memory, per configuration."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results['rows'] if 'failed' not in r]
+    labels = list(dict.fromkeys(r['config'] for r in rows))
+    depths = sorted({r['depth'] for r in rows})
+    colors = {label: plt.get_cmap('tab10')(i % 10) for i, label in enumerate(labels)}
+    markers = dict(zip(depths, 'os^Dvp<>'))
+    peaks_measured = any(r['peak_bytes'] for r in rows)
+    args = results['command_args']
+    fig, (ax_mem, ax_time, ax_trade) = plt.subplots(1, 3, figsize=(18, 5.5))
+    for label in labels:
+        mine = sorted((r for r in rows if r['config'] == label), key=lambda r: r['depth'])
+        style = dict(color=colors[label], marker='o', linestyle='--' if mine[0]['compiled'] else '-', label=label)
+        ax_time.plot([r['depth'] for r in mine], [r['time_ratio'] for r in mine], **style)
+        if peaks_measured:
+            ax_mem.plot([r['depth'] for r in mine], [r['peak_bytes'] / MiB for r in mine], **style)
+            ax_trade.plot([r['peak_bytes'] / MiB for r in mine], [r['time_ratio'] for r in mine],
+                          color=colors[label], linestyle=style['linestyle'], lw=0.8)
+            for r in mine:
+                ax_trade.scatter(r['peak_bytes'] / MiB, r['time_ratio'], color=colors[label],
+                                 marker=markers[r['depth']], s=45, zorder=3)
+    ax_time.set(xlabel='depth', ylabel='step time / plain resnet of the same depth', xticks=depths,
+                title=f'step time at batch {args["time_batch_size"]} (median of {args["steps"]})')
+    ax_time.axhline(1.0, color='gray', lw=0.5)
+    ax_time.legend(fontsize=7, title='configuration', title_fontsize=7)
+    if peaks_measured:
+        ax_mem.set(xlabel='depth', ylabel='peak step memory above the model (MiB)', xticks=depths,
+                   title=f'peak memory of a step after warm-up, batch {args["batch_size"]}')
+        ax_mem.legend(fontsize=7, title='configuration', title_fontsize=7)
+        ax_trade.set(xlabel=f'peak step memory at batch {args["batch_size"]} (MiB)',
+                     ylabel='step time / plain resnet',
+                     title='time against memory: lower left is better')
+        ax_trade.axhline(1.0, color='gray', lw=0.5)
+        ax_trade.legend(handles=[plt.Line2D([], [], color='black', marker=markers[d], linestyle='', label=f'depth {d}')
+                                 for d in depths], fontsize=7, title='marker (colour: as left)', title_fontsize=7)
+    else:
+        for ax in (ax_mem, ax_trade):
+            ax.text(0.5, 0.5, 'peak memory not measured in this run', ha='center', va='center',
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+    fig.suptitle(describe_run(results), fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
+    plt.close(fig)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.plot:  # before the measurements, which take minutes
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print('error: --plot needs matplotlib, which is not installed: pip install "timm-momentum[train]"',
+                  file=sys.stderr)
+            return 2
+    try:
+        results = run_benchmark(
+            [m.strip() for m in args.models.split(',') if m.strip()], args.batch_size, args.img_size,
+            args.device, args.amp, args.time_batch_size, args.warmup, args.steps,
+            max_batch=not args.no_max_batch, measure_peak=not args.no_peak,
+            compiled=[k.strip() for k in (args.compile or '').split(',') if k.strip()],
+            compile_backend=args.compile_backend,
+            max_batch_models=[m.strip() for m in args.max_batch_models.split(',')] if args.max_batch_models else None,
+            max_batch_limit=args.max_batch_limit, max_batch_seconds=args.max_batch_seconds,
+            log=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.out:
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    if args.plot:
+        plot_results(results, args.plot)
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand."""
+    parser = subparsers.add_parser(
+        'bench', help='memory, speed and gradient error against ResNet and checkpointing')
+    parser.add_argument('--models', default='momentum_resnet50,momentum_resnet101,momentum_resnet152',
+                        help='comma-separated momentum models; each is compared with its source resnet')
+    parser.add_argument('--batch-size', type=int, default=16, help='batch of the peak-memory measurements')
+    parser.add_argument('--img-size', type=int, default=224, help='input resolution')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='where to measure')
+    parser.add_argument('--amp', default=None, choices=sorted(AMP_DTYPES), help='autocast dtype (default fp32)')
+    parser.add_argument('--time-batch-size', type=int, default=4,
+                        help='batch of the timing, gradient and saved-bytes measurements')
+    parser.add_argument('--warmup', type=int, default=1, help='warm-up steps per configuration before timing')
+    parser.add_argument('--steps', type=int, default=3, help='timed steps per configuration (median reported)')
+    parser.add_argument('--compile', nargs='?', const=','.join(DEFAULT_COMPILED), default=None,
+                        metavar='KEYS', help=f'also measure torch.compile\'d configurations, comma-separated from '
+                        f'{", ".join(COMPILED_CONFIGS)}; alone: {",".join(DEFAULT_COMPILED)} (default: none compiled)')
+    parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend of --compile')
+    parser.add_argument('--no-peak', action='store_true', help='skip peak memory (one subprocess per row on CPU)')
+    parser.add_argument('--no-max-batch', action='store_true', help='on CUDA, skip the largest-batch search')
+    parser.add_argument('--max-batch-models', default=None,
+                        help='comma-separated models whose largest batch is searched (default: all)')
+    parser.add_argument('--max-batch-limit', type=int, default=8192, help='largest batch the search tries')
+    parser.add_argument('--max-batch-seconds', type=float, default=120.0,
+                        help='search time per model and configuration before it stops')
+    parser.add_argument('--out', default=None, help='write the results as JSON to this file (default: print only)')
+    parser.add_argument('--plot', default=None, help='draw memory, time and time against memory as PNG to this file '
+                        '(default: no plot; needs matplotlib)')
+    parser.set_defaults(func=_run)

@@ -1,0 +1,1058 @@
+"""Fine-tune Momentum ResNets on image classification: GPU first, runs on CPU, scales out with torchrun.
+
+``timm-momentum finetune --config configs/NAME.yaml [--key value ...]``, ``python -m timm_momentum.tools.finetune``
+or ``torchrun --nproc_per_node=N -m timm_momentum.tools.finetune ...``. Config keys follow timm's train.py names.
+"""
+import argparse
+import contextlib
+import copy
+import difflib
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+
+from .. import __version__
+from .convert import write_model_folder
+from .data import FASHION_MNIST, build_datasets, build_loader, data_config_of, label_names
+from .errors import ConfigError, first_line, load_failure, run_reporting_user_errors
+from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
+from .loading import folder_architecture
+from .memory import vm_hwm_bytes
+from ..core.models.momentum_resnet import RECORD_KEYS, MomentumResNet, parse_gamma, resnet_state_dict
+
+__all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
+           'seed_everything', 'load_resume_state', 'compare_resume_config', 'checkpoint_checksum', 'check_output',
+           'train', 'find_batch_size']
+
+DEFAULTS: Dict[str, Any] = {
+    # model (timm train.py names, plus gamma and memory_efficient)
+    'model': 'momentum_resnet50', 'pretrained': False, 'initial_checkpoint': None, 'num_classes': None,
+    # gamma: a number, one per stage, or 'auto' (the faithful policy); None keeps the model's own (a folder's
+    # recorded values, 'auto' for a pretrained drop-in model, 0.9 from scratch)
+    'in_chans': 3, 'img_size': None, 'gamma': None, 'memory_efficient': True, 'drop_path': 0.0, 'drop': 0.0,
+    'grad_checkpointing': False,  # timm's set_grad_checkpointing(): recompute each block in backward
+    # data
+    'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
+    'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
+    'crop_padding': None,  # the CIFAR recipe: random crop of img_size with this padding, then hflip
+    'train_per_class': None,  # few-shot (digits only): this many training images per class, drawn by seed
+    # optimisation
+    'batch_size': 64, 'grad_accum_steps': 1, 'epochs': 10, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
+    'weight_decay': 5e-4, 'sched': 'cosine', 'warmup_epochs': 0, 'min_lr': 0.0,
+    'decay_milestones': [90, 180, 270], 'decay_rate': 0.1, 'smoothing': 0.0, 'mixup': 0.0, 'cutmix': 0.0,
+    'model_ema': False, 'model_ema_decay': 0.999, 'clip_grad': None,
+    # hardware
+    'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
+    # run
+    'seed': 42, 'output': None,  # None: a new folder for each run, output/finetune/<YYYYmmdd-HHMMSS>-<model>
+    'resume': False, 'log_interval': 10, 'progress': True,
+    'plots': True,  # loss/accuracy plots, redrawn every epoch
+    'checkpoints': True,  # last.pth.tar and best/ every epoch; without them only metrics.csv and final/ are written
+}
+
+
+_MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; this bounds what a wrong path can make us read
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases. A config never needs ``*name``, and aliases nested in aliases expand
+    exponentially: a 569-byte file ran 73 s and took 3.6 GB before a MemoryError."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f'aliases (*{_clipped(event.anchor, 40, quote=False)}) are not allowed '
+                                              f'in configs; write the value out', event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (no aliases), else a ConfigError saying where, in a few hundred characters."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        reason = ' '.join(str(e).split()).replace('in "<unicode string>", ', 'at ')
+        raise ConfigError(f'{where} is not valid YAML: {_clipped(reason, 300, quote=False)}') from None
+
+
+def _clipped(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """``repr(value)`` (or ``str`` without ``quote``), cut to ``limit`` characters: error messages stay short."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """DEFAULTS, updated by a YAML file and then by ``--key value`` overrides (values parsed as YAML), checked."""
+    config = dict(DEFAULTS)
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f'config file {path} does not exist')
+        if Path(path).stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f'{path} is {Path(path).stat().st_size} bytes, too large for a config '
+                              f'(at most {_MAX_CONFIG_BYTES})')
+        try:
+            text = Path(path).read_bytes().decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise ConfigError(f'{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); '
+                              f'save it as UTF-8') from None
+        loaded = _parse_yaml(text, path) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f'{path}: a config is a mapping of keys to values')
+        _update(config, loaded, path)
+    pairs = list(overrides)
+    updates = {}
+    while pairs:
+        key = pairs.pop(0)
+        if not key.startswith('--') or len(key) == 2:
+            raise ConfigError(f'expected --key value, got {_clipped(key)}')
+        key = key[2:].replace('-', '_')
+        if not pairs or pairs[0].startswith('--'):
+            updates[key] = True
+        else:
+            text = pairs.pop(0)
+            if not text.strip():  # --dataset '': the empty string (timm's folder dataset), not YAML's null
+                updates[key] = text
+                continue
+            try:
+                updates[key] = yaml.load(text, Loader=_ConfigLoader)
+            except yaml.YAMLError as e:
+                reason = f' ({e.problem})' if getattr(e, 'problem', None) and 'alias' in e.problem else ''
+                raise ConfigError(f'--{key}: cannot parse {_clipped(text)} as a YAML value{reason}') from None
+    _update(config, updates, 'command line')
+    return validate_config(config)
+
+
+def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None:
+    for key, value in updates.items():
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(str(key)[:100], DEFAULTS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise ConfigError(f"unknown config key '{_clipped(key, 60, quote=False)}' in {where}{hint}")
+        config[key] = value
+
+
+# Keys whose default (None, or one of two forms) does not tell their type; every other key takes its default's.
+_OPTIONAL_TYPES: Dict[str, type] = {
+    'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
+    'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int, 'output': str,
+}
+# Inclusive bounds of numeric keys.
+_RANGES: Dict[str, Tuple[float, float]] = {
+    'num_classes': (1, math.inf), 'in_chans': (1, math.inf), 'img_size': (1, math.inf), 'workers': (0, math.inf),
+    'crop_padding': (0, math.inf), 'batch_size': (1, math.inf), 'grad_accum_steps': (1, math.inf),
+    'epochs': (1, math.inf), 'lr': (0, math.inf), 'momentum': (0, math.inf), 'weight_decay': (0, math.inf),
+    'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
+    'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
+    'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf), 'train_per_class': (1, math.inf),
+    'seed': (0, 2 ** 32 - 1),  # numpy's seed range; torch's overflowed past 2^63 (and seed * 1000 + epoch sooner)
+}
+_AMP = ('auto', 'bf16', 'fp16', 'none')
+
+
+def _as_type(key: str, value: Any, kind: type) -> Any:
+    """VALUE as KIND where that is unambiguous ('1e-3' -> 0.001, 3.0 -> 3), else a ConfigError naming KEY."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f'{key} must be true or false, got {_clipped(value)}')
+    if kind in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)) and math.isfinite(number):
+            if kind is float:
+                return float(number)
+            if float(number).is_integer():
+                return int(number)
+        noun = 'an integer' if kind is int else 'a number'
+        raise ConfigError(f'{key} must be {noun}, got {_clipped(value)}')
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f'{key} must be a string, got {_clipped(value)}')
+    if kind is list and isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f'{key} must be a {kind.__name__}, got {_clipped(value)}')
+
+
+def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A checked copy of ``cfg``: every key has the type of its default and a usable value, else ConfigError."""
+    import timm
+    from timm.optim import list_optimizers
+    from timm.scheduler import create_scheduler_v2
+
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f'unknown config key(s) {unknown}')
+    out: Dict[str, Any] = {}
+    for key, default in DEFAULTS.items():
+        value = cfg.get(key, default)
+        if (key == 'batch_size' and value == 'auto') or key == 'gamma':  # gamma: checked by parse_gamma below
+            out[key] = value
+        elif key == 'amp':
+            if value is True:
+                value = 'bf16'
+            elif value is False or value is None or value == 'fp32':
+                value = 'none'
+            if not isinstance(value, str) or value not in _AMP:
+                raise ConfigError(f'amp must be one of {list(_AMP)}, got {_clipped(cfg[key])}')
+            out[key] = value
+        elif value is None and default is None:
+            out[key] = None
+        else:
+            out[key] = _as_type(key, value, _OPTIONAL_TYPES.get(key, type(default)))
+        low, high = _RANGES.get(key, (-math.inf, math.inf))
+        if isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and not low <= out[key] <= high:
+            bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
+            raise ConfigError(f'{key} must be {bounds}, got {_clipped(value)}')
+    for key in ('model', 'opt', 'sched', 'device', 'train_split', 'val_split'):
+        if not out[key]:
+            raise ConfigError(f'{key} must not be empty')
+    try:
+        out['gamma'] = None if cfg.get('gamma') is None else parse_gamma(cfg['gamma'])
+    except ValueError as e:
+        raise ConfigError(f'gamma: {e}') from None
+    for key in ('classes', 'decay_milestones'):
+        if out[key] is not None:
+            out[key] = [_as_type(f'{key} entry', v, int) for v in out[key]]
+    if out['scale'] is not None:
+        out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
+        if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
+            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {_clipped(cfg['scale'])}")
+    if out['dataset'] in ('sklearn/digits', FASHION_MNIST) and out['classes'] is not None:
+        if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
+                or len(out['classes']) < 2:
+            raise ConfigError(f"classes must be two or more different class indices 0-9, got {_clipped(cfg['classes'])}")
+    if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
+        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {_clipped(out['dataset'])}")
+    if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
+        close = difflib.get_close_matches(out['model'][:100], timm.list_models(), n=1)
+        raise ConfigError(f"model: unknown model {_clipped(out['model'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
+    optimizers = list_optimizers()
+    if out['opt'].lower().split('_')[-1] not in optimizers:
+        close = difflib.get_close_matches(out['opt'].lower()[:100], optimizers, n=1)
+        raise ConfigError(f"opt: unknown optimizer {_clipped(out['opt'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
+    try:  # timm's scheduler factory is the list of schedulers it knows
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        create_scheduler_v2(probe, sched=out['sched'], num_epochs=out['epochs'], decay_milestones=out['decay_milestones'])
+    except ValueError as e:
+        raise ConfigError(f"sched: {e}") from None
+    _check_device(out['device'])
+    if out['initial_checkpoint'] and not Path(out['initial_checkpoint']).is_file():
+        raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
+    if out['resume'] and not out['checkpoints']:
+        raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
+    out['output'] = _output_folder(out)
+    return out
+
+
+def _check_local_model(model: str) -> None:
+    """A ``local-dir:`` model must name a folder whose config.json names a model timm knows (timm raised
+    FileNotFoundError or 'Unknown model'). Checked when a run starts, not when its config loads: a config may
+    name the folder an earlier step is to write."""
+    if not model.startswith('local-dir:'):
+        return
+    try:
+        folder_architecture(model[len('local-dir:'):], _clipped(model, quote=False))
+    except ConfigError as e:
+        raise ConfigError(f'model: {e}') from None
+
+
+def _output_folder(cfg: Dict[str, Any]) -> str:
+    """The run's folder: ``output``, or without one a new folder ``output/finetune/<YYYYmmdd-HHMMSS>-<model>``, as
+    timm's train.py names its runs (``-1``, ``-2``... when that name is taken)."""
+    if cfg['output'] is None:
+        if cfg['resume']:
+            raise ConfigError('resume: true continues the run in output, so output must name that run\'s folder '
+                              '(without output, each run gets a new folder)')
+        name = cfg['model'].split(':', 1)[-1].rstrip('/').split('/')[-1]
+        name = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)[:64]
+        base = Path('output') / 'finetune' / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        output, count = base, 0
+        while output.exists():
+            count += 1
+            output = base.with_name(f'{base.name}-{count}')
+        return str(output)
+    if not cfg['output']:
+        raise ConfigError('output must not be empty')
+    if Path(os.path.realpath(cfg['output'])).parent == Path(os.path.realpath(cfg['output'])):
+        raise ConfigError(f"output must be a run's folder, not the root folder {cfg['output']}")
+    blocking = file_in_the_way(cfg['output'])
+    if blocking is not None:
+        raise ConfigError(f"output: {blocking} is a file, so {_clipped(cfg['output'], quote=False)} cannot be a "
+                          f"folder")
+    return cfg['output']
+
+
+def describe_config(cfg: Dict[str, Any]) -> str:
+    """What a run will do, in two lines: the main settings, then every key that differs from DEFAULTS."""
+    classes = f" classes {cfg['classes']}" if cfg['classes'] is not None else ''
+    # output is on the first line; without one given it is a new folder, which would always differ from None
+    changed = ', '.join(f'{k}={_clipped(v)}' for k, v in cfg.items()
+                        if k in DEFAULTS and k != 'output' and v != DEFAULTS[k])
+    return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {cfg['epochs']} epochs, batch "
+            f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {_describe_gamma(cfg['gamma'])}, memory_efficient "
+            f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
+            f"changed from the defaults: {changed or 'nothing'}")
+
+
+def _describe_gamma(gamma: Any) -> str:
+    if gamma is None:
+        return "the model's own"
+    return ', '.join(f'{g:g}' for g in gamma) if isinstance(gamma, list) else str(gamma)
+
+
+def _check_device(name: str) -> None:
+    if name == 'auto':
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}") from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ConfigError(f'device: {name} asked for, but no CUDA GPU is available (use device: cpu or auto)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f'device: {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible')
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f'device: {name} asked for, but MPS is not available')
+    elif device.type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}")
+
+
+def _device(cfg: Dict[str, Any]) -> torch.device:
+    if cfg['device'] == 'auto':
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
+    return torch.device(cfg['device'])
+
+
+def _amp_dtype(cfg: Dict[str, Any], device: torch.device) -> Optional[torch.dtype]:
+    amp = cfg['amp']
+    if amp == 'none' or (amp == 'auto' and device.type != 'cuda'):
+        return None
+    if amp == 'auto':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if amp == 'fp16' else torch.bfloat16
+
+
+def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+    """The model ``cfg`` names, with its gamma and memory mode set."""
+    import timm
+
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
+                                  drop_path_rate=cfg['drop_path'])
+    try:
+        model = timm.create_model(cfg['model'], pretrained=cfg['pretrained'] and not cfg['initial_checkpoint'], **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
+    # Asked of the model, not its name: local-dir: and hf-hub: names do not say they hold a momentum net.
+    if isinstance(model, MomentumResNet):
+        try:
+            model.set_momentum(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
+        except ValueError as e:
+            raise ConfigError(f'gamma: {e}') from None
+    if cfg['initial_checkpoint']:
+        load_initial_checkpoint(model, cfg['initial_checkpoint'])
+    if cfg['grad_checkpointing']:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """Load weights strictly; only the classifier may be left out, and only when its number of classes differs."""
+    from timm.models import load_state_dict
+
+    try:
+        # timm's train.py saves its arguments as an argparse.Namespace: that class, and no other, is allowed
+        # (recent timm's load_state_dict allows it itself; the versions this package supports from do not)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
+                          f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
+    expected = resnet_state_dict(model.state_dict())  # a plain ResNet's checkpoint records no momentum settings
+    classifier = model.pretrained_cfg.get('classifier') or 'fc'
+    head = [k for k in expected if k.startswith(f'{classifier}.')]
+    head_differs = any(k in state and state[k].shape != expected[k].shape for k in head)
+    if head_differs:  # a new head for other classes: keep the freshly initialised one
+        state = {k: v for k, v in state.items() if k not in head}
+    missing = sorted(set(expected) - set(state) - (set(head) if head_differs else set()))
+    unexpected = sorted(set(state) - set(expected) - set(RECORD_KEYS))
+    mismatched = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}'
+                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [f'{name} {len(keys)} keys {keys[:5]}' for name, keys in
+                    (('missing', missing), ('unexpected', unexpected), ('shape mismatch in', mismatched)) if keys]
+        raise ConfigError(f'initial_checkpoint {path} does not match {type(model).__name__} '
+                          f'({model.pretrained_cfg.get("architecture")}): ' + '; '.join(problems))
+    try:  # a momentum checkpoint's recorded gamma is taken where the config gives none
+        model.load_state_dict(state, strict=not head_differs)
+    except RuntimeError as e:
+        raise ConfigError(f'initial_checkpoint {path}: {first_line(e)} {str(e).splitlines()[-1].strip()}') from None
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_distributed() else 0
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device)
+    return vm_hwm_bytes()
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib is installed (the ``train`` extra); without it, say once that there will be no plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('matplotlib is not installed: no loss and accuracy plots (pip install "timm-momentum[train]")',
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _curves_figure(rows: List[Dict[str, Any]], run: str) -> Any:
+    """Loss (log scale) and accuracy per epoch, train and validation, each panel titled with ``run``."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r['epoch'] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
+    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='val')  # as the epoch lines say
+    ax_acc.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
+    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='val')
+    ax_loss.set(xlabel='epoch', ylabel='loss')
+    if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss')):  # late epochs are lost on a linear scale
+        ax_loss.set(yscale='log', ylabel='loss (log scale)')
+    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)')
+    for ax, what in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
+        ax.set_title(f'{what}: {run}', fontsize=8)
+        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def _plot(rows: List[Dict[str, Any]], out: Path, run: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _curves_figure(rows, run)
+    ax_loss, ax_acc = fig.axes
+    for name, ax in (('loss.png', ax_loss), ('accuracy.png', ax_acc)):
+        extent = ax.get_tightbbox(fig.canvas.get_renderer()).transformed(fig.dpi_scale_trans.inverted())
+        fig.savefig(out / name, bbox_inches=extent.expanded(1.05, 1.1))
+    fig.savefig(out / 'curves.png')
+    plt.close(fig)
+
+
+def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader: Any,
+                    optimizer: torch.optim.Optimizer, criterion: nn.Module, cfg: Dict[str, Any], device: torch.device,
+                    amp: Optional[torch.dtype], scaler: Any = None, ema: Any = None, mixup: Any = None,
+                    last_good: str = '') -> Dict[str, float]:
+    """One pass over ``loader``: forward ``train_model`` (``model``, maybe wrapped in DDP or compiled), step the
+    optimiser every ``grad_accum_steps`` batches, update the EMA. Returns the mean loss, accuracy and images seen.
+
+    A non-finite loss stops training with FloatingPointError; ``last_good`` says where the last good checkpoint is.
+    """
+    model.train()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
+    bar = _progress(loader, epoch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (x, y) in enumerate(_batches(bar, cfg, cfg['train_split'])):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg['channels_last']:
+            x = x.to(memory_format=torch.channels_last)
+        target = y
+        if mixup:
+            x, target = mixup(x, y)
+        try:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = train_model(x)
+                loss = criterion(logits.float(), target)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. '
+                                         f'{last_good}; lower lr or enable clip_grad.')
+            scaled = loss / cfg['grad_accum_steps']
+            update = (step + 1) % cfg['grad_accum_steps'] == 0 or step + 1 == len(loader)
+            if scaler is not None:
+                scaler(scaled, optimizer, clip_grad=cfg['clip_grad'], parameters=model.parameters(),
+                       need_update=update)
+            else:
+                scaled.backward()
+                if update:
+                    if cfg['clip_grad']:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg['clip_grad'])
+                    optimizer.step()
+            if update:
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(
+                f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
+                f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
+        except ValueError as e:
+            if 'Expected more than 1 value per channel when training' not in str(e):
+                raise
+            raise ConfigError(
+                f"batch_size {cfg['batch_size']}: a batch of {len(y)} image(s) leaves BatchNorm one value per channel "
+                f"({first_line(e).split('got ')[-1]}), and in training BatchNorm normalises by the batch's own "
+                f"variance, which needs two. Use batch_size >= 2 (the loader drops a short last batch, as "
+                f"drop_last does) or a larger img_size") from None
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(-1) == y).sum())
+        if hasattr(bar, 'set_postfix'):
+            bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100.0 * correct / seen:.2f}',
+                            img_s=f'{seen / (time.perf_counter() - started):.1f}')
+    return {'loss': loss_sum / max(seen, 1), 'acc': 100.0 * correct / max(seen, 1), 'images': seen}
+
+
+def _batches(loader: Any, cfg: Dict[str, Any], split: str) -> Iterator[Any]:
+    """The batches of ``loader``; an image PIL refuses to open as a decompression bomb stops the run with a
+    ConfigError saying so (in a worker process too), where it was a traceback."""
+    from PIL import Image
+
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Image.DecompressionBombError as e:  # the DataLoader re-raises a worker's error as its type
+            reason = str(e).strip().splitlines()[-1].split('DecompressionBombError: ')[-1]
+            raise ConfigError(f"dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']} holds an image "
+                              f"too large to open safely: {reason} Remove it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                              f"if you trust it") from None
+        yield batch
+
+
+def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype],
+             cfg: Optional[Dict[str, Any]] = None) -> Tuple[float, float]:
+    """The validation loss and top-1 accuracy (%) of ``model`` on ``loader``, summed over every rank."""
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    batches = _batches(loader, cfg, cfg['val_split']) if cfg is not None else loader
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+    if _is_distributed():
+        stats = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        loss_sum, correct, total = stats.tolist()
+    return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (timm's transforms draw from it), numpy (mixup) and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> Dict[str, Any]:
+    """The generators' states as tensors and plain types, so that a weights-only load can read them."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'python': [version, list(internal), gauss], 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def _set_rng_states(states: Dict[str, Any]) -> None:
+    version, internal, gauss = states['python']
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+    name, keys, pos, has_gauss, cached = states['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# Keys a resumed run must share with the run it continues: what the weights are (model, classes, input, gamma),
+# how they started, what they are trained on and in what order (data, seed), and the optimiser whose state is
+# loaded. Every other key may change and takes effect. memory_efficient is not fixed: both modes compute the same
+# function and, to rounding, the same gradients (the invertible backward is exact), so switching it mid-run trades
+# memory for time, as grad_checkpointing does.
+RESUME_FIXED = ('model', 'pretrained', 'initial_checkpoint', 'num_classes', 'in_chans', 'img_size', 'gamma',
+                'dataset', 'data_dir', 'train_split', 'val_split', 'classes', 'train_per_class', 'seed', 'opt')
+# What the optimiser's and the scheduler's saved states hold too: a change to one rebuilds the schedule from it.
+_SCHEDULE_KEYS = ('epochs', 'lr', 'momentum', 'weight_decay', 'sched', 'warmup_epochs', 'min_lr', 'decay_milestones',
+                  'decay_rate')
+_NOT_COMPARED = ('resume', 'output')  # how a run was started, not what it trains
+
+
+def compare_resume_config(saved: Dict[str, Any], cfg: Dict[str, Any], path: Path) -> Dict[str, Tuple[Any, Any]]:
+    """The keys whose values differ between a checkpoint's config and ``cfg``, as (saved, new). A ConfigError
+    naming them when any is in RESUME_FIXED."""
+    changed = {key: (saved.get(key, DEFAULTS[key]), cfg[key]) for key in DEFAULTS
+               if key not in _NOT_COMPARED and not _same_value(key, saved.get(key, DEFAULTS[key]), cfg[key])}
+    fixed = [key for key in changed if key in RESUME_FIXED]
+    if fixed:
+        values = '; '.join(f'{key} {_clipped(changed[key][0])} in the checkpoint, {_clipped(changed[key][1])} now'
+                           for key in fixed)
+        raise ConfigError(f"cannot resume from {path} with another {', '.join(fixed)} ({values}): these cannot "
+                          f"change mid-run. Resume with the checkpoint's values, or start a new run in another output")
+    return changed
+
+
+def _same_value(key: str, saved: Any, new: Any) -> bool:
+    """Whether a config value is unchanged. A run records the per-stage gamma it trained at; a gamma that only the
+    model resolves (None, a policy) is compared once the model is built, in ``resume_checkpoint``."""
+    if key != 'gamma':
+        return saved == new
+    if saved is None or new is None or isinstance(saved, str) or isinstance(new, str):
+        return True
+    stages = len(saved) if isinstance(saved, list) else len(new) if isinstance(new, list) else 1
+
+    def per_stage(value: Any) -> List[Any]:
+        return value if isinstance(value, list) else [value] * stages
+
+    return per_stage(saved) == per_stage(new)
+
+
+def checkpoint_checksum(state: Dict[str, Any]) -> str:
+    """SHA-256 of everything a checkpoint holds but its ``checksum``: each tensor's dtype, shape and bytes, every
+    other value's repr, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f'tensor {tensor.dtype} {tuple(tensor.shape)};'.encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f'dict {len(value)};'.encode())
+            for key in sorted(value, key=repr):
+                digest.update(f'{key!r}:'.encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f'{type(value).__name__} {len(value)};'.encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f'{value!r};'.encode())
+
+    feed({key: value for key, value in state.items() if key != 'checksum'})
+    return digest.hexdigest()
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it copied to the CPU (the checkpoint is hashed and saved from these)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def load_resume_state(path: Path) -> Dict[str, Any]:
+    """Read ``last.pth.tar`` with ``weights_only=True`` (a checkpoint that holds code is refused, not run) and check
+    its tensors against the checksum written with them."""
+    try:
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the model's device
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ConfigError(f'cannot resume from {path}: not a weights-only checkpoint written by timm-momentum '
+                          f'finetune (corrupt, truncated, or it holds code): {load_failure(e)}') from None
+    needed = {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'rows', 'rng', 'config'}
+    if not isinstance(state, dict) or not needed <= set(state):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f'cannot resume from {path}: expected the keys {sorted(needed)}, found {_clipped(keys)}')
+    if 'checksum' not in state:
+        raise ConfigError(f'cannot resume from {path}: it carries no checksum (an earlier timm-momentum wrote it), so '
+                          f'it cannot be checked for corruption. Start a new run in another output; '
+                          f'initial_checkpoint: {path} starts one from its weights')
+    if checkpoint_checksum(state) != state['checksum']:
+        raise ConfigError(f'cannot resume from {path}: it is corrupt, its contents do not match the checksum written '
+                          f'with them. Resume from a copy of the run, or start a new run in another output')
+    return state
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                    ema: Any, epoch: int, best_acc: float, rows: List[Dict[str, Any]], cfg: Dict[str, Any]) -> None:
+    """Write the resume checkpoint atomically: weights, optimiser, scheduler, scaler, EMA, metrics, RNG states, the
+    config, and a checksum of all of them."""
+    state = _on_cpu({
+        'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+        'scaler': scaler.state_dict() if scaler else None, 'ema': ema.state_dict() if ema else None,
+        'epoch': epoch, 'best_acc': best_acc, 'rows': rows, 'config': cfg, 'rng': _rng_states()})
+    state['checksum'] = checkpoint_checksum(state)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def resume_checkpoint(state: Dict[str, Any], path: Path, cfg: Dict[str, Any], model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                      ema: Any) -> Tuple[int, float, List[Dict[str, Any]]]:
+    """Restore what ``save_checkpoint`` wrote (``state``, read by ``load_resume_state``) under ``cfg``; returns the
+    epoch to start from, the best accuracy and the metrics.
+
+    The optimiser's and scheduler's states carry the checkpoint's lr, schedule and weight decay. When ``cfg``
+    changes any of them, the optimiser keeps its saved moments but takes this config's hyperparameters, and the
+    schedule is this config's, at the epoch resumed.
+    """
+    changed = compare_resume_config(state['config'], cfg, path)
+    fresh_groups = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
+    fresh_schedule = copy.deepcopy(scheduler.state_dict())
+    try:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if scaler and state.get('scaler'):
+            scaler.load_state_dict(state['scaler'])
+        if ema and state.get('ema'):
+            ema.load_state_dict(state['ema'])
+        _set_rng_states(state['rng'])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f'cannot resume from {path}: it does not fit this config ({first_line(e)}); '
+                          f'use another output folder or resume: false') from None
+    start_epoch = state['epoch'] + 1
+    if any(key in changed for key in _SCHEDULE_KEYS):
+        for group, fresh in zip(optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        scheduler.load_state_dict(fresh_schedule)
+        scheduler.step(start_epoch)
+    return start_epoch, state['best_acc'], state['rows']
+
+
+def check_output(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Refuse an output this run must not write into, before anything is written. Returns the checkpoint to resume
+    from (its checksum checked, its config one this run may continue), or None for a new run.
+
+    A new run needs an absent or empty folder. ``resume: true`` needs the folder's last.pth.tar; where there is
+    none, it starts a new run there (and says so) only when the folder holds nothing but an earlier args.yaml.
+    """
+    out = Path(cfg['output'])
+    last = out / 'last.pth.tar'
+    held = sorted(p.name for p in out.iterdir() if not _is_temp(p.name)) if out.is_dir() else []
+    listed = ', '.join(held[:5]) + (f' and {len(held) - 5} more' if len(held) > 5 else '')
+    if cfg['resume'] and last.is_file():
+        state = load_resume_state(last)
+        changed = compare_resume_config(state['config'], cfg, last)
+        if changed and _rank() == 0:
+            print('resume: applying the changed keys ' + ', '.join(
+                f'{key} {_clipped(saved)} -> {_clipped(new)}' for key, (saved, new) in changed.items()), flush=True)
+        return state
+    if cfg['resume']:
+        if set(held) - {'args.yaml'}:
+            raise ConfigError(f'resume: {out} holds no checkpoint (last.pth.tar) to resume from, and is not empty '
+                              f'({listed}); choose another output for a new run')
+        if _rank() == 0:
+            print(f'resume: no checkpoint (last.pth.tar) in {out}, so this is a new run', flush=True)
+        return None
+    if held:
+        raise ConfigError(f'output {out} is not empty ({listed}); a new run there would overwrite it. Pass '
+                          f'--resume true to continue the run it holds, or choose a new --output (without one, each '
+                          f'run gets a new folder under output/finetune)')
+    return None
+
+
+def _is_temp(name: str) -> bool:
+    """Whether ``name`` is a temp file or folder that a write killed midway left (removed when the run starts)."""
+    return name.startswith('.') and ('.tmp-' in name or '.old-' in name)
+
+
+def _stop_together(failure: Optional[Exception]) -> None:
+    """Raise ``failure`` on the rank it happened on and a ConfigError on every other rank, so that no rank waits in a
+    collective for one that stopped."""
+    if _is_distributed():
+        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None
+        stopped = torch.tensor([int(failure is not None)], device=device)
+        dist.all_reduce(stopped)
+        if stopped.item() and failure is None:
+            failure = ConfigError('another rank refused the output folder; its message says why')
+    if failure is not None:
+        raise failure
+
+
+def _snapshot(out: Path) -> Dict[str, Any]:
+    """Whether ``out`` exists, and its args.yaml and metrics.csv as bytes (None where absent)."""
+    files = {name: (out / name).read_bytes() if (out / name).is_file() else None for name in ('args.yaml', 'metrics.csv')}
+    return {'exists': out.exists(), **files}
+
+
+def _undo_unfinished_run(out: Path, before: Dict[str, Any]) -> None:
+    """After a run stopped on bad input before finishing an epoch (metrics.csv as it was), put ``out`` back as it was:
+    its args.yaml restored or removed, and the folder removed again if this run made it."""
+    if not before['exists'] and not out.exists():
+        return
+    if _snapshot(out)['metrics.csv'] != before['metrics.csv']:
+        return  # an epoch finished: what it wrote is the run's record
+    if before['args.yaml'] is None:
+        (out / 'args.yaml').unlink(missing_ok=True)
+    else:
+        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_bytes(before['args.yaml']))
+    if not before['exists']:
+        remove_folders([out])
+
+
+def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Fine-tune as ``cfg`` says; returns the final metrics, the output folder and the model.
+
+    The output folder is checked before anything is written (``check_output``) and locked while the run writes it;
+    a run stopped by bad input before its first epoch ends leaves it as it was.
+    """
+    cfg = validate_config(cfg)
+    _check_local_model(cfg['model'])
+    out = Path(cfg['output'])
+    with contextlib.ExitStack() as stack:
+        failure = None
+        try:
+            if _rank() == 0:
+                stack.enter_context(folder_lock(out, 'timm-momentum finetune'))
+            resume_state = check_output(cfg)
+        except (ConfigError, FolderInUseError) as e:
+            failure = e if isinstance(e, ConfigError) else ConfigError(str(e))
+        _stop_together(failure)
+        before = _snapshot(out)
+        try:
+            return _train(cfg, resume_state)
+        except ConfigError:
+            if _rank() == 0:
+                _undo_unfinished_run(out, before)
+            raise
+
+
+def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``train`` once its output is checked: build, resume from ``resume_state`` (when not None), run the epochs."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    from .files import remove_stale_temps
+
+    device = _device(cfg)
+    amp = _amp_dtype(cfg, device)
+    seed_everything(cfg['seed'])
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = cfg['cudnn_benchmark']
+    if cfg['batch_size'] == 'auto':
+        cfg = dict(cfg, batch_size=find_batch_size(cfg))
+    # timm's datasets take their transforms' input size, mean and std from the model; in-memory ones need none
+    probe = None if cfg['dataset'] in ('sklearn/digits', FASHION_MNIST) else _build_model(cfg, cfg['num_classes'] or 2)
+    train_set, val_set, data_classes = build_datasets(cfg, probe)
+    export_data = {'data_config': data_config_of(cfg, train_set, probe), 'label_names': label_names(train_set)}
+    num_classes = cfg['num_classes'] or data_classes
+    if data_classes and num_classes != data_classes:
+        raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
+    seed_everything(cfg['seed'])
+    model = _build_model(cfg, num_classes).to(device)
+    if isinstance(model, MomentumResNet):  # args.yaml and checkpoints record the gamma the run trains at
+        cfg = dict(cfg, gamma=list(model.momentum_cfg['gamma']))
+        if _rank() == 0:
+            policy = f' (policy {model.gamma_policy})' if model.gamma_policy else ''
+            print(f"gamma per stage: {_describe_gamma(cfg['gamma'])}{policy}", flush=True)
+    if cfg['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
+                                    **({'momentum': cfg['momentum']} if cfg['opt'] in ('sgd', 'momentum') else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'],
+                                       warmup_epochs=cfg['warmup_epochs'], min_lr=cfg['min_lr'],
+                                       decay_milestones=cfg['decay_milestones'], decay_rate=cfg['decay_rate'])
+    scaler = NativeScaler(device=device.type) if amp == torch.float16 else None
+    ema = ModelEmaV3(model, decay=cfg['model_ema_decay']) if cfg['model_ema'] else None
+    mixup = Mixup(mixup_alpha=cfg['mixup'], cutmix_alpha=cfg['cutmix'], label_smoothing=cfg['smoothing'],
+                  num_classes=num_classes) if cfg['mixup'] or cfg['cutmix'] else None
+    criterion = SoftTargetCrossEntropy() if mixup else (
+        LabelSmoothingCrossEntropy(cfg['smoothing']) if cfg['smoothing'] else nn.CrossEntropyLoss())
+    train_model = nn.parallel.DistributedDataParallel(model) if _is_distributed() else model
+    if cfg['compile']:
+        train_model = torch.compile(train_model)
+
+    out = Path(cfg['output'])
+    last = out / 'last.pth.tar'
+    start_epoch, best_acc, rows = 0, -1.0, []
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)  # its parents exist already: train's folder_lock made them
+        for name in ('last.pth.tar', 'metrics.csv', 'best', 'final'):  # what runs killed mid-write left
+            remove_stale_temps(out, name)
+        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
+            yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
+    plots = _rank() == 0 and cfg['plots'] and _can_plot()
+    if resume_state is not None:
+        start_epoch, best_acc, rows = resume_checkpoint(resume_state, last, cfg, model, optimizer, scheduler, scaler,
+                                                        ema)
+        resume_state.clear()  # loaded: let the checkpoint's copies go (train's frame still holds this dict)
+        if _rank() == 0:
+            print(f'resuming from {last} at epoch {start_epoch}', flush=True)
+
+    steps_per_epoch = None
+    for epoch in range(start_epoch, cfg['epochs']):
+        seed_everything(cfg['seed'] * 1000 + epoch)  # resume replays the same draws as an unbroken run
+        loader = build_loader(train_set, cfg, True, device, cfg['seed'] + epoch, _is_distributed())
+        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        steps_per_epoch = len(loader)
+        epoch_lr = optimizer.param_groups[0]['lr']
+        started = time.perf_counter()
+        trained = train_one_epoch(epoch, model, train_model, loader, optimizer, criterion, cfg, device, amp, scaler,
+                                  ema, mixup, _last_good(last, rows))
+        scheduler.step(epoch + 1)
+        if _is_distributed():  # each rank tracked BatchNorm statistics on its own shard: average them
+            from timm.utils import distribute_bn
+            distribute_bn(model, dist.get_world_size(), reduce=True)
+        eval_model = ema.module if ema is not None else model
+        val_loss, val_acc = validate(eval_model, build_loader(val_set, cfg, False, device, 0, _is_distributed()),
+                                     device, amp, cfg)
+        row = {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
+               'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
+               'images_per_s': trained['images'] / (time.perf_counter() - started),
+               'peak_memory_mib': _peak_memory(device) / 2 ** 20}
+        diverged = not math.isfinite(val_loss) or not all(
+            bool(torch.isfinite(t).all()) for m in (model, eval_model) for t in m.state_dict().values()
+            if t.is_floating_point())
+        if _rank() == 0:
+            print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
+                  f"val loss {val_loss:.4f} acc {val_acc:.2f} | {row['images_per_s']:.1f} img/s | "
+                  f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
+            write_csv(out / 'metrics.csv', rows + [row])
+        if diverged:  # neither best/ nor last.pth.tar may hold a diverged model
+            raise FloatingPointError(f'the model diverged in epoch {epoch} (validation loss {val_loss}, or weights '
+                                     f'that are not finite); stopping, nothing of epoch {epoch} saved. '
+                                     f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
+        rows.append(row)
+        if plots:
+            _plot(rows, out, f"{cfg['model']} on {cfg['dataset']}, {out}")
+        if _rank() == 0 and cfg['checkpoints']:
+            if val_acc > best_acc:
+                best_acc = val_acc
+                _export(eval_model, out / 'best', cfg, row, export_data)
+            save_checkpoint(last, model, optimizer, scheduler, scaler, ema, epoch, best_acc, rows, cfg)
+    if _rank() == 0 and rows:
+        _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1], export_data)
+    return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
+            'steps_per_epoch': steps_per_epoch}
+
+
+def _last_good(last: Path, rows: List[Dict[str, Any]]) -> str:
+    """Where the newest finite checkpoint is: last.pth.tar is only ever written after a finite epoch."""
+    if rows and last.exists():
+        return f'The last good checkpoint is {last} (epoch {rows[-1]["epoch"]})'
+    return 'No epoch finished with finite weights, so there is no checkpoint to resume from'
+
+
+def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
+    if not cfg['progress'] or _rank() != 0:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc=f'epoch {epoch}', leave=False, file=sys.stderr)
+
+
+
+def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any], data: Dict[str, Any]) -> None:
+    """Write ``model`` as a model folder: the momentum settings it trained at, the preprocessing training used
+    (``data['data_config']``) and the class names (``data['label_names']``), so that timm and transformers
+    preprocess and label as training did."""
+    momentum_cfg = getattr(model, 'momentum_cfg', {})
+    model_args = {'num_classes': model.num_classes, **({'in_chans': cfg['in_chans']} if cfg['in_chans'] != 3 else {}),
+                  **{k: v for k, v in momentum_cfg.items() if k in ('gamma', 'block_fn')}}
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k in ('first_conv', 'classifier', 'license')}
+    pretrained_cfg['notes'] = (f"Fine-tuned by timm-momentum {__version__} from {cfg['model']} on {cfg['dataset']}"
+                               + (f" at gamma {_describe_gamma(momentum_cfg['gamma'])} per stage" if momentum_cfg
+                                  else '') + '.')
+    card = (f"---\nlibrary_name: timm\npipeline_tag: image-classification\ntags:\n  - image-classification\n"
+            f"  - timm\n  - timm-momentum\n---\n\n# {cfg['model']} fine-tuned on {cfg['dataset']}\n\n"
+            f"Fine-tuned by `timm-momentum finetune` (gamma per stage {_describe_gamma(momentum_cfg.get('gamma'))}, "
+            f"memory_efficient={cfg['memory_efficient']}). Epoch {row['epoch']}: validation accuracy "
+            f"{row['val_acc']:.2f}%.\n\n"
+            f"```python\nimport timm, timm_momentum  # the import registers the momentum_* models with timm\n"
+            f"model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:ORG/NAME'\n```\n")
+    write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card,
+                       data_config=data['data_config'], label_names=data['label_names'])
+
+
+def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:
+    """The largest batch whose training step fits on the GPU (CUDA only)."""
+    if _device(cfg).type != 'cuda':
+        raise ConfigError('batch_size: auto searches GPU memory and needs a CUDA device; give a number on CPU')
+    from .bench import largest_batch
+
+    mode = 'memory_efficient' if cfg['memory_efficient'] else 'plain'
+    found = largest_batch(cfg['model'], mode, cfg['img_size'] or 224, 'bf16' if _amp_dtype(cfg, _device(cfg)) else None,
+                           limit)['max_batch']
+    print(f'batch_size auto: {found} fits', flush=True)
+    return max(found, 1)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    try:
+        result = run_reporting_user_errors(lambda: _configure_and_train(args))
+    finally:
+        if _is_distributed():
+            dist.destroy_process_group()
+    if result is None:
+        return 2
+    print(f"final: {result['metrics']}")
+    return 0
+
+
+def _configure_and_train(args: argparse.Namespace) -> Dict[str, Any]:
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and not _is_distributed():
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    if _rank() == 0:
+        print(describe_config(cfg), flush=True)
+    return train(cfg)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``finetune`` subcommand."""
+    keys = ', '.join(f'{k} ({v})' for k, v in DEFAULTS.items())
+    parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config',
+                                   epilog=f'config keys, each settable as --key value, with their defaults: {keys}')
+    parser.add_argument('--config', default=None, help='YAML config in configs/; any other --key value '
+                        'overrides that key (names as in timm train.py, plus gamma and memory_efficient; '
+                        'default: none, the defaults listed below)')
+    parser.set_defaults(func=_run_finetune, accepts_overrides=True, overrides=[])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m timm_momentum.tools.finetune --config ... [--key value]``."""
+    parser = argparse.ArgumentParser(prog='python -m timm_momentum.tools.finetune')
+    parser.add_argument('--config', default=None, help='YAML config; any other --key value overrides that key')
+    args, overrides = parser.parse_known_args(argv)
+    args.overrides = overrides
+    return _run_finetune(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
