@@ -27,3 +27,16 @@ def hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
     for module in [m for m in sys.modules if m == name or m.startswith(name + '.')] + [name]:
         monkeypatch.setitem(sys.modules, module, None)
+
+
+@pytest.fixture
+def standard_matches_memory_efficient():
+    """Standard mode carries its state in float64 as the memory-efficient mode does, so the two compute bitwise
+    the same forward and their gradients compare exactly (``set_standard_matches_memory_efficient``)."""
+    from timm_momentum.core.config import set_standard_matches_memory_efficient
+
+    set_standard_matches_memory_efficient(True)
+    try:
+        yield
+    finally:
+        set_standard_matches_memory_efficient(False)

@@ -22,9 +22,10 @@ precision and each recomputed block input rounds to the very value the forward u
 even the carrier, the chain also stores its state every K blocks or keeps its inputs (``check_invertible`` warns
 and names the gamma that needs no extra storage). ``faithful_gamma`` is the policy for pretrained weights: the
 smallest gamma whose inverse stays exact in practice, storing no more than at the paper's 0.9 (or a few per cent
-more to keep the source's function). Standard mode runs the same arithmetic, so both modes compute bitwise the
-same forward, and the backward checks its own reconstruction: it warns when rebuilt activations drift past the
-working precision and raises when gradients would be wrong.
+more to keep the source's function). Standard mode never inverts, so it carries the state in the input's dtype
+(at least float32; ``standard_carrier``): its outputs equal the memory-efficient ones up to float32 rounding of the
+state's sums. The memory-efficient backward checks its own reconstruction: it warns when rebuilt activations drift
+past the working precision and raises when gradients would be wrong.
 """
 import contextlib
 import functools
@@ -38,30 +39,21 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
-from .kernels import adjoint_step, forward_update, previous_position, previous_state, standard_backward
+from .config import set_strict_check, set_standard_matches_memory_efficient, strict_check_enabled, standard_matches_memory_efficient
+from .kernels import (adjoint_update, forward_step, forward_update, previous_position, previous_velocity,
+                      previous_velocity_and_position, standard_backward)
 
 __all__ = [
     'BlockFn', 'ChainPlan', 'PAPER_GAMMA', 'dropin_fn', 'validate_gamma', 'plan_chain', 'plan_bytes', 'min_safe_gamma',
     'POLICY_AMPLIFICATION', 'ZERO_GAMMA_STORE_RATIO', 'faithful_gamma', 'check_invertible', 'momentum_chain', 'checkpoint_blocks', 'frozen_norm_stats', 'set_strict_check',
-    'register_deterministic',
+    'register_deterministic', 'standard_carrier', 'set_standard_matches_memory_efficient',
 ]
 
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
-# Largest relative error tolerated in the rebuilt chain input, by the dtype blocks compute in. Calibrated
-# on randomly initialised momentum_resnet101/152 (benchmarks/RESULTS.md): the exact float64 inverse rebuilds
-# it to about 1e-6 for float32 work, a float32 carrier forced in its place gives 1.6e-5 to 2e-4 and
-# gradient errors of 3e-3 to 2e-2; such networks turn a rebuilt-input error into a gradient error up to
-# 1000 times larger.
+# Largest relative error tolerated in the rebuilt chain input, by the dtype blocks compute in; past the second
+# table the backward raises instead of warning. How both were calibrated: benchmarks/CALIBRATION.md.
 _RECONSTRUCTION_TOL = {torch.float64: 1e-9, torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# Past this error the backward raises instead of warning. For float32 work: random resnet152 at 224 px rebuilt
-# its 35-block chain to 1.3e-6..2e-5 with the float64 carrier, gradients as close to float64 backprop's as
-# float32 standard backprop's (0.8-1.2%), while a forced float32 carrier rebuilt it to 1.8e-4..2.1e-4 and
-# doubled that distance (calibrate_check.py --float64). Under autocast the state is float64 too, and trained
-# resnet50/101/152 rebuilt their chains below these warning levels (benchmarks/half_carrier.py); a float32
-# state there flipped the rounding of half-precision block inputs and rebuilt chains to 0.03..0.2, with
-# gradients up to 3x further from float32's than standard autocast backprop's. The half-precision bounds
-# stay where that float32 state needed them; with the float64 one no measured gap came near them.
 _RECONSTRUCTION_FAIL = {torch.float64: 1e-6, torch.float32: 5e-5, torch.float16: 0.5, torch.bfloat16: 0.5}
 
 BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -71,16 +63,11 @@ BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 _AMPLIFICATION_LIMIT = {torch.float64: 2.0 ** 24}
 # The paper's gamma: the faithful policy stores no more than a chain stores at it.
 PAPER_GAMMA = 0.9
-# Largest gamma^-N the faithful policy lets an inverse amplify by, whatever the carrier. The carrier's rounding is
-# not what binds there: a rebuilt block input that lands on the other side of a float32 rounding boundary is one
-# ulp off, and every later inverse step multiplies that by the blocks' Lipschitz constant over gamma. On ResNets
-# trained on Fashion-MNIST, memory-efficient fine-tuning rebuilt its chains exactly up to about this bound and
-# failed the self-check well before the float64 carrier's 2^24 (benchmarks/fidelity/fidelity.md, headroom).
+# Largest gamma^-N the faithful policy lets an inverse amplify by, whatever the carrier: a rebuilt block input
+# one float32 ulp off is amplified by every later inverse step (why 2^8: benchmarks/CALIBRATION.md).
 POLICY_AMPLIFICATION = 2.0 ** 8
 # At gamma = 0 (the source's own function) a chain that cannot invert still stores its inputs where they cost at
-# most this many times an inverse's state: resnet34/50's 5-block layer3 in float32 (20 bytes per element against
-# 16), which makes those models' faithful policy gamma = 0 everywhere for a few per cent more bytes than at 0.9
-# (tests/test_faithful.py counts them), inside the 5 % the policy may spend.
+# most this many times an inverse's state (resnet34/50's 5-block layer3 in float32: 20 bytes per element against 16).
 ZERO_GAMMA_STORE_RATIO = 1.25
 
 
@@ -113,15 +100,9 @@ class ChainPlan(NamedTuple):
 
 
 def _carrier(work_dtype: torch.dtype) -> torch.dtype:
-    """The dtype an inverse carries its state in for ``work_dtype``: float64 for every work dtype.
-
-    A float32 state under bfloat16/float16 autocast rebuilds each block input to within float32 rounding times
-    gamma^-K, and wherever that lands across a half-precision rounding boundary the rebuilt input is one half-
-    precision ulp off, which the later inverse steps amplify. On ResNets trained on Fashion-MNIST that was never
-    exact, at gamma 0.9 or at the faithful policy: rebuilt chains off by up to 0.2 and parameter gradients up to
-    3x further from float32 backprop's than standard autocast backprop's, while a float64 state rebuilt them
-    exactly (benchmarks/half_carrier.py, benchmarks/fidelity/half_carrier.md). Its cost, 16 bytes per element of a
-    chain's state instead of 8, is the one the plan weighs against storing the inputs."""
+    """The dtype an inverse carries its state in for ``work_dtype``: float64 for every work dtype (why, under
+    half-precision autocast too: benchmarks/CALIBRATION.md). ``plan_chain`` weighs its 16 bytes per element
+    against storing the inputs."""
     return torch.float64
 
 
@@ -248,7 +229,7 @@ class frozen_norm_stats:
         for module in self.modules:
             for norm in module.modules():
                 if isinstance(norm, _NormBase) and norm.training and norm.track_running_stats:
-                    # straight into the buffer dict: Module.__setattr__ took ~5 ms of a resnet101 backward
+                    # straight into the buffer dict, skipping Module.__setattr__ (benchmarks/CALIBRATION.md)
                     buffers = norm._buffers
                     originals = {name: buffers[name] for name in _NORM_STATS if buffers.get(name) is not None}
                     self.stashed.append((norm, originals))
@@ -490,48 +471,69 @@ class _InvertibleMomentum(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         _check_pending()
         _check_unchanged(ctx.reads, ctx.spec.blocks)
-        spec: _ChainSpec = ctx.spec
         # The saved state is rebuilt in place, so a second backward through this node fails loudly
         # (autograd's "modified by an inplace operation") instead of using stale activations.
         if ctx.store_inputs:
-            inputs, x_state, v_state, stored = ctx.saved_tensors, None, None, []
+            grad_x, param_grads = _backward_from_inputs(ctx, grad_out, ctx.saved_tensors)
         else:
-            inputs = None
-            x_state, v_state, signs, input_sketch, *stored = ctx.saved_tensors
-        adjoint = _Adjoint(grad_out, spec.gamma)
-        param_grads: List[List[Optional[torch.Tensor]]] = []
-        gaps = []
-        dropin = spec.block_fn is dropin_fn
-        x_in = None
-        for n in range(len(spec.blocks) - 1, -1, -1):
-            if inputs is not None:
-                x_in = inputs[n]
-            else:
-                if n + 1 < len(spec.blocks) and (n + 1) % ctx.span == 0:
-                    # start each span from the exact state stored at its end, not the rebuilt one
-                    k = 2 * ((n + 1) // ctx.span - 1)
-                    gaps += [_gap(x_state, stored[k]), _gap(v_state, stored[k + 1])]
-                    x_state, v_state = stored[k], stored[k + 1]
-                    x_in = None
-                if x_in is None:  # the last block, or a span's end: previous_state left the position step
-                    x_in = previous_position(x_state, v_state, ctx.in_dtype)
-            with _replay(spec.blocks[n], ctx.rng_states[n], grad_out.device, ctx.autocast):
-                out, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
-            if inputs is None and n > 0:
-                # v_n, then (unless a stored state takes over) the next block's input, in one pass
-                x_in = previous_state(x_state, v_state, out, x_in if dropin else None, spec.gamma, ctx.in_dtype,
-                                      position=n % ctx.span != 0)
-            else:
-                x_in = None
-            del out
-            adjoint.accumulate(grad_in, dropin=dropin, last_step=n == 0)
-            del grad_in  # not alive at the next block's recompute, where the step's memory peaks
-            param_grads.append(grads)
-        if inputs is None and grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
-            gaps.append(_gap(_sketch(x_state, signs), input_sketch))
-            _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, spec.gamma, len(spec.blocks))
-        flat = [g for block_grads in reversed(param_grads) for g in block_grads]
-        return (adjoint.grad_x.to(ctx.in_dtype), None, *flat)
+            grad_x, param_grads = _backward_by_inverse(ctx, grad_out, *ctx.saved_tensors)
+        return (grad_x.to(ctx.in_dtype), None, *param_grads)
+
+
+def _backward_from_inputs(ctx, grad_out: torch.Tensor, inputs: Sequence[torch.Tensor]
+                          ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """The backward of a chain that stored each block's input: recompute and pull back each block, last first."""
+    adjoint = _Adjoint(grad_out, ctx.spec.gamma)
+    param_grads = []
+    for n in reversed(range(len(ctx.spec.blocks))):
+        _, grads = _pull_back(ctx, n, inputs[n], adjoint)
+        param_grads.append(grads)
+    return adjoint.grad_x, [g for block_grads in reversed(param_grads) for g in block_grads]
+
+
+def _backward_by_inverse(ctx, grad_out: torch.Tensor, x_state: torch.Tensor, v_state: torch.Tensor,
+                         signs: torch.Tensor, input_sketch: torch.Tensor, *stored: torch.Tensor
+                         ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """The backward of a chain that inverts: from the final state, rebuild each block's input with the inverse
+    rule, recompute and pull back the block; each span starts from the exact state stored at its end. Then check
+    the rebuilt states against the stored ones and the rebuilt chain input against its sketch."""
+    spec, span = ctx.spec, ctx.span
+    dropin = spec.block_fn is dropin_fn
+    # the state stored in forward before block ``n``, for each span's end n
+    span_ends = {span * (j + 1): (stored[2 * j], stored[2 * j + 1]) for j in range(len(stored) // 2)}
+    adjoint = _Adjoint(grad_out, spec.gamma)
+    param_grads, gaps = [], []
+    x_in = None
+    for n in reversed(range(len(spec.blocks))):
+        if n + 1 in span_ends:
+            exact_x, exact_v = span_ends[n + 1]
+            gaps += [_gap(x_state, exact_x), _gap(v_state, exact_v)]
+            x_state, v_state, x_in = exact_x, exact_v, None
+        if x_in is None:  # the chain's last block, or a span's end
+            x_in = previous_position(x_state, v_state, ctx.in_dtype)
+        out, grads = _pull_back(ctx, n, x_in, adjoint)
+        param_grads.append(grads)
+        branch_input = x_in if dropin else None
+        if n > 0 and n % span:  # v_{n-1}, then the input of block n - 1, in one pass
+            x_in = previous_velocity_and_position(x_state, v_state, out, branch_input, spec.gamma, ctx.in_dtype)
+        elif n > 0:  # a span's start: the stored state takes over, v_{n-1} only feeds the check
+            previous_velocity(x_state, v_state, out, branch_input, spec.gamma)
+        del out  # not alive at the next block's recompute, where the step's memory peaks
+    if grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
+        gaps.append(_gap(_sketch(x_state, signs), input_sketch))
+        _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, spec.gamma, len(spec.blocks))
+    return adjoint.grad_x, [g for block_grads in reversed(param_grads) for g in block_grads]
+
+
+def _pull_back(ctx, n: int, x_in: torch.Tensor, adjoint: '_Adjoint'
+               ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """Recompute block ``n`` on ``x_in`` as the forward ran it and take its step of the adjoint; returns the
+    block's output (for the inverse) and its parameters' gradients."""
+    spec = ctx.spec
+    with _replay(spec.blocks[n], ctx.rng_states[n], adjoint.grad_out.device, ctx.autocast):
+        out, grad_in, grads = _block_vjp(spec, n, x_in, adjoint.block_grad)
+    adjoint.accumulate(grad_in, dropin=spec.block_fn is dropin_fn, last_step=n == 0)
+    return out, grads
 
 
 def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.Tensor
@@ -539,7 +541,7 @@ def _block_vjp(spec: _ChainSpec, n: int, x_in: torch.Tensor, block_grad: torch.T
     """Recompute the block on ``x_in`` and pull ``block_grad`` back through f.
 
     Returns the block's output (detached): f itself, or block(x) for the drop-in f = block(x) - x, whose
-    subtraction ``previous_state`` does in the same pass as the inverse. Then J_x^T block_grad (None if f
+    subtraction the inverse's step does in the same pass. Then J_x^T block_grad (None if f
     ignores x) and J_theta^T block_grad for each of the block's parameters (None for frozen ones). For the
     drop-in f, J_x^T leaves out the identity's -block_grad, which ``_Adjoint.accumulate`` subtracts in place.
     """
@@ -570,28 +572,15 @@ class _Adjoint:
         before, (1 - gamma) g <- (1 - gamma) g_x + gamma (1 - gamma) g: one lerp."""
         if self.grad_x is None:
             self.grad_x = self.grad_out.to(self.block_grad.dtype, copy=True)
-        adjoint_step(self.grad_x, grad_in, self.block_grad, self.gamma, dropin, last_step)
+        adjoint_update(self.grad_x, grad_in, self.block_grad, self.gamma, dropin, last_step)
 
 
-_STRICT_CHECK = False
 # Reconstruction gaps of CUDA backwards still on their way to the host: (gap, event, dtype, gamma, blocks).
 _PENDING: List[Tuple[torch.Tensor, object, torch.dtype, float, int]] = []
 
 
-def set_strict_check(strict: bool = True) -> None:
-    """Choose when the memory-efficient backward checks its reconstruction.
-
-    By default a CUDA backward does not wait for its check: the gap is copied to the host
-    asynchronously and read by a later backward, so a failure raises one step late. With
-    ``strict=True`` every backward reads its gap before returning gradients (a host sync per chain).
-    On CPU the check is always immediate, which costs no sync.
-    """
-    global _STRICT_CHECK
-    _STRICT_CHECK = bool(strict)
-
-
 def _report_reconstruction(worst_gap: torch.Tensor, work_dtype: torch.dtype, gamma: float, num_blocks: int) -> None:
-    if _STRICT_CHECK or worst_gap.device.type != 'cuda':
+    if strict_check_enabled() or worst_gap.device.type != 'cuda':
         _check_reconstruction(worst_gap.item(), work_dtype, gamma, num_blocks)
         return
     host = torch.empty((), dtype=worst_gap.dtype, pin_memory=True)
@@ -668,33 +657,59 @@ def momentum_chain(
         return x
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for block in blocks for p in block.parameters()))
-    if memory_efficient and needs_grad:
+    if not needs_grad:  # eval and no_grad: the plain forward, in the input's dtype
+        return _autograd_chain(x, blocks, gamma, block_fn, False, x.dtype)
+    if memory_efficient:
         return _invertible_chain(x, _ChainSpec(blocks, block_fn, gamma))
-    # With gradients, the same arithmetic as the invertible forward: both modes compute bitwise the same.
-    if needs_grad:
-        carrier = torch.promote_types(plan_chain(gamma, len(blocks), _work_dtype(x), x.dtype).carrier, x.dtype)
-    else:  # eval and no_grad: the plain forward, in the input's dtype
-        carrier = x.dtype
-    # Eager backprop of float32/float64 inputs takes _MomentumStep's short backward; torch.compile fuses the
-    # plain ops itself, and half-precision inputs keep autograd's float32 gradients through the carrier.
-    stepped = needs_grad and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-    # _MomentumStep subtracts the drop-in f's input itself, in the update's pass and without autograd's negation
-    step_fn = block_fn
-    if stepped and block_fn is dropin_fn:
-        step_fn = _block_output
-    state = _CarrierState(x.detach().to(carrier, copy=True) if stepped else x.to(carrier))
+    if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        return _stepped_chain(x, blocks, gamma, block_fn, grad_checkpointing)
+    # torch.compile fuses the plain ops itself; half-precision inputs keep autograd's float32 gradients
+    return _autograd_chain(x, blocks, gamma, block_fn, grad_checkpointing, standard_carrier(x, gamma, len(blocks)))
+
+
+def standard_carrier(x: torch.Tensor, gamma: float, num_blocks: int) -> torch.dtype:
+    """The dtype standard mode carries the state (x, v) of a chain of ``num_blocks`` blocks in: the input's, and
+    at least float32.
+
+    Standard mode never inverts, so it needs no wider state; the memory-efficient forward carries float64 where it
+    inverts (``plan_chain``), and there the two modes' outputs differ by the rounding of the state's sums in float32.
+    ``set_standard_matches_memory_efficient(True)`` carries the plan's dtype instead: both modes bitwise the same.
+    """
+    if standard_matches_memory_efficient():
+        return torch.promote_types(plan_chain(gamma, num_blocks, _work_dtype(x), x.dtype).carrier, x.dtype)
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _run_block(fn: BlockFn, block: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """``fn(block, x)``, recomputed in backward from its stored input under ``grad_checkpointing``."""
+    if grad_checkpointing:
+        return checkpoint_blocks(functools.partial(fn, block), x, [block])
+    return fn(block, x)
+
+
+def _autograd_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, block_fn: BlockFn,
+                    grad_checkpointing: bool, carrier: torch.dtype) -> torch.Tensor:
+    """The chain as plain tensor ops (``forward_step`` out of place), with the state in ``carrier``; autograd,
+    where it records, differentiates them."""
+    position, velocity = x.to(carrier), None
+    for block in blocks:
+        out = _run_block(block_fn, block, position.to(x.dtype), grad_checkpointing)
+        position, velocity = forward_step(position, velocity, out.to(carrier), gamma, inplace=False)
+    return position.to(x.dtype)
+
+
+def _stepped_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, block_fn: BlockFn,
+                   grad_checkpointing: bool) -> torch.Tensor:
+    """The chain in standard backprop with one ``_MomentumStep`` per block: its state is updated in place
+    outside autograd, and each block's backward is ``standard_backward``, one pass."""
+    dropin = block_fn is dropin_fn  # the step subtracts the drop-in f's input itself, in the update's pass
+    step_fn = _block_output if dropin else block_fn
+    state = _CarrierState(x.detach().to(standard_carrier(x, gamma, len(blocks)), copy=True))
     position, token = x, None
     for block in blocks:
-        x_in = position if stepped else state.x.to(x.dtype)
-        if grad_checkpointing and needs_grad:
-            out = checkpoint_blocks(functools.partial(step_fn, block), x_in, [block])
-        else:
-            out = step_fn(block, x_in)
-        if stepped:
-            position, token = _MomentumStep.apply(out, position, token, state, gamma, step_fn is _block_output)
-        else:
-            state.update(out, gamma)
-    return position if stepped else state.x.to(x.dtype)
+        out = _run_block(step_fn, block, position, grad_checkpointing)
+        position, token = _MomentumStep.apply(out, position, token, state, gamma, dropin)
+    return position
 
 
 def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -703,18 +718,11 @@ def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _CarrierState:
-    """A chain's state (x, v) in its carrier dtype, with v = 0 at the start."""
+    """A chain's state (x, v) that ``_MomentumStep`` updates in place, with v = 0 at the start."""
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x
         self.v: Optional[torch.Tensor] = None
-
-    def update(self, fx: torch.Tensor, gamma: float) -> None:
-        """v <- gamma * v + (1 - gamma) * f;  x <- x + v, through autograd, in new tensors (the old ones may be
-        saved for backward), rounded as ``kernels.forward_update`` rounds them, so both modes agree bitwise."""
-        step = fx.to(self.x.dtype)
-        self.v = step * (1.0 - gamma) if self.v is None else torch.lerp(self.v, step, 1.0 - gamma)
-        self.x = self.x + self.v
 
 
 class _MomentumStep(torch.autograd.Function):
@@ -724,8 +732,7 @@ class _MomentumStep(torch.autograd.Function):
     and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The carrier
     state is updated in place outside autograd (``kernels.forward_update``, the memory-efficient forward's own
     update) and needs nothing saved, since the rule is linear. So each block's backward is one pass in the input
-    dtype (``kernels.standard_backward``), where autograd through the carrier ops made eight, half of them over
-    float64 tensors (benchmarks/RESULTS.md). For the drop-in f the step takes block(x) and subtracts x itself.
+    dtype (``kernels.standard_backward``). For the drop-in f the step takes block(x) and subtracts x itself.
     """
 
     generate_vmap_rule = True  # torch.func transforms (grad, vmap, ...) work as through the plain ops

@@ -1,38 +1,74 @@
-"""The element-wise steps of a momentum chain, in place on the chain's state, eager or compiled and fused.
+"""The momentum rule, written once, and the element-wise steps of a chain built on it, eager or compiled.
 
-Each step updates the state (x, v) in place, so a chain allocates nothing per block but the next block's
-input and f. Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or
-``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic shapes, built once
-per process and cached on disk by torch), about half the bytes moved. On CPU that measured no faster in a
-whole training step (``benchmarks/RESULTS.md``), so it is off by default; ``benchmarks/gpu_check.sh`` times it
-on CUDA. Compiled steps may round the last bit differently from the eager ones; standard and
-memory-efficient modes stay bitwise identical either way, since both take the same steps. Where compiling
-fails, a warning says so once and the eager steps run.
+The rule (Sander et al., ICML 2021, eq. 3), its inverse and its adjoint are the four functions ``forward_step``,
+``inverse_position``, ``inverse_velocity`` and ``adjoint_step``; every path of the package computes with them:
+the standard and memory-efficient chains (``chain``), eager or compiled, and the models' plain forward.
+
+The steps below apply them in place on a chain's state (x, v), so a chain allocates nothing per block but the
+next block's input and f. Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or
+``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic shapes, built once per
+process and cached on disk by torch), about half the bytes moved. It is off by default (``benchmarks/RESULTS.md``
+has the timings; ``benchmarks/gpu_check.sh`` times it on CUDA). Compiled steps may round the last bit differently
+from the eager ones. Where compiling fails, a warning says so once and the eager steps run;
+``compiled_kernels()`` names the steps that did run compiled.
 """
 import contextlib
-import os
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
-__all__ = ['set_fused', 'fused_enabled', 'forward_update', 'previous_position', 'previous_state', 'adjoint_step',
-           'standard_backward']
+from .config import fused_enabled, set_fused
 
-_ENABLED = os.environ.get('TIMM_MOMENTUM_FUSED', '0') == '1'
+__all__ = ['forward_step', 'inverse_position', 'inverse_velocity', 'adjoint_step', 'set_fused', 'fused_enabled',
+           'compiled_kernels', 'forward_update', 'previous_position', 'previous_velocity',
+           'previous_velocity_and_position', 'adjoint_update', 'standard_backward']
+
 _COMPILED: Dict[Callable, Callable] = {}
+_RAN_COMPILED: Set[str] = set()
 _WEIGHTS: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def set_fused(enabled: bool = True) -> None:
-    """Choose whether the chain's element-wise steps run as compiled fused kernels or eagerly (the default)."""
-    global _ENABLED
-    _ENABLED = bool(enabled)
+def forward_step(x: torch.Tensor, v: Optional[torch.Tensor], f: torch.Tensor, gamma: float,
+                 inplace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The momentum rule: v <- gamma v + (1 - gamma) f;  x <- x + v, where v = None stands for v = 0.
+
+    Returns (x, v). With ``inplace`` x and v are updated in their own storage (and f becomes the first v).
+    """
+    weight = 1.0 - gamma
+    if v is None:
+        velocity = f.mul_(weight) if inplace else f * weight
+    else:
+        velocity = v.lerp_(f, weight) if inplace else torch.lerp(v, f, weight)  # v + (1 - gamma) (f - v), one pass
+    x = x.add_(velocity) if inplace else x + velocity
+    return x, velocity
 
 
-def fused_enabled() -> bool:
-    """Whether the element-wise steps will try compiled fused kernels."""
-    return _ENABLED
+def inverse_position(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The rule's inverse, first half, in place: x_{n-1} = x_n - v_n."""
+    return x.sub_(v)
+
+
+def inverse_velocity(v: torch.Tensor, f: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The rule's inverse, second half, in place, with f = f_n(x_{n-1}): v_{n-1} = (v_n - (1 - gamma) f) / gamma.
+
+    Computed as lerp(f, v, 1 / gamma) = v + (1 / gamma - 1) (v - f): a small correction to v (lerp's formula
+    for weights >= 0.5), which rounds better than the division.
+    """
+    return torch.lerp(f, v, 1.0 / gamma, out=v)
+
+
+def adjoint_step(grad_x: torch.Tensor, block_grad: torch.Tensor, gamma: float, inplace: bool) -> torch.Tensor:
+    """The rule's adjoint for the velocity, carried scaled by (1 - gamma):
+    (1 - gamma) g_n = (1 - gamma) dL/dx_n + gamma (1 - gamma) g_{n+1}, from ``grad_x`` = dL/dx_n and
+    ``block_grad`` = (1 - gamma) g_{n+1}; (1 - gamma) g_n is the gradient of block n's output f_n."""
+    weight = 1.0 - gamma
+    return block_grad.lerp_(grad_x, weight) if inplace else torch.lerp(block_grad, grad_x, weight)
+
+
+def compiled_kernels() -> Set[str]:
+    """The names of the element-wise steps that have run as compiled kernels in this process."""
+    return set(_RAN_COMPILED)
 
 
 def _as_tensor(value: object, like: torch.Tensor) -> object:
@@ -48,7 +84,7 @@ def _as_tensor(value: object, like: torch.Tensor) -> object:
 
 
 def _compilable(tensors: Tuple[torch.Tensor, ...]) -> bool:
-    if not _ENABLED or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if not fused_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # a double backward records these ops; compiled kernels run without autograd
@@ -69,7 +105,7 @@ def _flat(tensors: Tuple[torch.Tensor, ...]) -> Optional[Tuple[torch.Size, Tuple
 
 def _call(kernel: Callable, *args: object):
     """Run ``kernel`` compiled where it can be, else eagerly; the two agree but for rounding in the last bits."""
-    if not _ENABLED:  # the default: nothing to inspect on the hot path
+    if not fused_enabled():  # the default: nothing to inspect on the hot path
         return kernel(*args)
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     if not _compilable(tensors):
@@ -96,6 +132,7 @@ def _call(kernel: Callable, *args: object):
     except Exception as error:  # no compiler, no Python headers, an inductor bug: run eagerly
         _give_up_compiling(error)
         return kernel(*args)
+    _RAN_COMPILED.add(kernel.__name__)
     return result if layout is None else _unflatten(result, *layout)
 
 
@@ -108,15 +145,14 @@ def _unflatten(result, shape: torch.Size, stride: Tuple[int, ...]):
 
 
 def _give_up_compiling(error: Exception) -> None:
-    global _ENABLED
-    _ENABLED = False
+    set_fused(False)
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     warnings.warn(f'timm_momentum could not compile its fused momentum kernels ({type(error).__name__}: {reason}); '
                   'it runs the same steps eagerly from now on (the default; results agree but for the last bits). '
                   'set_fused(False), or TIMM_MOMENTUM_FUSED unset, skips the attempt.', RuntimeWarning, stacklevel=3)
 
 
-def _step(out: torch.Tensor, block_input: Optional[torch.Tensor], carrier: torch.dtype) -> torch.Tensor:
+def _branch(out: torch.Tensor, block_input: Optional[torch.Tensor], carrier: torch.dtype) -> torch.Tensor:
     """f in the carrier dtype, in a new tensor: the block's output, less its input for the drop-in f.
 
     The subtraction is rounded in the block's dtype, so f is a function of the block's input alone and the
@@ -125,24 +161,17 @@ def _step(out: torch.Tensor, block_input: Optional[torch.Tensor], carrier: torch
     return out.to(carrier, copy=True) if block_input is None else (out - block_input).to(carrier)
 
 
-def _first_update(x: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor], one_minus_gamma: float,
-                  next_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    velocity = _step(out, block_input, x.dtype).mul_(one_minus_gamma)
-    x.add_(velocity)
+def _forward(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor,
+             block_input: Optional[torch.Tensor], gamma: float, next_dtype: torch.dtype
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, velocity = forward_step(x, velocity, _branch(out, block_input, x.dtype), gamma, inplace=True)
     return velocity, x.to(next_dtype, copy=True)
-
-
-def _update(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor],
-            one_minus_gamma: float, next_dtype: torch.dtype) -> torch.Tensor:
-    velocity.lerp_(_step(out, block_input, x.dtype), one_minus_gamma)  # v + (1 - gamma) (f - v), one pass
-    x.add_(velocity)
-    return x.to(next_dtype, copy=True)
 
 
 def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor,
                    block_input: Optional[torch.Tensor], gamma: float, next_dtype: torch.dtype
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """v <- gamma v + (1 - gamma) f;  x <- x + v, in place on the carrier state (x, v).
+    """``forward_step`` in place on the state (x, v), from a block's output.
 
     Args:
         x: The position, updated in place.
@@ -155,72 +184,69 @@ def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch
     Returns:
         The velocity, and x rounded to ``next_dtype`` in a new tensor (the next block's input).
     """
-    if velocity is None:
-        return _call(_first_update, x, out, block_input, 1.0 - gamma, next_dtype)
-    return velocity, _call(_update, x, velocity, out, block_input, 1.0 - gamma, next_dtype)
+    return _call(_forward, x, velocity, out, block_input, gamma, next_dtype)
 
 
-def _previous_position(x: torch.Tensor, velocity: torch.Tensor, next_dtype: torch.dtype) -> torch.Tensor:
-    return x.sub_(velocity).to(next_dtype, copy=True)
+def _position(x: torch.Tensor, velocity: torch.Tensor, next_dtype: torch.dtype) -> torch.Tensor:
+    return inverse_position(x, velocity).to(next_dtype, copy=True)
 
 
 def previous_position(x: torch.Tensor, velocity: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x_{n-1} = x_n - v_n in place; returns it rounded to ``dtype`` in a new tensor (the block's input)."""
-    return _call(_previous_position, x, velocity, dtype)
+    """``inverse_position`` in place; returns x_{n-1} rounded to ``dtype`` in a new tensor (the block's input)."""
+    return _call(_position, x, velocity, dtype)
 
 
-def _previous_velocity(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
-                       block_input: Optional[torch.Tensor], inverse_gamma: float) -> None:
-    # f + (v - f) / gamma, computed as v + (1/gamma - 1)(v - f): a small correction to v, as lerp does for
-    # weights >= 0.5 (lerp_ on v with weight 1 - 1/gamma < -0.5 would round f + (v - f)/gamma, worse for gamma < 2/3)
-    torch.lerp(_step(out, block_input, x.dtype), velocity, inverse_gamma, out=velocity)
+def _velocity(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor],
+              gamma: float) -> None:
+    inverse_velocity(velocity, _branch(out, block_input, x.dtype), gamma)
 
 
-def _previous_velocity_and_position(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
-                                    block_input: Optional[torch.Tensor], inverse_gamma: float,
-                                    next_dtype: torch.dtype) -> torch.Tensor:
-    _previous_velocity(x, velocity, out, block_input, inverse_gamma)
-    return x.sub_(velocity).to(next_dtype, copy=True)
+def previous_velocity(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
+                      block_input: Optional[torch.Tensor], gamma: float) -> None:
+    """``inverse_velocity`` in place on v, from the recomputed block's output (as in ``forward_update``)."""
+    _call(_velocity, x, velocity, out, block_input, gamma)
 
 
-def previous_state(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor, block_input: Optional[torch.Tensor],
-                   gamma: float, dtype: torch.dtype, position: bool) -> Optional[torch.Tensor]:
-    """Invert one block: v_{n-1} = (v_n - (1 - gamma) f) / gamma in place, as one lerp f + (v_n - f) / gamma.
-
-    ``out`` and ``block_input`` are the recomputed block's, as in ``forward_update``. With ``position`` the
-    next inverse step follows in the same pass: x_{n-2} = x_{n-1} - v_{n-1}, returned rounded to ``dtype``.
-    """
-    if position:
-        return _call(_previous_velocity_and_position, x, velocity, out, block_input, 1.0 / gamma, dtype)
-    _call(_previous_velocity, x, velocity, out, block_input, 1.0 / gamma)
-    return None
+def _velocity_and_position(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
+                           block_input: Optional[torch.Tensor], gamma: float, next_dtype: torch.dtype
+                           ) -> torch.Tensor:
+    inverse_velocity(velocity, _branch(out, block_input, x.dtype), gamma)
+    return inverse_position(x, velocity).to(next_dtype, copy=True)
 
 
-def _adjoint_step(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_grad: torch.Tensor,
-                  one_minus_gamma: float, dropin: bool, last: bool) -> None:
+def previous_velocity_and_position(x: torch.Tensor, velocity: torch.Tensor, out: torch.Tensor,
+                                   block_input: Optional[torch.Tensor], gamma: float, dtype: torch.dtype
+                                   ) -> torch.Tensor:
+    """``previous_velocity`` then ``previous_position`` of the block before, in one pass: returns that block's
+    input rounded to ``dtype`` in a new tensor."""
+    return _call(_velocity_and_position, x, velocity, out, block_input, gamma, dtype)
+
+
+def _adjoint(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_grad: torch.Tensor, gamma: float,
+             dropin: bool, last: bool) -> None:
     if grad_in is not None:
         grad_x.add_(grad_in)
     if dropin:
         grad_x.sub_(block_grad)
     if not last:
-        block_grad.lerp_(grad_x, one_minus_gamma)
+        adjoint_step(grad_x, block_grad, gamma, inplace=True)
 
 
-def adjoint_step(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_grad: torch.Tensor, gamma: float,
-                 dropin: bool, last: bool) -> None:
-    """g_x += J_x^T [(1 - gamma) g] (less (1 - gamma) g for the drop-in identity); then, unless ``last``,
-    (1 - gamma) g <- (1 - gamma) g_x + gamma (1 - gamma) g for the block before. In place."""
-    _call(_adjoint_step, grad_x, grad_in, block_grad, 1.0 - gamma, dropin, last)
+def adjoint_update(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_grad: torch.Tensor, gamma: float,
+                   dropin: bool, last: bool) -> None:
+    """One block of the memory-efficient backward, in place: g_x += J_x^T [(1 - gamma) g] (less (1 - gamma) g for
+    the drop-in identity), then, unless ``last``, ``adjoint_step`` gives the block before its (1 - gamma) g."""
+    _call(_adjoint, grad_x, grad_in, block_grad, gamma, dropin, last)
 
 
-def _standard_backward(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: float,
-                       dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    block_grad = torch.lerp(grad_position, grad_velocity, gamma)
+def _standard(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: float,
+              dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    block_grad = adjoint_step(grad_position, grad_velocity, gamma, inplace=False)
     return block_grad, grad_position - block_grad if dropin else grad_position
 
 
 def standard_backward(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: float,
                       dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One block's backward in standard backprop: (1 - gamma) g_n = lerp(dL/dx_n, (1 - gamma) g_{n+1}, gamma),
-    and the gradient reaching x_{n-1} past the block (less (1 - gamma) g_n for the drop-in identity)."""
-    return _call(_standard_backward, grad_position, grad_velocity, gamma, dropin)
+    """One block's backward in standard backprop: ``adjoint_step`` from dL/dx_n and (1 - gamma) g_{n+1}, and the
+    gradient reaching x_{n-1} past the block (less (1 - gamma) g_n for the drop-in identity)."""
+    return _call(_standard, grad_position, grad_velocity, gamma, dropin)

@@ -30,6 +30,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..chain import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, faithful_gamma, momentum_chain
 from ..chain import PAPER_GAMMA, register_deterministic, validate_gamma
+from ..kernels import forward_step
 
 __all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS', 'GammaSpec', 'GAMMA_POLICIES',
            'GAMMA_KEY', 'BLOCK_FN_KEY', 'RECORD_KEYS', 'parse_gamma', 'resolve_gamma', 'read_record',
@@ -253,8 +254,7 @@ class MomentumStage(nn.Sequential):
                         fx = block.drop_path(fx)
                 else:
                     fx = block(x) - x
-                velocity = fx * (1.0 - self.gamma) if velocity is None else torch.lerp(fx, velocity, self.gamma)
-                x = x + velocity
+                x, velocity = forward_step(x, velocity, fx, self.gamma, False)
         return x
 
     def extra_repr(self) -> str:
