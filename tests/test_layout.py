@@ -1,7 +1,8 @@
 """The package's layout: the core (``timm_momentum.core``) imports nothing from the tools
 (``timm_momentum.tools``); all modules import each other as a tree (no cycles, lazy imports inside functions
-included); what one module takes from another is public there (no leading underscore); and the modules that
-moved still import, and run, from their old names with a FutureWarning."""
+included); what one module takes from another is public there (no leading underscore); the command line
+(``timm_momentum_cli``) imports only the standard library when it is imported, and the tools only inside its
+handlers; and the modules that moved still import, and run, from their old names with a FutureWarning."""
 import ast
 import importlib
 import subprocess
@@ -13,8 +14,10 @@ from typing import Dict, List, Set, Tuple
 import pytest
 
 import timm_momentum
+import timm_momentum_cli
 
 PACKAGE = Path(timm_momentum.__file__).parent
+CLI_PACKAGE = Path(timm_momentum_cli.__file__).parent
 
 # old module name -> where it lives now
 MOVED = {
@@ -160,6 +163,69 @@ def test_the_checker_sees_a_cycle_a_private_import_and_the_core_reaching_a_tool(
     assert _cycle(graph) == ['a', 'b', 'a']
     assert [names for _, names, _ in _imports(tmp_path / 'b.py', tmp_path)] == [['_hidden']]
     assert _core_reaches_tools(graph, _shims(tmp_path)) == ['core.models.m -> old', 'core.models.m -> tools.t']
+
+
+def _imports_by_when(path: Path) -> Tuple[List[Tuple[str, List[str], int]], List[Tuple[str, List[str], int]]]:
+    """The imports of the file, as (absolute module, or '.module' for a relative one; names taken; line), in two
+    lists: those that run when the file is imported (outside any function) and those inside functions."""
+    on_import, in_functions = [], []
+
+    def visit(node: ast.AST, inside_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            found = in_functions if inside_function else on_import
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, [], child.lineno) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                found.append(('.' * child.level + (child.module or ''), [a.name for a in child.names], child.lineno))
+            visit(child, inside_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text()), False)
+    return on_import, in_functions
+
+
+def _cli_import_problems(cli: Path, package: Path) -> List[str]:
+    """What breaks the command line's rules: an import outside the standard library (torch, timm, timm_momentum)
+    that runs when the CLI is imported; a handler's import of anything but a public name of a tool; a module of
+    the package that imports the CLI, other than ``tools/cli.py``, its old home (the CLI sits on top)."""
+    problems = []
+    for path in sorted(cli.rglob('*.py')):
+        on_import, in_functions = _imports_by_when(path)
+        for module, _, line in on_import:
+            if not module.startswith('.') and module.split('.')[0] not in sys.stdlib_module_names:
+                problems.append(f'{path.relative_to(cli)}:{line} imports {module} when imported')
+        for module, names, line in in_functions:
+            if module.split('.')[0] == 'timm_momentum':
+                if not module.startswith('timm_momentum.tools.'):
+                    problems.append(f'{path.relative_to(cli)}:{line} runs {module}, not a tool')
+                problems += [f'{path.relative_to(cli)}:{line} takes {name} from {module}'
+                             for name in names if name.startswith('_')]
+    for path in sorted(package.rglob('*.py')):
+        on_import, in_functions = _imports_by_when(path)
+        if path.relative_to(package) != Path('tools', 'cli.py'):
+            problems += [f'{path.relative_to(package)}:{line} imports the command line'
+                         for module, _, line in on_import + in_functions if module.split('.')[0] == cli.name]
+    return problems
+
+
+def test_the_command_line_imports_only_the_standard_library_until_a_subcommand_runs():
+    assert (CLI_PACKAGE / '__init__.py').exists() and CLI_PACKAGE.parent == PACKAGE.parent
+    assert _cli_import_problems(CLI_PACKAGE, PACKAGE) == []
+
+
+def test_the_checker_sees_the_command_line_import_a_tool_too_early(tmp_path):
+    cli, package = tmp_path / 'timm_momentum_cli', tmp_path / 'timm_momentum'
+    (package / 'tools').mkdir(parents=True)
+    cli.mkdir()
+    (cli / '__init__.py').write_text('import argparse\nfrom . import parsers\nimport torch.nn\n'
+                                     'class Parser:\n    from timm_momentum.tools import bench\n'
+                                     'def run(args):\n    from timm_momentum.tools.bench import run_cli, _run\n'
+                                     '    from timm_momentum.core import chain\n    import torch\n')
+    (package / 'tools' / 'cli.py').write_text('from timm_momentum_cli import main\n')
+    (package / 'tools' / 'bench.py').write_text('def f():\n    import timm_momentum_cli\n')
+    assert _cli_import_problems(cli, package) == [
+        '__init__.py:3 imports torch.nn when imported', '__init__.py:5 imports timm_momentum.tools when imported',
+        '__init__.py:7 takes _run from timm_momentum.tools.bench', '__init__.py:8 runs timm_momentum.core, not a tool',
+        'tools/bench.py:2 imports the command line']
 
 
 @pytest.mark.parametrize('old', sorted(MOVED))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .files import atomic_write
-from .memory import (AMP_DTYPES, MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
+from .memory import (MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
                      peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
 from ..core.models.momentum_resnet import resnet_state_dict
 
@@ -48,8 +48,6 @@ COMPILED_CONFIGS = {
     'standard': Config('momentum, compiled', 'momentum', 'plain', compiled=True),
     'memory-efficient': Config('momentum memory-efficient, compiled', 'momentum', 'memory_efficient', compiled=True),
 }
-# What --compile alone measures: the two memory-saving options a user weighs.
-DEFAULT_COMPILED = ('checkpointing', 'memory-efficient')
 # Which configuration each one's gradients are compared with (same weights, same batch).
 _GRAD_REFERENCE = {
     'resnet+checkpointing': 'resnet',
@@ -590,7 +588,8 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``timm-momentum bench`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
     if args.plot:  # before the measurements, which take minutes
         try:
             import matplotlib  # noqa: F401
@@ -617,34 +616,3 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_results(results, args.plot)
     return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``bench`` subcommand."""
-    parser = subparsers.add_parser(
-        'bench', help='memory, speed and gradient error against ResNet and checkpointing')
-    parser.add_argument('--models', default='momentum_resnet50,momentum_resnet101,momentum_resnet152',
-                        help='comma-separated momentum models; each is compared with its source resnet')
-    parser.add_argument('--batch-size', type=int, default=16, help='batch of the peak-memory measurements')
-    parser.add_argument('--img-size', type=int, default=224, help='input resolution')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='where to measure')
-    parser.add_argument('--amp', default=None, choices=sorted(AMP_DTYPES), help='autocast dtype (default fp32)')
-    parser.add_argument('--time-batch-size', type=int, default=4,
-                        help='batch of the timing, gradient and saved-bytes measurements')
-    parser.add_argument('--warmup', type=int, default=1, help='warm-up steps per configuration before timing')
-    parser.add_argument('--steps', type=int, default=3, help='timed steps per configuration (median reported)')
-    parser.add_argument('--compile', nargs='?', const=','.join(DEFAULT_COMPILED), default=None,
-                        metavar='KEYS', help=f'also measure torch.compile\'d configurations, comma-separated from '
-                        f'{", ".join(COMPILED_CONFIGS)}; alone: {",".join(DEFAULT_COMPILED)} (default: none compiled)')
-    parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend of --compile')
-    parser.add_argument('--no-peak', action='store_true', help='skip peak memory (one subprocess per row on CPU)')
-    parser.add_argument('--no-max-batch', action='store_true', help='on CUDA, skip the largest-batch search')
-    parser.add_argument('--max-batch-models', default=None,
-                        help='comma-separated models whose largest batch is searched (default: all)')
-    parser.add_argument('--max-batch-limit', type=int, default=8192, help='largest batch the search tries')
-    parser.add_argument('--max-batch-seconds', type=float, default=120.0,
-                        help='search time per model and configuration before it stops')
-    parser.add_argument('--out', default=None, help='write the results as JSON to this file (default: print only)')
-    parser.add_argument('--plot', default=None, help='draw memory, time and time against memory as PNG to this file '
-                        '(default: no plot; needs matplotlib)')
-    parser.set_defaults(func=_run)

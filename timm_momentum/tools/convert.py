@@ -981,7 +981,8 @@ def upload_to_hub(out_dir: Union[str, os.PathLike], repo_id: str, api: Any = Non
     return plan
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``timm-momentum convert`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
     try:
         result = convert(args.source, args.out, gamma=args.gamma, arch=args.arch, force=args.force,
                          push_to_hub=args.push_to_hub, heal_images=args.heal_images,
@@ -995,34 +996,3 @@ def _run(args: argparse.Namespace) -> int:
           f"{f', policy {policy}' if policy else ''})")
     print(json.dumps(result.verify, indent=2))
     return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``convert`` subcommand."""
-    parser = subparsers.add_parser('convert', help='convert a pretrained ResNet checkpoint into a Momentum ResNet repo')
-    parser.add_argument('source', help='local .safetensors/.pth/.bin file (a timm train.py checkpoint too), a model '
-                        'folder (local-dir:PATH), hf-hub:ORG/NAME, or a timm ResNet name/tag')
-    parser.add_argument('--out', required=True, help='output folder (Hugging Face / timm layout)')
-    parser.add_argument('--gamma', default=None,
-                        help="momentum stored in the config: a number in [0, 1), one per stage (0,0,0.036,0), or a "
-                        "policy: auto, the faithful one (default: auto for "
-                        "timm/torchvision ResNets, 0.9 for the paper block function, the source's own for the "
-                        "official momentumnet layouts and for momentum checkpoints, which record it)")
-    parser.add_argument('--source-gamma', default=None,
-                        help='the gamma an official momentumnet checkpoint was trained at (default: 0.9, its '
-                        'package default); timm/torchvision ResNets take none, momentum checkpoints only their own')
-    parser.add_argument('--arch', default=None, help='override the inferred architecture, e.g. momentum_resnet50 '
-                        '(default: inferred from the weights)')
-    parser.add_argument('--force', action='store_true', help='replace a non-empty output folder')
-    parser.add_argument('--push-to-hub', default=None, metavar='ORG/NAME',
-                        help='upload the folder to this Hub repo afterwards (default: no upload)')
-    parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the source cfg)')
-    parser.add_argument('--heal-images', default=None, help='unlabeled images for healing: sklearn/digits, '
-                        'torch/fashion_mnist (its idx files in /usr/share/datasets/fashion-mnist) or a folder '
-                        '(default: none, no healing)')
-    parser.add_argument('--recalibrate-bn', action='store_true', help='re-estimate BatchNorm statistics at --gamma')
-    parser.add_argument('--distill-steps', type=int, default=0, help='then distil the source for N steps (100 is a good start)')
-    parser.add_argument('--eval-images', default=None,
-                        help=f'images to measure drift from the source on, up to {DRIFT_IMAGES} (sklearn/digits, '
-                        f'torch/fashion_mnist or a folder; default: --heal-images, else 2 images of random noise)')
-    parser.set_defaults(func=_run)

@@ -81,7 +81,8 @@ def run_demo(output: str = 'output/demo', source: Optional[str] = None, epochs_s
             'checkpoint_bytes': sum(p.stat().st_size for p in out.rglob('last.pth.tar'))}
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``timm-momentum demo`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
     report = run_reporting_user_errors(lambda: run_demo(args.output, args.source, args.epochs_source,
                                                         args.epochs_target))
     if report is None:
@@ -97,14 +98,3 @@ def _run_demo(args: argparse.Namespace) -> int:
           f"({report['checkpoint_bytes'] / 1e6:.0f} MB of it the last.pth.tar resume checkpoints, which can be "
           f"deleted), with metrics.csv, loss and accuracy plots and the best/ and final/ models of each stage")
     return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``demo`` subcommand."""
-    parser = subparsers.add_parser('demo', help='offline digits pipeline: train resnet18, convert, fine-tune')
-    parser.add_argument('--output', default='output/demo', help='folder for every stage\'s outputs')
-    parser.add_argument('--source', default=None, help='a ResNet checkpoint or timm tag to convert instead of '
-                        'training one (default: train resnet18 on digits 0-4)')
-    parser.add_argument('--epochs-source', type=int, default=15, help='epochs of the upstream resnet18 on digits 0-4')
-    parser.add_argument('--epochs-target', type=int, default=15, help='fine-tuning epochs on digits 5-9')
-    parser.set_defaults(func=_run_demo)

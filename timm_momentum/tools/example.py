@@ -18,7 +18,8 @@ def compare_saved_activations(depths: str = '50,101,152', batch_size: int = 2, i
     return results
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``timm-momentum example`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
     results = compare_saved_activations(args.depths, args.batch_size, args.img_size)
     print(f'bytes saved for backward, batch {args.batch_size}, {args.img_size}x{args.img_size}:')
     print(f'{"depth":>8} {"resnet (MiB)":>14} {"momentum, memory_efficient (MiB)":>34} {"ratio":>7}')
@@ -26,12 +27,3 @@ def _run(args: argparse.Namespace) -> int:
         print(f'{name:>8} {row["plain"] / MiB:14.1f} {row["momentum_memory_efficient"] / MiB:34.1f} '
               f'{row["momentum_memory_efficient"] / row["plain"]:7.3f}')
     return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``example`` subcommand."""
-    parser = subparsers.add_parser('example', help='compare stored activations of ResNet and Momentum ResNet')
-    parser.add_argument('--depths', default='50,101,152', help='comma-separated ResNet depths to compare')
-    parser.add_argument('--batch-size', type=int, default=2, help='batch of the measured training step')
-    parser.add_argument('--img-size', type=int, default=64, help='input resolution')
-    parser.set_defaults(func=_run)

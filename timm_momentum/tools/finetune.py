@@ -1010,7 +1010,8 @@ def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:
     return max(found, 1)
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``timm-momentum finetune`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
     try:
         result = run_reporting_user_errors(lambda: _configure_and_train(args))
     finally:
@@ -1034,24 +1035,13 @@ def _configure_and_train(args: argparse.Namespace) -> Dict[str, Any]:
     return train(cfg)
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` subcommand."""
-    keys = ', '.join(f'{k} ({v})' for k, v in DEFAULTS.items())
-    parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config',
-                                   epilog=f'config keys, each settable as --key value, with their defaults: {keys}')
-    parser.add_argument('--config', default=None, help='YAML config in configs/; any other --key value '
-                        'overrides that key (names as in timm train.py, plus gamma and memory_efficient; '
-                        'default: none, the defaults listed below)')
-    parser.set_defaults(func=_run_finetune, accepts_overrides=True, overrides=[])
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m timm_momentum.tools.finetune --config ... [--key value]``."""
     parser = argparse.ArgumentParser(prog='python -m timm_momentum.tools.finetune')
     parser.add_argument('--config', default=None, help='YAML config; any other --key value overrides that key')
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
-    return _run_finetune(args)
+    return run_cli(args)
 
 
 if __name__ == '__main__':

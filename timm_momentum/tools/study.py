@@ -377,7 +377,8 @@ def run_study(out: str = 'output/study', seeds: Optional[int] = None, quick: boo
     return study
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``timm-momentum study`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
     if args.seeds is not None and args.seeds < 1:
         print(f'error: --seeds must be >= 1, got {args.seeds}', file=sys.stderr)
         return 2
@@ -387,12 +388,3 @@ def _run(args: argparse.Namespace) -> int:
     print(format_markdown(study))
     print(f'wrote study.json, study.md and study.png in {args.out}')
     return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``study`` subcommand."""
-    parser = subparsers.add_parser('study', help='plain vs momentum fine-tuning on digits, with seeds: does it cost accuracy?')
-    parser.add_argument('--out', default='output/study', help='output folder (runs, study.json, study.md, study.png)')
-    parser.add_argument('--seeds', type=int, default=None, help='seeds per resnet18 arm (default 3; 1 with --quick)')
-    parser.add_argument('--quick', action='store_true', help='a tiny study: one seed, resnet18 only, 16x16, one epoch')
-    parser.set_defaults(func=_run)
