@@ -77,9 +77,27 @@ def test_torchvision_and_wrapped_checkpoints(tmp_path):
     # older torchvision checkpoints have no BatchNorm num_batches_tracked counters
     torch.save({k: v for k, v in tv.state_dict().items() if not k.endswith('num_batches_tracked')},
                tmp_path / 'old.pth')
-    for name in ('tv.pth', 'w.bin', 'old.pth'):
-        result = convert(str(tmp_path / name), tmp_path / f'out-{name}')
-        assert result.arch == 'momentum_resnet50' and result.verify['equivalence']['passed']
+    tv.eval()
+    torch.manual_seed(0)  # the 2 noise images verification and drift are measured on
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        reference = tv(images)
+    # the default ('auto') is gamma 0 at depth 50, which drifts by nothing: the others drift, so the figure matters
+    for name, gamma in (('tv.pth', None), ('w.bin', 0.5), ('old.pth', 0.5)):
+        result = convert(str(tmp_path / name), tmp_path / f'out-{name}', gamma=gamma)
+        assert result.arch == 'momentum_resnet50'
+        # verify.json's figures against the written folder's model run here, and torchvision's own resnet50
+        verify = json.loads((result.out_dir / 'verify.json').read_text())
+        assert verify['input_size'] == [3, 224, 224] and verify['drift_at_gamma']['images'] == 2
+        model = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True).eval()
+        with torch.no_grad():
+            drift = float((model(images) - reference).abs().max())
+            model.set_momentum(gamma=0.0)
+            at_zero = float((model(images) - reference).abs().max())
+        assert verify['drift_at_gamma']['max_abs_logit_diff'] == pytest.approx(drift, rel=1e-3, abs=1e-5)
+        assert (drift > 1e-3) == (gamma is not None)
+        assert verify['equivalence']['max_abs_logit_diff_gamma0'] == pytest.approx(at_zero, abs=1e-5)
+        assert at_zero <= verify['equivalence']['tolerance']
 
 
 def test_official_transform_to_momentumnet_layout(tmp_path):

@@ -22,7 +22,7 @@ from .memory import (MiB, autocast, build_model, check_amp, compile_model, cuda_
                      peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
 from ..core.models.momentum_resnet import resnet_state_dict
 
-__all__ = ['Config', 'CONFIGS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
+__all__ = ['Config', 'CONFIGS', 'ARMS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
            'check_targets', 'largest_batch']
 
 
@@ -42,6 +42,14 @@ CONFIGS = (
     Config('momentum memory-efficient, transitions stored', 'momentum', 'memory_efficient_stored_transitions'),
     Config('official momentumnet', 'momentum', 'official'),
 )
+# The eager configurations measured beside plain resnet, by the names ``arms`` takes.
+ARMS = {
+    'checkpointing': 'resnet+checkpointing',
+    'standard': 'momentum',
+    'memory-efficient': 'momentum memory-efficient',
+    'transitions-stored': 'momentum memory-efficient, transitions stored',
+    'official': 'official momentumnet',
+}
 # torch.compile'd configurations, by the names --compile takes.
 COMPILED_CONFIGS = {
     'checkpointing': Config('resnet+checkpointing, compiled', 'resnet', 'checkpoint', compiled=True),
@@ -77,7 +85,8 @@ def _model_name(momentum_name: str, family: str) -> str:
     return momentum_name if family == 'momentum' else momentum_name.replace('momentum_', '')
 
 
-def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequence[str]) -> None:
+def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequence[str],
+              arms: Optional[Sequence[str]] = None, repeats: int = 1, steps: int = 1) -> None:
     import timm
 
     if not models:
@@ -94,6 +103,11 @@ def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequ
     for key in compiled:
         if key not in COMPILED_CONFIGS:
             raise ValueError(f'unknown compiled configuration {key!r}: choose from {", ".join(COMPILED_CONFIGS)}')
+    for key in arms or ():
+        if key not in ARMS:
+            raise ValueError(f'unknown arm {key!r}: choose from {", ".join(ARMS)} (plain resnet is always measured)')
+    if repeats < 1 or steps < 1:
+        raise ValueError(f'steps and repeats must be at least 1, got steps {steps}, repeats {repeats}')
 
 
 def _reason(error: BaseException) -> str:
@@ -151,15 +165,11 @@ def _gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: Opt
     return grads
 
 
-def _time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tensor, amp: Optional[str],
-                warmup: int, steps: int, failures: Optional[Dict[str, str]] = None) -> Dict[str, float]:
-    """Median step time of each configuration, interleaved A B A B after a warm-up.
-
-    With ``failures``, a configuration whose step raises is dropped and its reason recorded there.
-    """
+def _step_timer(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tensor,
+                amp: Optional[str]) -> Callable[[str], float]:
+    """A function that trains the named configuration for one step and returns the seconds it took."""
     device = x.device.type
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
-    times: Dict[str, List[float]] = {k: [] for k in models}
 
     def step(label: str) -> float:
         if device == 'cuda':
@@ -171,9 +181,23 @@ def _time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Ten
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    return step
+
+
+def _time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tensor, amp: Optional[str],
+                warmup: int, steps: int, failures: Optional[Dict[str, str]] = None,
+                repeats: int = 1) -> Dict[str, List[float]]:
+    """Each configuration's median step time in each of ``repeats`` blocks of ``steps`` rounds, after ``warmup``.
+
+    A round times one step of every configuration (A B C A B C ...), starting one configuration later each round.
+    With ``failures``, a configuration whose step raises is dropped and its reason recorded there.
+    """
+    step = _step_timer(models, x, target, amp)
+    times: Dict[str, List[List[float]]] = {k: [[] for _ in range(repeats)] for k in models}
     live = list(models)
-    for round_ in range(warmup + steps):
-        for label in list(live):
+    for round_ in range(warmup + steps * repeats):
+        start = round_ % len(live) if live else 0
+        for label in live[start:] + live[:start]:
             try:
                 seconds = step(label)
             except Exception as e:
@@ -183,8 +207,8 @@ def _time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Ten
                 live.remove(label)
                 continue
             if round_ >= warmup:
-                times[label].append(seconds)
-    return {k: statistics.median(times[k]) for k in live}
+                times[label][(round_ - warmup) // steps].append(seconds)
+    return {k: [statistics.median(block) for block in times[k]] for k in live}
 
 
 def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit: int = 8192,
@@ -238,7 +262,7 @@ def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit
             break
         try:
             x, t = _batch(low, img_size, 'cuda')
-            step_seconds = _time_steps({'m': model}, x, t, amp, warmup=1, steps=3)['m']
+            step_seconds = _time_steps({'m': model}, x, t, amp, warmup=1, steps=3)['m'][0]
             result.update(throughput_batch=low, throughput_img_s=low / step_seconds)
             break
         except torch.cuda.OutOfMemoryError:
@@ -257,7 +281,8 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
                   max_batch: bool = True, measure_peak: bool = True, compiled: Sequence[str] = (),
                   compile_backend: str = 'inductor', max_batch_models: Optional[Sequence[str]] = None,
                   max_batch_limit: int = 8192, max_batch_seconds: float = 120.0,
-                  log: Callable[[str], None] = lambda line: None) -> Dict[str, Any]:
+                  log: Callable[[str], None] = lambda line: None, repeats: int = 1,
+                  arms: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Measure every configuration at every depth.
 
     A configuration whose measurement raises becomes a row with ``failed`` (the stage and the error)
@@ -272,7 +297,7 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
         time_batch_size: Batch of the timing, gradient and saved-bytes measurements.
         warmup: Warm-up steps per configuration before timing (compiled ones first warm up until they
             stop recompiling, at least 2 steps).
-        steps: Timed steps per configuration (the median is reported).
+        steps: Timed steps per configuration in each repeat (its median is the repeat's step time).
         max_batch: On CUDA, also search the largest batch that fits.
         measure_peak: Measure peak step memory (CPU: one fresh subprocess per configuration); 0 when False.
         compiled: Keys of COMPILED_CONFIGS to measure as well.
@@ -281,54 +306,69 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
         max_batch_limit: The largest batch the search tries.
         max_batch_seconds: Search time per model and configuration before it stops.
         log: Called with a line of progress after each stage.
+        repeats: Blocks of ``steps`` interleaved rounds; each gives every configuration a ratio to plain resnet,
+            and rows report the median ratio and its range over the repeats.
+        arms: Keys of ARMS, the eager configurations measured beside plain resnet (default: all).
 
     Returns:
         A JSON-ready dict with the environment, one row per (model, configuration), the targets judged
         and the targets not judged (with why).
     """
-    _validate(models, device, amp, compiled)
+    _validate(models, device, amp, compiled, arms, repeats, steps)
     unknown = set(max_batch_models or ()) - set(models)
     if unknown:
         raise ValueError(f'max_batch_models must be among the benched models; {sorted(unknown)} are not')
-    import timm
-
-    configs = [c for c in CONFIGS if c.mode != 'official' or (_official_available() and amp != 'fp16')]
-    configs += [COMPILED_CONFIGS[key] for key in compiled]
+    configs = _configs(amp, compiled, arms)
     rows = []
     for name in models:
-        search = device == 'cuda' and max_batch and (max_batch_models is None or name in max_batch_models)
-        rows += _measure_depth(name, configs, batch_size, img_size, device, amp, time_batch_size, warmup, steps,
-                               measure_peak, compile_backend, log)
-        if search:
-            for row in rows[-len(configs):]:
-                if row['config'] in ('resnet', 'momentum memory-efficient') and 'failed' not in row:
-                    try:
-                        row.update(largest_batch(row['arch'], row['mode'], img_size, amp, max_batch_limit,
-                                                 max_batch_seconds))
-                    except Exception as e:  # keep what was measured; the search is the last stage
-                        row.update(max_batch=0, max_batch_search=f'failed: {_reason(e)}', throughput_img_s=0.0)
-                    log(f'{name} {row["config"]}: largest batch {row["max_batch"]} ({row["max_batch_search"]}), '
-                        f'{row["throughput_img_s"]:.0f} img/s')
+        depth_rows = _measure_depth(name, configs, batch_size, img_size, device, amp, time_batch_size, warmup,
+                                    steps, measure_peak, compile_backend, log, repeats)
+        if device == 'cuda' and max_batch and (max_batch_models is None or name in max_batch_models):
+            _search_largest_batches(depth_rows, img_size, amp, max_batch_limit, max_batch_seconds, log)
+        rows += depth_rows
     command_args = dict(models=models, batch_size=batch_size, img_size=img_size, device=device, amp=amp,
-                        time_batch_size=time_batch_size, warmup=warmup, steps=steps, compiled=list(compiled),
+                        time_batch_size=time_batch_size, warmup=warmup, steps=steps, repeats=repeats,
+                        arms=list(ARMS) if arms is None else list(arms), compiled=list(compiled),
                         compile_backend=compile_backend if compiled else None, measure_peak=measure_peak)
     targets, not_judged = check_targets(rows, command_args)
-    return {
-        'command_args': command_args,
-        'environment': {
-            'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
+    return {'command_args': command_args, 'environment': _environment(device), 'rows': rows, 'targets': targets,
+            'targets_not_judged': not_judged}
+
+
+def _configs(amp: Optional[str], compiled: Sequence[str], arms: Optional[Sequence[str]]) -> List[Config]:
+    """Plain resnet, the chosen eager arms (the official package's only where it is installed and not at fp16),
+    then the compiled configurations."""
+    chosen = None if arms is None else {'resnet'} | {ARMS[key] for key in arms}
+    configs = [c for c in CONFIGS if (chosen is None or c.label in chosen)
+               and (c.mode != 'official' or (_official_available() and amp != 'fp16'))]
+    return configs + [COMPILED_CONFIGS[key] for key in compiled]
+
+
+def _search_largest_batches(rows: List[Dict[str, Any]], img_size: int, amp: Optional[str], limit: int,
+                            seconds: float, log: Callable[[str], None]) -> None:
+    """Add the largest batch and its throughput to the plain resnet and memory-efficient rows of one depth."""
+    for row in rows:
+        if row['config'] in ('resnet', 'momentum memory-efficient') and 'failed' not in row:
+            try:
+                row.update(largest_batch(row['arch'], row['mode'], img_size, amp, limit, seconds))
+            except Exception as e:  # keep what was measured; the search is the last stage
+                row.update(max_batch=0, max_batch_search=f'failed: {_reason(e)}', throughput_img_s=0.0)
+            log(f'{row["model"]} {row["config"]}: largest batch {row["max_batch"]} ({row["max_batch_search"]}), '
+                f'{row["throughput_img_s"]:.0f} img/s')
+
+
+def _environment(device: str) -> Dict[str, Any]:
+    """The versions, machine, threads and date a run was measured with."""
+    import timm
+
+    return {'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
             'machine': _machine(device), 'threads': torch.get_num_threads(),
-            'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        },
-        'rows': rows,
-        'targets': targets,
-        'targets_not_judged': not_judged,
-    }
+            'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
 
 
 def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_size: int, device: str,
                    amp: Optional[str], time_batch_size: int, warmup: int, steps: int, measure_peak: bool,
-                   compile_backend: str, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+                   compile_backend: str, log: Callable[[str], None], repeats: int = 1) -> List[Dict[str, Any]]:
     """The rows of one depth: gradients, interleaved timing, saved bytes and peak memory of each configuration."""
     instances = _build_all(name, configs, device, compile_backend)
     failures: Dict[str, str] = {}
@@ -359,7 +399,7 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
         grads[config.label] = attempt(config.label, 'gradients', lambda: _gradients(model, x, target, amp))
     started = time.perf_counter()
     seconds = _time_steps({k: m for k, m in instances.items() if k not in failures}, x, target, amp,
-                          warmup, steps, failures)
+                          warmup, steps, failures, repeats)
     log(f'{name}: timing {time.perf_counter() - started:.1f} s')
     if 'resnet' in failures:  # every ratio is against it
         raise RuntimeError(f'plain resnet failed: {failures["resnet"]}')
@@ -378,8 +418,7 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
             continue
         row.update(saved_bytes=saved, peak_bytes=peak,
                    param_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
-                   step_seconds=seconds[label], time_ratio=seconds[label] / seconds['resnet'],
-                   **compile_info.get(label, {}))
+                   **_timing(seconds[label], seconds['resnet']), **compile_info.get(label, {}))
         reference = _GRAD_REFERENCE.get(label)
         if reference and grads.get(reference) is not None:
             diff = (grads[label] - grads[reference]).norm() / grads[reference].norm()
@@ -390,6 +429,14 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
     if device == 'cuda':
         torch.cuda.empty_cache()
     return rows
+
+
+def _timing(seconds: List[float], plain: List[float]) -> Dict[str, Any]:
+    """A row's step time (per repeat and their median) and its ratio to plain resnet (per repeat, median, min, max)."""
+    ratios = [mine / reference for mine, reference in zip(seconds, plain)]
+    return {'step_seconds': statistics.median(seconds), 'repeat_step_seconds': seconds,
+            'time_ratio': statistics.median(ratios), 'time_ratios': ratios, 'time_ratio_min': min(ratios),
+            'time_ratio_max': max(ratios)}
 
 
 def _peak(name: str, config: Config, model: nn.Module, batch_size: int, img_size: int, device: str,
@@ -414,88 +461,128 @@ def _machine(device: str) -> str:
     return f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores'
 
 
+class _Judgement:
+    """The targets judged so far over one run's successful rows, and the groups of targets not judged."""
+
+    def __init__(self, rows: List[Dict[str, Any]]) -> None:
+        self.by = {(r['depth'], r['config']): r for r in rows if 'failed' not in r}
+        self.depths = sorted({r['depth'] for r in rows})
+        self.targets: List[Dict[str, Any]] = []
+        self.not_judged: List[str] = []
+
+    def add(self, name: str, value: float, limit: float, smaller_is_better: bool = True,
+            spread: Optional[List[float]] = None) -> None:
+        """Judge ``value`` against ``limit``; ``spread`` is the per-repeat values' [min, max]."""
+        passed = value <= limit if smaller_is_better else value >= limit
+        target = {'target': name, 'value': value, 'limit': limit, 'pass': bool(passed),
+                  'margin': (limit - value) if smaller_is_better else (value - limit)}
+        self.targets.append({**target, 'spread': spread} if spread else target)
+
+    def measured(self, *keys: Tuple[int, str]) -> bool:
+        """Whether every (depth, configuration) in ``keys`` has a successful row."""
+        return all(key in self.by for key in keys)
+
+
+_EFFICIENT = 'momentum memory-efficient'
+
+
 def check_targets(rows: List[Dict[str, Any]], command_args: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[str]]:
     """The targets of benchmarks/MEASURE.md, judged only at the sizes they were set for.
 
     Returns:
-        The judged targets (measured value, limit, pass, margin) and one line per group of targets
-        this run could not judge, saying why.
+        The judged targets (measured value, limit, pass, margin; step-time targets also the range of their
+        per-repeat ratios, ``spread``) and one line per group of targets this run could not judge, saying why.
     """
-    by = {(r['depth'], r['config']): r for r in rows if 'failed' not in r}
-    depths = sorted({r['depth'] for r in rows})
-    efficient = 'momentum memory-efficient'
-    args = command_args
-    targets: List[Dict[str, Any]] = []
-    not_judged: List[str] = []
+    judgement = _Judgement(rows)
+    _judge_peak_memory(judgement, command_args)
+    _judge_saved_bytes(judgement)
+    _judge_step_time(judgement, command_args)
+    if command_args['device'] == 'cuda':
+        _judge_largest_batch(judgement, command_args)
+    return judgement.targets, judgement.not_judged
 
-    def add(name: str, value: float, limit: float, smaller_is_better: bool = True) -> None:
-        passed = value <= limit if smaller_is_better else value >= limit
-        targets.append({'target': name, 'value': value, 'limit': limit, 'pass': bool(passed),
-                        'margin': (limit - value) if smaller_is_better else (value - limit)})
 
-    def measured(*keys: Tuple[int, str]) -> bool:
-        return all(key in by for key in keys)
-
-    size = f'batch {args["batch_size"]}, {args["img_size"]}²'
+def _judge_peak_memory(judgement: _Judgement, args: Dict[str, Any]) -> None:
+    """The peak-memory targets, at batch 16, 224² and only where peaks were measured."""
+    by, add, measured = judgement.by, judgement.add, judgement.measured
     if not args.get('measure_peak', True):
-        not_judged.append('peak memory targets: peaks were not measured')
-    elif any(args[k] != v for k, v in MEMORY_TARGET_SIZE.items()):
-        not_judged.append(f'peak memory targets: set for batch 16, 224² (this run: {size}); '
-                          f'peaks are reported, not judged')
+        judgement.not_judged.append('peak memory targets: peaks were not measured')
+        return
+    if any(args[k] != v for k, v in MEMORY_TARGET_SIZE.items()):
+        judgement.not_judged.append(f'peak memory targets: set for batch 16, 224² (this run: batch '
+                                    f'{args["batch_size"]}, {args["img_size"]}²); peaks are reported, not judged')
+        return
+    if measured((101, _EFFICIENT), (101, 'resnet')):
+        add('peak memory momentum_resnet101 memory-efficient / resnet101 (<= 0.4)',
+            by[101, _EFFICIENT]['peak_bytes'] / by[101, 'resnet']['peak_bytes'], 0.4)
+    for depth in judgement.depths:
+        if measured((depth, _EFFICIENT), (depth, 'resnet+checkpointing')):
+            add(f'peak memory depth {depth}: memory-efficient / timm checkpointing (< 1)',
+                by[depth, _EFFICIENT]['peak_bytes'] / by[depth, 'resnet+checkpointing']['peak_bytes'], 1.0)
+    if measured((50, _EFFICIENT), (152, _EFFICIENT)):
+        activations = {d: by[d, _EFFICIENT]['peak_bytes'] - by[d, _EFFICIENT]['param_bytes'] for d in (50, 152)}
+        add('peak memory less parameter gradients, depth 152 / depth 50, memory-efficient (<= 1.10)',
+            activations[152] / activations[50], 1.10)
     else:
-        if measured((101, efficient), (101, 'resnet')):
-            add('peak memory momentum_resnet101 memory-efficient / resnet101 (<= 0.4)',
-                by[101, efficient]['peak_bytes'] / by[101, 'resnet']['peak_bytes'], 0.4)
-        for depth in depths:
-            if measured((depth, efficient), (depth, 'resnet+checkpointing')):
-                add(f'peak memory depth {depth}: memory-efficient / timm checkpointing (< 1)',
-                    by[depth, efficient]['peak_bytes'] / by[depth, 'resnet+checkpointing']['peak_bytes'], 1.0)
-        if measured((50, efficient), (152, efficient)):
-            activations = {d: by[d, efficient]['peak_bytes'] - by[d, efficient]['param_bytes'] for d in (50, 152)}
-            add('peak memory less parameter gradients, depth 152 / depth 50, memory-efficient (<= 1.10)',
-                activations[152] / activations[50], 1.10)
-        else:
-            not_judged.append('peak growth with depth: needs depths 50 and 152')
-    if measured((50, efficient), (152, efficient)):
-        add('bytes saved for backward depth 152 / depth 50, memory-efficient (<= 1.10)',
-            by[152, efficient]['saved_bytes'] / by[50, efficient]['saved_bytes'], 1.10)
-    else:
-        not_judged.append('bytes saved, depth 152 / depth 50: needs depths 50 and 152')
+        judgement.not_judged.append('peak growth with depth: needs depths 50 and 152')
 
+
+def _judge_saved_bytes(judgement: _Judgement) -> None:
+    """The bytes-saved-for-backward target, which holds at any size."""
+    by = judgement.by
+    if judgement.measured((50, _EFFICIENT), (152, _EFFICIENT)):
+        judgement.add('bytes saved for backward depth 152 / depth 50, memory-efficient (<= 1.10)',
+                      by[152, _EFFICIENT]['saved_bytes'] / by[50, _EFFICIENT]['saved_bytes'], 1.10)
+    else:
+        judgement.not_judged.append('bytes saved, depth 152 / depth 50: needs depths 50 and 152')
+
+
+def _judge_step_time(judgement: _Judgement, args: Dict[str, Any]) -> None:
+    """The step-time targets, at cpu fp32, batch 4, 224² and depths 101 and 152, each the median over repeats."""
     time_size = f'{args["device"]} {args["amp"] or "fp32"}, batch {args["time_batch_size"]}, {args["img_size"]}²'
-    time_depths = [d for d in depths if d in TIME_TARGET_DEPTHS]
     if args['device'] != 'cpu' or args['amp'] or any(args[k] != v for k, v in TIME_TARGET_SIZE.items()):
-        not_judged.append(f'step-time targets: set for cpu fp32, batch 4, 224² (this run: {time_size}); '
-                          f'ratios are reported, not judged')
-        time_depths = []
-    elif not time_depths:
-        not_judged.append('step-time targets: set for depths 101 and 152, neither in this run')
+        judgement.not_judged.append(f'step-time targets: set for cpu fp32, batch 4, 224² (this run: {time_size}); '
+                                    f'ratios are reported, not judged')
+        return
+    time_depths = [d for d in judgement.depths if d in TIME_TARGET_DEPTHS]
+    if not time_depths:
+        judgement.not_judged.append('step-time targets: set for depths 101 and 152, neither in this run')
     for depth in time_depths:
-        if measured((depth, efficient), (depth, 'resnet+checkpointing')):
-            add(f'step time depth {depth}: memory-efficient / timm checkpointing (<= 1.03)',
-                by[depth, efficient]['step_seconds'] / by[depth, 'resnet+checkpointing']['step_seconds'], 1.03)
-        if measured((depth, 'momentum'), (depth, 'resnet')):
-            add(f'step time depth {depth}: momentum standard / resnet (<= 1.05)',
-                by[depth, 'momentum']['time_ratio'], 1.05)
+        if judgement.measured((depth, _EFFICIENT), (depth, 'resnet+checkpointing')):
+            ratios = _paired_ratios(judgement.by[depth, _EFFICIENT], judgement.by[depth, 'resnet+checkpointing'])
+            judgement.add(f'step time depth {depth}: memory-efficient / timm checkpointing (<= 1.03)',
+                          statistics.median(ratios), 1.03, spread=[min(ratios), max(ratios)])
+        if judgement.measured((depth, 'momentum'), (depth, 'resnet')):
+            ratios = _paired_ratios(judgement.by[depth, 'momentum'], judgement.by[depth, 'resnet'])
+            judgement.add(f'step time depth {depth}: momentum standard / resnet (<= 1.05)',
+                          statistics.median(ratios), 1.05, spread=[min(ratios), max(ratios)])
 
-    if args['device'] == 'cuda':
-        plain, eff = by.get((101, 'resnet'), {}), by.get((101, efficient), {})
-        if args['img_size'] != GPU_TARGET['img_size'] or args['amp'] != GPU_TARGET['amp']:
-            not_judged.append(f'largest-batch targets: set for bf16 at 224² (this run: {args["amp"] or "fp32"} at '
-                              f'{args["img_size"]}²)')
-        elif not plain.get('max_batch') or 'max_batch' not in eff:
-            not_judged.append('largest-batch targets: set for depth 101, whose largest batches were not found')
-        else:
-            ratio = eff['max_batch'] / plain['max_batch']
-            if ratio < 5 and eff['max_batch_search'] != 'converged':
-                not_judged.append(f'largest batch ratio: the momentum search {eff["max_batch_search"]} at '
-                                  f'{ratio:.2f}x, before reaching 5x')
-            else:
-                add('largest batch momentum_resnet101 memory-efficient / resnet101 (>= 5)', ratio, 5.0,
-                    smaller_is_better=False)
-            add('throughput at largest batch, momentum_resnet101 memory-efficient / resnet101 (>= 0.8)',
-                eff['throughput_img_s'] / max(plain['throughput_img_s'], 1e-9), 0.8, smaller_is_better=False)
-    return targets, not_judged
+
+def _paired_ratios(row: Dict[str, Any], reference: Dict[str, Any]) -> List[float]:
+    """Per repeat, ``row``'s step time over ``reference``'s (rows without per-repeat ratios count as one repeat)."""
+    return [mine / theirs for mine, theirs in zip(row.get('time_ratios', [row['time_ratio']]),
+                                                  reference.get('time_ratios', [reference['time_ratio']]))]
+
+
+def _judge_largest_batch(judgement: _Judgement, args: Dict[str, Any]) -> None:
+    """The GPU targets: depth 101's largest batch and throughput there, at bf16 and 224²."""
+    plain, eff = judgement.by.get((101, 'resnet'), {}), judgement.by.get((101, _EFFICIENT), {})
+    if args['img_size'] != GPU_TARGET['img_size'] or args['amp'] != GPU_TARGET['amp']:
+        judgement.not_judged.append(f'largest-batch targets: set for bf16 at 224² (this run: {args["amp"] or "fp32"} '
+                                    f'at {args["img_size"]}²)')
+        return
+    if not plain.get('max_batch') or 'max_batch' not in eff:
+        judgement.not_judged.append('largest-batch targets: set for depth 101, whose largest batches were not found')
+        return
+    ratio = eff['max_batch'] / plain['max_batch']
+    if ratio < 5 and eff['max_batch_search'] != 'converged':
+        judgement.not_judged.append(f'largest batch ratio: the momentum search {eff["max_batch_search"]} at '
+                                    f'{ratio:.2f}x, before reaching 5x')
+    else:
+        judgement.add('largest batch momentum_resnet101 memory-efficient / resnet101 (>= 5)', ratio, 5.0,
+                      smaller_is_better=False)
+    judgement.add('throughput at largest batch, momentum_resnet101 memory-efficient / resnet101 (>= 0.8)',
+                  eff['throughput_img_s'] / max(plain['throughput_img_s'], 1e-9), 0.8, smaller_is_better=False)
 
 
 def describe_run(results: Dict[str, Any]) -> str:
@@ -503,14 +590,16 @@ def describe_run(results: Dict[str, Any]) -> str:
     args, env = results['command_args'], results['environment']
     depths = '/'.join(m.replace('momentum_resnet', '') for m in args['models'])
     return (f'bench r{depths}, {args["device"]} {args["amp"] or "fp32"}, peak at batch {args["batch_size"]}, '
-            f'time at batch {args["time_batch_size"]}, {args["img_size"]}²; torch {env["torch"]}, '
+            f'time at batch {args["time_batch_size"]}, {args["img_size"]}² ({args["steps"]} steps x '
+            f'{args.get("repeats", 1)} repeats); torch {env["torch"]}, '
             f'{env["date"]}')
 
 
 def format_table(results: Dict[str, Any]) -> str:
     """A plain-text table of the results and the targets."""
     cuda = results['command_args']['device'] == 'cuda'
-    header = f'{"depth":>5}  {"configuration":<46} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} {"grad err":>9}'
+    header = (f'{"depth":>5}  {"configuration":<46} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} '
+              f'{"range":>11} {"grad err":>9}')
     if cuda:
         header += f' {"max batch":>9} {"img/s":>8}'
     lines = [describe_run(results), header]
@@ -521,7 +610,7 @@ def format_table(results: Dict[str, Any]) -> str:
             continue
         err = f'{r["grad_rel_error"]:.1e}' if 'grad_rel_error' in r else '-'
         line = (f'{r["depth"]:>5}  {r["config"]:<46} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
-                f'{r["time_ratio"]:7.2f} {err:>9}')
+                f'{r["time_ratio"]:7.2f} {r["time_ratio_min"]:5.2f}-{r["time_ratio_max"]:<5.2f} {err:>9}')
         if cuda and 'max_batch' in r:
             line += f' {r["max_batch"]:>9} {r["throughput_img_s"]:8.1f}'
             if r['max_batch_search'] != 'converged':
@@ -532,8 +621,9 @@ def format_table(results: Dict[str, Any]) -> str:
         lines.append(line)
     lines += notes + ['']
     for t in results['targets']:
+        spread = f', repeats {t["spread"][0]:.3f}-{t["spread"][1]:.3f}' if t.get('spread') else ''
         lines.append(f'[{"PASS" if t["pass"] else "MISS"}] {t["target"]}: {t["value"]:.3f} '
-                     f'(margin {t["margin"]:+.3f})')
+                     f'(margin {t["margin"]:+.3f}{spread})')
     lines += [f'[not judged] {line}' for line in results['targets_not_judged']]
     return '\n'.join(lines)
 
@@ -549,13 +639,17 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     depths = sorted({r['depth'] for r in rows})
     colors = {label: plt.get_cmap('tab10')(i % 10) for i, label in enumerate(labels)}
     markers = dict(zip(depths, 'os^Dvp<>'))
+    gap = min((b - a for a, b in zip(depths, depths[1:])), default=10)
+    dodge = {label: (i - (len(labels) - 1) / 2) * 0.02 * gap for i, label in enumerate(labels)}  # bars side by side
     peaks_measured = any(r['peak_bytes'] for r in rows)
     args = results['command_args']
     fig, (ax_mem, ax_time, ax_trade) = plt.subplots(1, 3, figsize=(18, 5.5))
     for label in labels:
         mine = sorted((r for r in rows if r['config'] == label), key=lambda r: r['depth'])
         style = dict(color=colors[label], marker='o', linestyle='--' if mine[0]['compiled'] else '-', label=label)
-        ax_time.plot([r['depth'] for r in mine], [r['time_ratio'] for r in mine], **style)
+        ax_time.errorbar([r['depth'] + dodge[label] for r in mine], [r['time_ratio'] for r in mine], capsize=3,
+                         yerr=[[r['time_ratio'] - r['time_ratio_min'] for r in mine],
+                               [r['time_ratio_max'] - r['time_ratio'] for r in mine]], **style)
         if peaks_measured:
             ax_mem.plot([r['depth'] for r in mine], [r['peak_bytes'] / MiB for r in mine], **style)
             ax_trade.plot([r['peak_bytes'] / MiB for r in mine], [r['time_ratio'] for r in mine],
@@ -564,19 +658,23 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
                 ax_trade.scatter(r['peak_bytes'] / MiB, r['time_ratio'], color=colors[label],
                                  marker=markers[r['depth']], s=45, zorder=3)
     ax_time.set(xlabel='depth', ylabel='step time / plain resnet of the same depth', xticks=depths,
-                title=f'step time at batch {args["time_batch_size"]} (median of {args["steps"]})')
+                title=f'step time at batch {args["time_batch_size"]}: median of {args.get("repeats", 1)} '
+                      f'repeats (bars: their range)')
     ax_time.axhline(1.0, color='gray', lw=0.5)
-    ax_time.legend(fontsize=7, title='configuration', title_fontsize=7)
+    # legends below the axes, where they cover no data point
+    handles, names = ax_time.get_legend_handles_labels()
+    fig.legend(handles, names, loc='upper center', bbox_to_anchor=(0.4, 0.0), ncol=2, fontsize=8,
+               title='configuration (dashed: compiled)', title_fontsize=8)
     if peaks_measured:
         ax_mem.set(xlabel='depth', ylabel='peak step memory above the model (MiB)', xticks=depths,
                    title=f'peak memory of a step after warm-up, batch {args["batch_size"]}')
-        ax_mem.legend(fontsize=7, title='configuration', title_fontsize=7)
         ax_trade.set(xlabel=f'peak step memory at batch {args["batch_size"]} (MiB)',
                      ylabel='step time / plain resnet',
                      title='time against memory: lower left is better')
         ax_trade.axhline(1.0, color='gray', lw=0.5)
-        ax_trade.legend(handles=[plt.Line2D([], [], color='black', marker=markers[d], linestyle='', label=f'depth {d}')
-                                 for d in depths], fontsize=7, title='marker (colour: as left)', title_fontsize=7)
+        fig.legend(handles=[plt.Line2D([], [], color='black', marker=markers[d], linestyle='', label=f'depth {d}')
+                            for d in depths], loc='upper center', bbox_to_anchor=(0.85, 0.0), ncol=len(depths),
+                   fontsize=8, title='right: marker (colour: as left)', title_fontsize=8)
     else:
         for ax in (ax_mem, ax_trade):
             ax.text(0.5, 0.5, 'peak memory not measured in this run', ha='center', va='center',
@@ -584,7 +682,7 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
             ax.set_axis_off()
     fig.suptitle(describe_run(results), fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png', bbox_inches='tight'))
     plt.close(fig)
 
 

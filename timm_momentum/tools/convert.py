@@ -719,8 +719,41 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
     Returns:
         The folder, architecture, model kwargs (gamma as one value per stage) and the verification report.
     """
-    import timm
+    out_dir = Path(out_dir)
+    checkpoint = _checked_source(source, out_dir, force, gamma, source_gamma, distill_steps, heal_images,
+                                 recalibrate_bn, img_size, push_to_hub)
+    model, arch, model_args, source_gamma = _momentum_model(checkpoint, arch, gamma, source_gamma)
+    state = _with_batch_counters(checkpoint.state_dict, model)
+    _load_strict(model, state, arch)
+    gammas, policy, block_fn = model_args['gamma'], model.gamma_policy, model_args['block_fn']
+    input_size = _input_size(model, checkpoint, model_args, img_size)
+    pretrained_cfg = _converted_cfg(model, checkpoint, input_size, img_size, gammas, policy)
+    # the plain ResNet, built once: the gamma = 0 equivalence check's reference and a timm source's own network
+    plain = _plain_resnet(arch, model_args, state) if block_fn == 'dropin' or checkpoint.layout == 'timm' else None
+    report = {**_verified(model, plain, block_fn, input_size), 'gamma': gammas, 'gamma_policy': policy}
+    source_net, against = _source_network(checkpoint, state, arch, model_args, source_gamma, plain)
+    drift_images, drift_input = _drift_images(eval_images or heal_images, heal_images, input_size)
+    reference = _logits_at(source_net, drift_images)
+    model.set_momentum(gamma=gammas)  # the equivalence check ran it at 0
+    if recalibrate_bn or distill_steps:
+        report['healing'] = _heal(model, source_net, heal_images, input_size, recalibrate_bn, distill_steps)
+    report['drift_at_gamma'] = _drift(_logits_at(model, drift_images), reference, against, drift_input,
+                                      'healing' in report)
+    report['source'] = _source_report(checkpoint, source_gamma)
+    labels = checkpoint.pretrained_cfg.get('label_names')
+    write_model_folder(out_dir, model, model_args, pretrained_cfg,
+                       {'provenance': _provenance(checkpoint, gammas, policy)},
+                       _model_card(arch, checkpoint, gammas, policy, block_fn, report), force, {'verify.json': report},
+                       label_names=labels if isinstance(labels, list) and len(labels) == model.num_classes else None)
+    if push_to_hub:
+        upload_to_hub(out_dir, push_to_hub)
+    return ConvertResult(out_dir, arch, model_args, report)
 
+
+def _check_arguments(gamma: Optional[GammaSpec], source_gamma: Optional[GammaSpec], distill_steps: int,
+                     heal_images: Optional[str], recalibrate_bn: bool, img_size: Optional[int],
+                     push_to_hub: Optional[str]) -> None:
+    """Raise ConversionError naming the first of ``convert``'s arguments that is out of range."""
     for name, value in (('gamma', gamma), ('source_gamma', source_gamma)):
         try:
             if value is not None:
@@ -737,62 +770,74 @@ def convert(source: str, out_dir: Union[str, os.PathLike], gamma: Optional[Gamma
         raise ConversionError(f'img_size {img_size} has a side over {MAX_INPUT_SIDE} px, too large to verify on')
     if push_to_hub:
         validate_repo_id(push_to_hub)
-    out_dir = Path(out_dir)
+
+
+def _checked_source(source: str, out_dir: Path, force: bool, gamma: Optional[GammaSpec],
+                    source_gamma: Optional[GammaSpec], distill_steps: int, heal_images: Optional[str],
+                    recalibrate_bn: bool, img_size: Optional[int], push_to_hub: Optional[str]) -> SourceCheckpoint:
+    """The source checkpoint with finite weights, once the arguments and the output folder are checked."""
+    _check_arguments(gamma, source_gamma, distill_steps, heal_images, recalibrate_bn, img_size, push_to_hub)
     _check_output(out_dir, force, _local_paths(source))
     checkpoint = load_source(source)
-    state = checkpoint.state_dict
-    _check_finite(state)
-    inferred, model_args = infer_architecture(state, checkpoint.block_fn)
+    _check_finite(checkpoint.state_dict)
+    return checkpoint
+
+
+def _momentum_model(checkpoint: SourceCheckpoint, arch: Optional[str], gamma: Optional[GammaSpec],
+                    source_gamma: Optional[GammaSpec]) -> Tuple[nn.Module, str, Dict[str, Any], List[float]]:
+    """The momentum network to convert into (without weights), its architecture, its model_args with gamma per
+    stage, and the gamma the source computes at."""
+    import timm
+
+    inferred, model_args = infer_architecture(checkpoint.state_dict, checkpoint.block_fn)
     arch = arch or inferred
     if arch not in timm.list_models('momentum_*'):
         raise ConversionError(f'unsupported architecture {arch!r}: use one of {timm.list_models("momentum_*")}')
     block_fn = 'paper' if 'mresnet' in arch and model_args.get('block_fn') != 'dropin' else 'dropin'
     model_args = {**model_args, 'block_fn': block_fn}
-    gamma, source_gamma = _conversion_gammas(checkpoint, block_fn, gamma, source_gamma)
+    gamma, source_gammas = _conversion_gammas(checkpoint, block_fn, gamma, source_gamma)
     try:
         model = timm.create_model(arch, **model_args, gamma=gamma)
     except ValueError as e:
         raise ConversionError(str(e) if str(e).startswith(('gamma', 'layer')) else f'gamma: {e}') from None
-    gammas, policy = list(model.momentum_cfg['gamma']), model.gamma_policy
-    model_args['gamma'] = gammas  # the config carries the values, whatever policy chose them
-    state = _with_batch_counters(state, model)
-    _load_strict(model, state, arch)
-    input_size = _input_size(model, checkpoint, model_args, img_size)
-    pretrained_cfg = _converted_cfg(model, checkpoint, input_size, img_size, gammas, policy)
-    # the plain ResNet, built once: the gamma = 0 equivalence check's reference and a timm source's own network
-    plain = _plain_resnet(arch, model_args, state) if block_fn == 'dropin' or checkpoint.layout == 'timm' else None
-    report = {**_verify(model, plain, block_fn, input_size), 'gamma': gammas, 'gamma_policy': policy}
+    model_args['gamma'] = list(model.momentum_cfg['gamma'])  # the config carries the values, whatever policy chose
+    return model, arch, model_args, source_gammas
+
+
+def _verified(model: nn.Module, plain: Optional[nn.Module], block_fn: str,
+              input_size: Tuple[int, ...]) -> Dict[str, Any]:
+    """``_verify``'s report; ConversionError when the gamma = 0 equivalence fails."""
+    report = _verify(model, plain, block_fn, input_size)
     if report['equivalence'].get('passed') is False:
         raise ConversionError(f'gamma = 0 equivalence failed: max abs logit difference '
                               f'{report["equivalence"]["max_abs_logit_diff_gamma0"]:.3g} > {EQUIVALENCE_TOL}')
-    source_net, against = _source_network(checkpoint, state, arch, model_args, source_gamma, plain)
-    drift_images, drift_input = _drift_images(eval_images or heal_images, heal_images, input_size)
-    reference = _logits_at(source_net, drift_images)
-    model.set_momentum(gamma=gammas)  # the equivalence check ran it at 0
-    healed = bool(recalibrate_bn or distill_steps)
-    if healed:
-        images = load_images(heal_images, input_size[0], input_size[-1])
-        if recalibrate_bn:
-            recalibrate_batchnorm(model, images)
-        if distill_steps:  # after recalibration: it fits the weights to the statistics the model keeps
-            distill(model, source_net, images, distill_steps)
-        report['healing'] = {'images': heal_images, 'num_images': len(images), 'recalibrate_bn': recalibrate_bn,
-                             'distill_steps': distill_steps}
-    report['drift_at_gamma'] = _drift(_logits_at(model, drift_images), reference, against, drift_input, healed)
-    report['source'] = {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
-                        'sha256': checkpoint.sha256, 'license': checkpoint.license(),
-                        'datasets': checkpoint.datasets() or 'unknown', 'gamma': source_gamma}
-    provenance = {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
-                  'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}',
-                  'gamma': gammas, 'gamma_policy': policy}
-    labels = checkpoint.pretrained_cfg.get('label_names')
-    write_model_folder(out_dir, model, model_args, pretrained_cfg, {'provenance': provenance},
-                       _model_card(arch, checkpoint, gammas, policy, block_fn, report), force,
-                       {'verify.json': report},
-                       label_names=labels if isinstance(labels, list) and len(labels) == model.num_classes else None)
-    if push_to_hub:
-        upload_to_hub(out_dir, push_to_hub)
-    return ConvertResult(out_dir, arch, model_args, report)
+    return report
+
+
+def _heal(model: nn.Module, source_net: nn.Module, heal_images: str, input_size: Tuple[int, ...],
+          recalibrate_bn: bool, distill_steps: int) -> Dict[str, Any]:
+    """Recalibrate BatchNorm and/or distil ``source_net`` into ``model`` on ``heal_images``; what was done."""
+    images = load_images(heal_images, input_size[0], input_size[-1])
+    if recalibrate_bn:
+        recalibrate_batchnorm(model, images)
+    if distill_steps:  # after recalibration: it fits the weights to the statistics the model keeps
+        distill(model, source_net, images, distill_steps)
+    return {'images': heal_images, 'num_images': len(images), 'recalibrate_bn': recalibrate_bn,
+            'distill_steps': distill_steps}
+
+
+def _source_report(checkpoint: SourceCheckpoint, source_gamma: List[float]) -> Dict[str, Any]:
+    """verify.json's description of the source."""
+    return {'id': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
+            'sha256': checkpoint.sha256, 'license': checkpoint.license(),
+            'datasets': checkpoint.datasets() or 'unknown', 'gamma': source_gamma}
+
+
+def _provenance(checkpoint: SourceCheckpoint, gammas: List[float], policy: Optional[str]) -> Dict[str, Any]:
+    """config.json's provenance: the source, the converter and the gamma it converted at."""
+    return {'source': checkpoint.source, 'layout': checkpoint.layout, 'revision': checkpoint.revision,
+            'sha256': checkpoint.sha256, 'converter': f'timm-momentum {__version__}',
+            'gamma': gammas, 'gamma_policy': policy}
 
 
 def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optional[GammaSpec],
