@@ -40,3 +40,15 @@ def standard_matches_memory_efficient():
         yield
     finally:
         set_standard_matches_memory_efficient(False)
+
+
+# The fast subset (``python -m pytest -q -m fast tests``, under 2 minutes): every test of the core's modules
+# below, except those marked ``slow`` (whole models at depth, compiles, multiprocess runs).
+CORE_MODULES = {'test_invertible', 'test_kernels', 'test_reliability_invertible', 'test_registry', 'test_contract',
+                'test_layout'}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in CORE_MODULES and item.get_closest_marker('slow') is None:
+            item.add_marker(pytest.mark.fast)

@@ -163,6 +163,12 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
                         help='batch of the timing, gradient and saved-bytes measurements')
     parser.add_argument('--warmup', type=int, default=1, help='warm-up steps per configuration before timing')
     parser.add_argument('--steps', type=int, default=3, help='timed steps per configuration (median reported)')
+    parser.add_argument('--repeats', type=int, default=1,
+                        help='blocks of --steps interleaved rounds; rows report the median ratio to plain resnet and '
+                             'its min-max over the repeats')
+    parser.add_argument('--arms', default=None,
+                        help='comma-separated eager configurations beside plain resnet, from checkpointing, standard, '
+                             'memory-efficient, transitions-stored, official (default: all)')
     parser.add_argument('--compile', nargs='?', const=','.join(BENCH_DEFAULT_COMPILED), default=None,
                         metavar='KEYS', help=f'also measure torch.compile\'d configurations, comma-separated from '
                         f'{", ".join(BENCH_COMPILED_CONFIGS)}; alone: {",".join(BENCH_DEFAULT_COMPILED)} '

@@ -702,6 +702,8 @@ def run_cli(args: argparse.Namespace) -> int:
             max_batch=not args.no_max_batch, measure_peak=not args.no_peak,
             compiled=[k.strip() for k in (args.compile or '').split(',') if k.strip()],
             compile_backend=args.compile_backend,
+            repeats=args.repeats,
+            arms=[k.strip() for k in args.arms.split(',') if k.strip()] if args.arms else None,
             max_batch_models=[m.strip() for m in args.max_batch_models.split(',')] if args.max_batch_models else None,
             max_batch_limit=args.max_batch_limit, max_batch_seconds=args.max_batch_seconds,
             log=lambda line: print(line, file=sys.stderr, flush=True))
