@@ -71,9 +71,11 @@ def test_standard_mode_by_default_sums_in_float32():
     efficient = copy.deepcopy(standard)
     efficient.set_momentum(memory_efficient=True)
     x = torch.randn(2, 512, 8, 8)
-    with mock.patch.object(invertible, 'forward_update', wraps=invertible.forward_update) as update:
+    with mock.patch.object(invertible, 'next_state', wraps=invertible.next_state) as update, \
+            mock.patch.object(invertible, 'forward_update') as in_place:
         out_s, gx_s, gp_s = _grads(standard, x)
-    assert {call.args[0].dtype for call in update.call_args_list} == {torch.float32}
+    assert {call.args[0].dtype for call in update.call_args_list} == {torch.float32} and update.call_count == 35
+    assert in_place.call_count == 0  # no float64 state updated in place
     out_e, gx_e, gp_e = _grads(efficient, x)
     assert not torch.equal(out_s, out_e)  # other rounding of the state's sums ...
     assert relative_error(out_e, out_s) <= 1e-5  # ... within float32's

@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 from .config import set_strict_check, set_standard_matches_memory_efficient, strict_check_enabled, standard_matches_memory_efficient
-from .kernels import (adjoint_update, forward_step, forward_update, previous_position, previous_velocity,
+from .kernels import (adjoint_update, forward_step, forward_update, next_state, previous_position, previous_velocity,
                       previous_velocity_and_position, standard_backward)
 
 __all__ = [
@@ -704,7 +704,9 @@ def _stepped_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, b
     outside autograd, and each block's backward is ``standard_backward``, one pass."""
     dropin = block_fn is dropin_fn  # the step subtracts the drop-in f's input itself, in the update's pass
     step_fn = _block_output if dropin else block_fn
-    state = _CarrierState(x.detach().to(standard_carrier(x, gamma, len(blocks)), copy=True))
+    carrier = standard_carrier(x, gamma, len(blocks))
+    # a state in the input's dtype is the position itself, updated into new tensors; a wider one is updated in place
+    state = _CarrierState(None if carrier == x.dtype else x.detach().to(carrier, copy=True))
     position, token = x, None
     for block in blocks:
         out = _run_block(step_fn, block, position, grad_checkpointing)
@@ -718,9 +720,10 @@ def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _CarrierState:
-    """A chain's state (x, v) that ``_MomentumStep`` updates in place, with v = 0 at the start."""
+    """A chain's state (x, v) for ``_MomentumStep``, with v = 0 at the start; x is None where the state is carried
+    in the blocks' own dtype, so that the position is x."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, x: Optional[torch.Tensor]) -> None:
         self.x = x
         self.v: Optional[torch.Tensor] = None
 
@@ -729,9 +732,9 @@ class _MomentumStep(torch.autograd.Function):
     """One block's update in standard backprop, with the adjoint of the memory-efficient backward.
 
     Autograd sees the position x_n rounded to the input dtype (the next block's input and the chain's output)
-    and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The carrier
-    state is updated in place outside autograd (``kernels.forward_update``, the memory-efficient forward's own
-    update) and needs nothing saved, since the rule is linear. So each block's backward is one pass in the input
+    and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The state is
+    updated outside autograd (``kernels.next_state``; a wider state in place, by the memory-efficient forward's own
+    ``kernels.forward_update``) and needs nothing saved, since the rule is linear. So each block's backward is one pass in the input
     dtype (``kernels.standard_backward``). For the drop-in f the step takes block(x) and subtracts x itself.
     """
 
@@ -740,8 +743,11 @@ class _MomentumStep(torch.autograd.Function):
     @staticmethod
     def forward(out: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
                 gamma: float, dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        state.v, position = forward_update(state.x, state.v, out, position if dropin else None, gamma,
-                                           position.dtype)
+        if state.x is None:
+            position, state.v = next_state(position, state.v, out, position if dropin else None, gamma)
+        else:
+            state.v, position = forward_update(state.x, state.v, out, position if dropin else None, gamma,
+                                               position.dtype)
         return position, position.new_zeros(()).expand(position.shape)
 
     @staticmethod

@@ -21,7 +21,7 @@ import torch
 from .config import fused_enabled, set_fused
 
 __all__ = ['forward_step', 'inverse_position', 'inverse_velocity', 'adjoint_step', 'set_fused', 'fused_enabled',
-           'compiled_kernels', 'forward_update', 'previous_position', 'previous_velocity',
+           'compiled_kernels', 'forward_update', 'next_state', 'previous_position', 'previous_velocity',
            'previous_velocity_and_position', 'adjoint_update', 'standard_backward']
 
 _COMPILED: Dict[Callable, Callable] = {}
@@ -185,6 +185,18 @@ def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch
         The velocity, and x rounded to ``next_dtype`` in a new tensor (the next block's input).
     """
     return _call(_forward, x, velocity, out, block_input, gamma, next_dtype)
+
+
+def _next(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor, block_input: Optional[torch.Tensor],
+          gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return forward_step(x, velocity, out if block_input is None else out - block_input, gamma, inplace=False)
+
+
+def next_state(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor,
+               block_input: Optional[torch.Tensor], gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``forward_step`` into new tensors (x_n, v_n), from a block's output (arguments as in ``forward_update``):
+    for a state carried in the blocks' own dtype, where x_n is the next block's input as it is."""
+    return _call(_next, x, velocity, out, block_input, gamma)
 
 
 def _position(x: torch.Tensor, velocity: torch.Tensor, next_dtype: torch.dtype) -> torch.Tensor:
