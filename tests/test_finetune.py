@@ -170,6 +170,9 @@ def test_bad_input(tmp_path, capsys):
         train(_tiny(tmp_path, dataset='', data_dir=str(tmp_path / 'missing')))
     with pytest.raises(ConfigError, match='needs a CUDA device'):
         train(_tiny(tmp_path, batch_size='auto'))
+    with pytest.raises(ConfigError, match='sched: wsd schedule requires 0 < decay_epochs'):  # a known name
+        train(_tiny(tmp_path, sched='wsd', epochs=1))
+    assert not (tmp_path / 'run').exists()
     with pytest.raises(FloatingPointError, match='(loss is (nan|inf)|diverged).*no checkpoint to resume from'):
         train(_tiny(tmp_path, opt='sgd', lr=1e12, epochs=1))
     assert main(['finetune', '--epochs_typo', '3']) == 2
@@ -224,7 +227,7 @@ def test_demo_summary_uses_one_split_name_and_rounds(monkeypatch, capsys):
     (['--grad_accum_steps', '0'], 'grad_accum_steps must be >= 1, got 0'),
     (['--img_size', '-5'], 'img_size must be >= 1, got -5'),
     (['--opt', 'sgdd'], "opt: unknown optimizer 'sgdd'"),
-    (['--sched', 'cosinus'], "sched: Unknown scheduler 'cosinus'"),
+    (['--sched', 'cosinus'], "sched: unknown scheduler 'cosinus'; did you mean 'cosine'?"),
     (['--gamma', '1'], 'gamma: gamma must be in [0, 1), got 1'),
     (['--classes', '[0,1'], "--classes: cannot parse '[0,1'"),
     (['--device', 'cuda'], 'device: cuda asked for, but no CUDA GPU is available'),
@@ -387,6 +390,16 @@ def test_plots_name_the_run_have_legends_and_a_log_loss_axis():
     for ax in (ax_loss, ax_acc):
         assert 'momentum_resnet18 on sklearn/digits, output/run' in ax.get_title()
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'val']  # as the epoch lines say
+    # loss.png and accuracy.png are figures of their own, not crops of this one that caught its neighbour's labels
+    for panel, ylabel in (('loss', 'loss (log scale)'), ('accuracy', 'accuracy (%)')):
+        (ax,) = _curves_figure(rows, 'run', (panel,)).axes
+        assert ax.get_ylabel() == ylabel and ax.get_title() == f'{panel}: run'
+    # a demo's run names a long local-dir path: each title line fits over its panel instead of running off the figure
+    run = f"local-dir:/tmp/{'x' * 70}/converted on sklearn/digits, /tmp/{'y' * 40}/finetune"
+    for ax, panel in zip(_curves_figure(rows, run).axes, ('loss', 'accuracy')):
+        lines = ax.get_title().splitlines()
+        assert len(lines) > 1 and max(len(line) for line in lines) <= 60
+        assert ''.join(lines).replace(' ', '') == f'{panel}: {run}'.replace(' ', '')
 
 
 def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
@@ -401,8 +414,16 @@ def test_finetune_says_what_it_will_train_before_it_starts(tmp_path, capsys):
     assert main(['finetune', '--model', 'momentum_resnet18', '--classes', '[0, 1]', '--img_size', '16',
                  '--epochs', '1', '--batch_size', '512', '--progress', 'false', '--output', str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith('finetune momentum_resnet18 on sklearn/digits classes [0, 1] for 1 epochs, batch 512')
+    assert lines[0].startswith('finetune momentum_resnet18 on sklearn/digits classes [0, 1] for 1 epoch, batch 512')
     assert lines[1] == (f"changed from the defaults: model='momentum_resnet18', img_size=16, classes=[0, 1], "
                         f"batch_size=512, epochs=1, progress=False")
     assert lines[2] == 'gamma per stage: 0.9, 0.9, 0.9, 0.9'  # built from scratch: the paper's gamma
     assert lines[3].startswith('epoch 0: ')
+    # the closing line sums the run up (no raw dict); its accuracy and loss are those in metrics.csv
+    row = list(csv.DictReader(open(out / 'metrics.csv')))[-1]
+    acc, loss = float(row['val_acc']), float(row['val_loss'])
+    summary = re.fullmatch(r'trained momentum_resnet18 on sklearn/digits for 1 epoch in (\d+ s|\d+ min \d\d s): (.*)',
+                           lines[-1])
+    assert summary, lines[-1]
+    assert summary[2] == (f"val top-1 {acc:.2f}% (best {acc:.2f}% at epoch 0), val loss {loss:.4f}; "
+                          f"exported to {out / 'best'} and {out / 'final'}")

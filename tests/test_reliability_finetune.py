@@ -88,14 +88,17 @@ def test_resume_with_a_key_that_cannot_change_mid_run_is_refused_naming_it(finis
 
 def test_resume_applies_a_changed_schedule_and_says_so(finished_run, tmp_path, capsys):
     out = _copy(finished_run, tmp_path)
+    with open(out / 'metrics.csv', 'a', newline='') as f:  # a run killed after logging epoch 1, before its checkpoint
+        f.write('1,0.5,50.0,0.5,50.0,0.0,1.0,1.0\r\n')
     # cosine over 2 epochs from lr 0.5: epoch 1 trains at 0.25; the checkpoint's 1-epoch schedule ends at 0.0
     assert main(['finetune', *TINY, '--output', str(out), '--resume', 'true', '--epochs', '2', '--lr', '0.5',
                  '--memory_efficient', 'false']) == 0
     printed = capsys.readouterr().out
     assert 'resume: applying the changed keys memory_efficient True -> False, epochs 1 -> 2, lr 0.01 -> 0.5' \
         in printed
-    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))  # the stray epoch 1 dropped, the one trained now kept
     assert [int(r['epoch']) for r in rows] == [0, 1] and float(rows[1]['lr']) == pytest.approx(0.25)
+    assert rows[0] == list(csv.DictReader(open(finished_run / 'metrics.csv')))[0]
     args = yaml.safe_load((out / 'args.yaml').read_text())
     assert (args['lr'], args['epochs'], args['memory_efficient']) == (0.5, 2, False)
     state = torch.load(out / 'last.pth.tar', weights_only=True)

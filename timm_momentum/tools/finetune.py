@@ -6,8 +6,11 @@ or ``torchrun --nproc_per_node=N -m timm_momentum.tools.finetune ...``. Config k
 import argparse
 import contextlib
 import copy
+import csv
+import dataclasses
 import difflib
 import hashlib
+import io
 import math
 import os
 import random
@@ -31,9 +34,9 @@ from .loading import folder_architecture
 from .memory import vm_hwm_bytes
 from ..core.models.momentum_resnet import RECORD_KEYS, MomentumResNet, parse_gamma, resnet_state_dict
 
-__all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'load_initial_checkpoint',
-           'seed_everything', 'load_resume_state', 'compare_resume_config', 'checkpoint_checksum', 'check_output',
-           'train', 'find_batch_size']
+__all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'describe_result',
+           'load_initial_checkpoint', 'load_resume_state', 'resume_run', 'compare_resume_config', 'checkpoint_checksum',
+           'check_output', 'train', 'find_batch_size']
 
 DEFAULTS: Dict[str, Any] = {
     # model (timm train.py names, plus gamma and memory_efficient)
@@ -195,34 +198,10 @@ def _as_type(key: str, value: Any, kind: type) -> Any:
 
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """A checked copy of ``cfg``: every key has the type of its default and a usable value, else ConfigError."""
-    import timm
-    from timm.optim import list_optimizers
-    from timm.scheduler import create_scheduler_v2
-
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f'unknown config key(s) {unknown}')
-    out: Dict[str, Any] = {}
-    for key, default in DEFAULTS.items():
-        value = cfg.get(key, default)
-        if (key == 'batch_size' and value == 'auto') or key == 'gamma':  # gamma: checked by parse_gamma below
-            out[key] = value
-        elif key == 'amp':
-            if value is True:
-                value = 'bf16'
-            elif value is False or value is None or value == 'fp32':
-                value = 'none'
-            if not isinstance(value, str) or value not in _AMP:
-                raise ConfigError(f'amp must be one of {list(_AMP)}, got {_clipped(cfg[key])}')
-            out[key] = value
-        elif value is None and default is None:
-            out[key] = None
-        else:
-            out[key] = _as_type(key, value, _OPTIONAL_TYPES.get(key, type(default)))
-        low, high = _RANGES.get(key, (-math.inf, math.inf))
-        if isinstance(out[key], (int, float)) and not isinstance(out[key], bool) and not low <= out[key] <= high:
-            bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
-            raise ConfigError(f'{key} must be {bounds}, got {_clipped(value)}')
+    out = {key: _checked_value(key, cfg.get(key, default), default) for key, default in DEFAULTS.items()}
     for key in ('model', 'opt', 'sched', 'device', 'train_split', 'val_split'):
         if not out[key]:
             raise ConfigError(f'{key} must not be empty')
@@ -230,31 +209,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         out['gamma'] = None if cfg.get('gamma') is None else parse_gamma(cfg['gamma'])
     except ValueError as e:
         raise ConfigError(f'gamma: {e}') from None
-    for key in ('classes', 'decay_milestones'):
-        if out[key] is not None:
-            out[key] = [_as_type(f'{key} entry', v, int) for v in out[key]]
-    if out['scale'] is not None:
-        out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
-        if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
-            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {_clipped(cfg['scale'])}")
-    if out['dataset'] in ('sklearn/digits', FASHION_MNIST) and out['classes'] is not None:
-        if len(set(out['classes'])) != len(out['classes']) or not set(out['classes']) <= set(range(10)) \
-                or len(out['classes']) < 2:
-            raise ConfigError(f"classes must be two or more different class indices 0-9, got {_clipped(cfg['classes'])}")
-    if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
-        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {_clipped(out['dataset'])}")
-    if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
-        close = difflib.get_close_matches(out['model'][:100], timm.list_models(), n=1)
-        raise ConfigError(f"model: unknown model {_clipped(out['model'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
-    optimizers = list_optimizers()
-    if out['opt'].lower().split('_')[-1] not in optimizers:
-        close = difflib.get_close_matches(out['opt'].lower()[:100], optimizers, n=1)
-        raise ConfigError(f"opt: unknown optimizer {_clipped(out['opt'])}" + (f"; did you mean '{close[0]}'?" if close else ''))
-    try:  # timm's scheduler factory is the list of schedulers it knows
-        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        create_scheduler_v2(probe, sched=out['sched'], num_epochs=out['epochs'], decay_milestones=out['decay_milestones'])
-    except ValueError as e:
-        raise ConfigError(f"sched: {e}") from None
+    _check_lists(out, cfg)
+    _check_names(out)
     _check_device(out['device'])
     if out['initial_checkpoint'] and not Path(out['initial_checkpoint']).is_file():
         raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
@@ -262,6 +218,71 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
     out['output'] = _output_folder(out)
     return out
+
+
+def _checked_value(key: str, value: Any, default: Any) -> Any:
+    """``value`` of config ``key`` as its default's type and within its range, else a ConfigError naming the key."""
+    if (key == 'batch_size' and value == 'auto') or key == 'gamma':  # gamma: checked by parse_gamma
+        return value
+    if key == 'amp':
+        return _checked_amp(value)
+    kind = _OPTIONAL_TYPES.get(key, type(default))
+    checked = None if value is None and default is None else _as_type(key, value, kind)
+    low, high = _RANGES.get(key, (-math.inf, math.inf))
+    if isinstance(checked, (int, float)) and not isinstance(checked, bool) and not low <= checked <= high:
+        bounds = f'>= {low}' if high == math.inf else f'in [{low}, {high}]'
+        raise ConfigError(f'{key} must be {bounds}, got {_clipped(value)}')
+    return checked
+
+
+def _checked_amp(value: Any) -> str:
+    """The ``amp`` setting as one of _AMP (true is bf16; false, null and fp32 are none), else a ConfigError."""
+    amp = 'bf16' if value is True else 'none' if value is False or value is None or value == 'fp32' else value
+    if not isinstance(amp, str) or amp not in _AMP:
+        raise ConfigError(f'amp must be one of {list(_AMP)}, got {_clipped(value)}')
+    return amp
+
+
+def _check_lists(out: Dict[str, Any], given: Dict[str, Any]) -> None:
+    """Check, in place, the list-valued keys (classes, decay_milestones, scale) and the few-shot setting; messages
+    quote the ``given`` config."""
+    for key in ('classes', 'decay_milestones'):
+        if out[key] is not None:
+            out[key] = [_as_type(f'{key} entry', v, int) for v in out[key]]
+    if out['scale'] is not None:
+        out['scale'] = [_as_type('scale entry', v, float) for v in out['scale']]
+        if len(out['scale']) != 2 or not 0 < out['scale'][0] <= out['scale'][1] <= 1:
+            raise ConfigError(f"scale must be [min, max] with 0 < min <= max <= 1, got {_clipped(given['scale'])}")
+    classes = out['classes']
+    if out['dataset'] in ('sklearn/digits', FASHION_MNIST) and classes is not None:
+        if len(set(classes)) != len(classes) or not set(classes) <= set(range(10)) or len(classes) < 2:
+            raise ConfigError(f"classes must be two or more different class indices 0-9, "
+                              f"got {_clipped(given['classes'])}")
+    if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
+        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {_clipped(out['dataset'])}")
+
+
+# The names timm.scheduler.create_scheduler_v2 builds a scheduler for ('none' builds none, and each epoch steps one).
+_SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt')
+
+
+def _check_names(out: Dict[str, Any]) -> None:
+    """Check that timm knows the model, optimizer and scheduler names, suggesting the closest on a typo."""
+    import timm
+    from timm.optim import list_optimizers
+
+    def unknown(key: str, what: str, name: str, known: Sequence[str]) -> ConfigError:
+        close = difflib.get_close_matches(name[:100], known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        return ConfigError(f"{key}: unknown {what} {_clipped(out[key])}{hint}")
+
+    if ':' not in out['model'] and not timm.is_model(out['model'].split('.')[0]):
+        raise unknown('model', 'model', out['model'], timm.list_models())
+    optimizers = list_optimizers()
+    if out['opt'].lower().split('_')[-1] not in optimizers:
+        raise unknown('opt', 'optimizer', out['opt'].lower(), optimizers)
+    if out['sched'] not in _SCHEDULERS:
+        raise unknown('sched', 'scheduler', out['sched'], _SCHEDULERS)
 
 
 def _check_local_model(model: str) -> None:
@@ -308,10 +329,39 @@ def describe_config(cfg: Dict[str, Any]) -> str:
     # output is on the first line; without one given it is a new folder, which would always differ from None
     changed = ', '.join(f'{k}={_clipped(v)}' for k, v in cfg.items()
                         if k in DEFAULTS and k != 'output' and v != DEFAULTS[k])
-    return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {cfg['epochs']} epochs, batch "
+    return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {_count(cfg['epochs'], 'epoch')}, batch "
             f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {_describe_gamma(cfg['gamma'])}, memory_efficient "
             f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
             f"changed from the defaults: {changed or 'nothing'}")
+
+
+def describe_result(result: Dict[str, Any]) -> str:
+    """What a finished ``train`` did, in one line: epochs and time, validation top-1 (last and best), the exports."""
+    rows, cfg = result['rows'], result['cfg']
+    resumed = f" (resumed at epoch {result['start_epoch']})" if result['start_epoch'] else ''
+    text = (f"trained {cfg['model']} on {cfg['dataset']} for {_count(result['epochs_trained'], 'epoch')}{resumed} "
+            f"in {_duration(result['seconds'])}")
+    if rows:
+        last, best = rows[-1], max(rows, key=lambda row: row['val_acc'])  # the first best, as best/ holds
+        text += (f": val top-1 {last['val_acc']:.2f}% (best {best['val_acc']:.2f}% at epoch {best['epoch']}), "
+                 f"val loss {last['val_loss']:.4f}")
+    exported = ' and '.join(str(folder) for folder in result['exported'])
+    return text + (f'; exported to {exported}' if exported else '')
+
+
+def _count(number: int, noun: str) -> str:
+    """``number`` and ``noun``, plural unless the number is one: '1 epoch', '2 epochs'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as '12 s', '3 min 05 s' or '2 h 04 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f'{seconds} s'
+    if seconds < 3600:
+        return f'{seconds // 60} min {seconds % 60:02d} s'
+    return f'{seconds // 3600} h {seconds // 60 % 60:02d} min'
 
 
 def _describe_gamma(gamma: Any) -> str:
@@ -336,6 +386,13 @@ def _check_device(name: str) -> None:
         raise ConfigError(f'device: {name} asked for, but MPS is not available')
     elif device.type not in ('cpu', 'cuda', 'mps'):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_clipped(name)}")
+
+
+def _device_name(cfg: Dict[str, Any]) -> str:
+    """The device ``cfg`` asks for, with auto resolved to cuda or cpu."""
+    if cfg['device'] == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return cfg['device']
 
 
 def _device(cfg: Dict[str, Any]) -> torch.device:
@@ -434,41 +491,57 @@ def _can_plot() -> bool:
     return True
 
 
-def _curves_figure(rows: List[Dict[str, Any]], run: str) -> Any:
-    """Loss (log scale) and accuracy per epoch, train and validation, each panel titled with ``run``."""
+def _draw_loss(ax: Any, rows: List[Dict[str, Any]]) -> None:
+    """Train and validation loss per epoch on ``ax``, on a log scale where every loss is positive."""
+    epochs = [r['epoch'] for r in rows]
+    ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
+    ax.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='val')  # as the epoch lines say
+    ax.set(xlabel='epoch', ylabel='loss')
+    if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss')):  # late epochs are lost on a linear scale
+        ax.set(yscale='log', ylabel='loss (log scale)')
+
+
+def _draw_accuracy(ax: Any, rows: List[Dict[str, Any]]) -> None:
+    """Train and validation top-1 accuracy (%) per epoch on ``ax``."""
+    epochs = [r['epoch'] for r in rows]
+    ax.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
+    ax.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='val')
+    ax.set(xlabel='epoch', ylabel='accuracy (%)')
+
+
+_PANELS = {'loss': _draw_loss, 'accuracy': _draw_accuracy}
+_PLOTS = {'curves.png': ('loss', 'accuracy'), 'loss.png': ('loss',), 'accuracy.png': ('accuracy',)}
+
+
+def _curves_figure(rows: List[Dict[str, Any]], run: str, panels: Sequence[str] = ('loss', 'accuracy')) -> Any:
+    """A figure of the named panels side by side, each titled with what it shows and, wrapped to fit, ``run``."""
+    import textwrap
+
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r['epoch'] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
-    ax_loss.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='val')  # as the epoch lines say
-    ax_acc.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
-    ax_acc.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='val')
-    ax_loss.set(xlabel='epoch', ylabel='loss')
-    if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss')):  # late epochs are lost on a linear scale
-        ax_loss.set(yscale='log', ylabel='loss (log scale)')
-    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)')
-    for ax, what in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
-        ax.set_title(f'{what}: {run}', fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout='constrained')
+    for ax, name in zip(axes[0], panels):
+        _PANELS[name](ax, rows)
+        # about 60 characters of 8-point text fit over a 5-inch panel; a path without spaces is cut anywhere
+        ax.set_title(textwrap.fill(f'{name}: {run}', 60, break_on_hyphens=False), fontsize=8)
         ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
     return fig
 
 
 def _plot(rows: List[Dict[str, Any]], out: Path, run: str) -> None:
+    """Write curves.png (loss and accuracy side by side), loss.png and accuracy.png, each a figure of its own."""
     import matplotlib.pyplot as plt
 
-    fig = _curves_figure(rows, run)
-    ax_loss, ax_acc = fig.axes
-    for name, ax in (('loss.png', ax_loss), ('accuracy.png', ax_acc)):
-        extent = ax.get_tightbbox(fig.canvas.get_renderer()).transformed(fig.dpi_scale_trans.inverted())
-        fig.savefig(out / name, bbox_inches=extent.expanded(1.05, 1.1))
-    fig.savefig(out / 'curves.png')
-    plt.close(fig)
+    for name, panels in _PLOTS.items():
+        fig = _curves_figure(rows, run, panels)
+        try:
+            atomic_write(out / name, lambda tmp: fig.savefig(tmp, format='png', bbox_inches='tight'))
+        finally:
+            plt.close(fig)
 
 
 def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader: Any,
@@ -568,18 +641,11 @@ def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
-    if _is_distributed():
+    if _is_distributed():  # timm's reduce_tensor averages over the ranks; the ratios of the means are the same
+        from timm.utils import reduce_tensor
         stats = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        loss_sum, correct, total = stats.tolist()
-    return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random`` (timm's transforms draw from it), numpy (mixup) and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+        loss_sum, correct, total = reduce_tensor(stats, dist.get_world_size()).tolist()
+    return (loss_sum / total, 100.0 * correct / total) if total else (0.0, 0.0)
 
 
 def _rng_states() -> Dict[str, Any]:
@@ -630,7 +696,7 @@ def compare_resume_config(saved: Dict[str, Any], cfg: Dict[str, Any], path: Path
 
 def _same_value(key: str, saved: Any, new: Any) -> bool:
     """Whether a config value is unchanged. A run records the per-stage gamma it trained at; a gamma that only the
-    model resolves (None, a policy) is compared once the model is built, in ``resume_checkpoint``."""
+    model resolves (None, a policy) is compared once the model is built, in ``resume_run``."""
     if key != 'gamma':
         return saved == new
     if saved is None or new is None or isinstance(saved, str) or isinstance(new, str):
@@ -715,9 +781,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def resume_checkpoint(state: Dict[str, Any], path: Path, cfg: Dict[str, Any], model: nn.Module,
-                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                      ema: Any) -> Tuple[int, float, List[Dict[str, Any]]]:
+def resume_run(state: Dict[str, Any], path: Path, cfg: Dict[str, Any], model: nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+               ema: Any) -> Tuple[int, float, List[Dict[str, Any]]]:
     """Restore what ``save_checkpoint`` wrote (``state``, read by ``load_resume_state``) under ``cfg``; returns the
     epoch to start from, the best accuracy and the metrics.
 
@@ -847,23 +913,85 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
             raise
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a run trains with, and what it has recorded so far."""
+    cfg: Dict[str, Any]
+    device: torch.device
+    amp: Optional[torch.dtype]
+    train_set: Any
+    val_set: Any
+    num_classes: int
+    export_data: Dict[str, Any]
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    ema: Any
+    mixup: Any
+    criterion: nn.Module
+    plots: bool = False
+    rows: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    best_acc: float = -1.0
+    start_epoch: int = 0
+    steps_per_epoch: Optional[int] = None
+
+    @property
+    def out(self) -> Path:
+        """The run's folder."""
+        return Path(self.cfg['output'])
+
+    @property
+    def last(self) -> Path:
+        """The resume checkpoint."""
+        return self.out / 'last.pth.tar'
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model validated and exported: the EMA weights when there are any."""
+        return self.ema.module if self.ema is not None else self.model
+
+
 def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """``train`` once its output is checked: build, resume from ``resume_state`` (when not None), run the epochs."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, NativeScaler
+    started = time.perf_counter()
+    run = _build_run(cfg)
+    _prepare_output(run)
+    if resume_state is not None:
+        _resume(run, resume_state)
+    for epoch in range(run.start_epoch, run.cfg['epochs']):
+        _record_epoch(run, _train_epoch(run, epoch))
+    exported = []
+    if _rank() == 0 and run.rows:
+        _export(run.eval_model, run.out / 'final', run.cfg, run.rows[-1], run.export_data)
+        exported = [folder for folder in (run.out / 'best', run.out / 'final') if folder.is_dir()]
+    return {'metrics': run.rows[-1] if run.rows else {}, 'rows': run.rows, 'output': run.out, 'model': run.model,
+            'steps_per_epoch': run.steps_per_epoch, 'cfg': run.cfg, 'start_epoch': run.start_epoch,
+            'epochs_trained': max(run.cfg['epochs'] - run.start_epoch, 0), 'exported': exported,
+            'seconds': time.perf_counter() - started}
 
-    from .files import remove_stale_temps
+
+def _build_run(cfg: Dict[str, Any]) -> _Run:
+    """Everything the run ``cfg`` describes trains with: device, data, model, optimiser, schedule and loss."""
+    from timm.utils import random_seed
 
     device = _device(cfg)
     amp = _amp_dtype(cfg, device)
-    seed_everything(cfg['seed'])
+    random_seed(cfg['seed'])  # every rank alike: the model starts from the same weights on each
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = cfg['cudnn_benchmark']
     if cfg['batch_size'] == 'auto':
         cfg = dict(cfg, batch_size=find_batch_size(cfg))
+    train_set, val_set, num_classes, export_data = _build_data(cfg)
+    random_seed(cfg['seed'])
+    cfg, model = _build_model_to_train(cfg, num_classes, device)
+    return _Run(cfg, device, amp, train_set, val_set, num_classes, export_data, model,
+                **_training_parts(cfg, model, num_classes, device, amp))
+
+
+def _build_data(cfg: Dict[str, Any]) -> Tuple[Any, Any, int, Dict[str, Any]]:
+    """The training and validation sets, the number of classes, and what the exports record of the data."""
     # timm's datasets take their transforms' input size, mean and std from the model; in-memory ones need none
     probe = None if cfg['dataset'] in ('sklearn/digits', FASHION_MNIST) else _build_model(cfg, cfg['num_classes'] or 2)
     train_set, val_set, data_classes = build_datasets(cfg, probe)
@@ -871,7 +999,12 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
     num_classes = cfg['num_classes'] or data_classes
     if data_classes and num_classes != data_classes:
         raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
-    seed_everything(cfg['seed'])
+    return train_set, val_set, num_classes, export_data
+
+
+def _build_model_to_train(cfg: Dict[str, Any], num_classes: int,
+                          device: torch.device) -> Tuple[Dict[str, Any], nn.Module]:
+    """The model on ``device``, and ``cfg`` with the per-stage gamma it trains at (a momentum model's)."""
     model = _build_model(cfg, num_classes).to(device)
     if isinstance(model, MomentumResNet):  # args.yaml and checkpoints record the gamma the run trains at
         cfg = dict(cfg, gamma=list(model.momentum_cfg['gamma']))
@@ -880,84 +1013,142 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
             print(f"gamma per stage: {_describe_gamma(cfg['gamma'])}{policy}", flush=True)
     if cfg['channels_last']:
         model = model.to(memory_format=torch.channels_last)
+    return cfg, model
+
+
+def _training_parts(cfg: Dict[str, Any], model: nn.Module, num_classes: int, device: torch.device,
+                    amp: Optional[torch.dtype]) -> Dict[str, Any]:
+    """timm's optimiser, schedule, loss scaler, EMA, mixup and loss for ``model``, and the module batches run through."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
     optimizer = create_optimizer_v2(model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'],
                                     **({'momentum': cfg['momentum']} if cfg['opt'] in ('sgd', 'momentum') else {}))
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'],
-                                       warmup_epochs=cfg['warmup_epochs'], min_lr=cfg['min_lr'],
-                                       decay_milestones=cfg['decay_milestones'], decay_rate=cfg['decay_rate'])
-    scaler = NativeScaler(device=device.type) if amp == torch.float16 else None
-    ema = ModelEmaV3(model, decay=cfg['model_ema_decay']) if cfg['model_ema'] else None
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'],
+                                           warmup_epochs=cfg['warmup_epochs'], min_lr=cfg['min_lr'],
+                                           decay_milestones=cfg['decay_milestones'], decay_rate=cfg['decay_rate'])
+    except ValueError as e:  # a known name with settings it cannot schedule (wsd's decay phase shorter than an epoch)
+        raise ConfigError(f'sched: {e}') from None
     mixup = Mixup(mixup_alpha=cfg['mixup'], cutmix_alpha=cfg['cutmix'], label_smoothing=cfg['smoothing'],
                   num_classes=num_classes) if cfg['mixup'] or cfg['cutmix'] else None
     criterion = SoftTargetCrossEntropy() if mixup else (
         LabelSmoothingCrossEntropy(cfg['smoothing']) if cfg['smoothing'] else nn.CrossEntropyLoss())
+    parts = dict(optimizer=optimizer, scheduler=scheduler, mixup=mixup, criterion=criterion,
+                 scaler=NativeScaler(device=device.type) if amp == torch.float16 else None,
+                 ema=ModelEmaV3(model, decay=cfg['model_ema_decay']) if cfg['model_ema'] else None)
     train_model = nn.parallel.DistributedDataParallel(model) if _is_distributed() else model
-    if cfg['compile']:
-        train_model = torch.compile(train_model)
+    parts['train_model'] = torch.compile(train_model) if cfg['compile'] else train_model
+    return parts
 
-    out = Path(cfg['output'])
-    last = out / 'last.pth.tar'
-    start_epoch, best_acc, rows = 0, -1.0, []
+
+def _prepare_output(run: _Run) -> None:
+    """On the primary rank: make the run's folder, clear what killed runs left in it, write args.yaml."""
+    from .files import remove_stale_temps
+
+    if _rank() != 0:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)  # its parents exist already: train's folder_lock made them
+    for name in ('last.pth.tar', 'metrics.csv', 'best', 'final', *_PLOTS):  # what runs killed mid-write left
+        remove_stale_temps(run.out, name)
+    atomic_write(run.out / 'args.yaml', lambda tmp: Path(tmp).write_text(
+        yaml.safe_dump({**run.cfg, 'num_classes': run.num_classes}, sort_keys=True)))
+    run.plots = run.cfg['plots'] and _can_plot()
+
+
+def _resume(run: _Run, state: Dict[str, Any]) -> None:
+    """Continue ``run`` from a checked checkpoint: restore its state, and cut metrics.csv back to its epochs."""
+    run.start_epoch, run.best_acc, run.rows = resume_run(state, run.last, run.cfg, run.model, run.optimizer,
+                                                         run.scheduler, run.scaler, run.ema)
+    state.clear()  # loaded: let the checkpoint's copies go (train's frame still holds this dict)
     if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)  # its parents exist already: train's folder_lock made them
-        for name in ('last.pth.tar', 'metrics.csv', 'best', 'final'):  # what runs killed mid-write left
-            remove_stale_temps(out, name)
-        atomic_write(out / 'args.yaml', lambda tmp: Path(tmp).write_text(
-            yaml.safe_dump({**cfg, 'num_classes': num_classes}, sort_keys=True)))
-    plots = _rank() == 0 and cfg['plots'] and _can_plot()
-    if resume_state is not None:
-        start_epoch, best_acc, rows = resume_checkpoint(resume_state, last, cfg, model, optimizer, scheduler, scaler,
-                                                        ema)
-        resume_state.clear()  # loaded: let the checkpoint's copies go (train's frame still holds this dict)
-        if _rank() == 0:
-            print(f'resuming from {last} at epoch {start_epoch}', flush=True)
+        _rewrite_metrics(run.out / 'metrics.csv', run.rows)
+        print(f'resuming from {run.last} at epoch {run.start_epoch}', flush=True)
 
-    steps_per_epoch = None
-    for epoch in range(start_epoch, cfg['epochs']):
-        seed_everything(cfg['seed'] * 1000 + epoch)  # resume replays the same draws as an unbroken run
-        loader = build_loader(train_set, cfg, True, device, cfg['seed'] + epoch, _is_distributed())
-        if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        steps_per_epoch = len(loader)
-        epoch_lr = optimizer.param_groups[0]['lr']
-        started = time.perf_counter()
-        trained = train_one_epoch(epoch, model, train_model, loader, optimizer, criterion, cfg, device, amp, scaler,
-                                  ema, mixup, _last_good(last, rows))
-        scheduler.step(epoch + 1)
-        if _is_distributed():  # each rank tracked BatchNorm statistics on its own shard: average them
-            from timm.utils import distribute_bn
-            distribute_bn(model, dist.get_world_size(), reduce=True)
-        eval_model = ema.module if ema is not None else model
-        val_loss, val_acc = validate(eval_model, build_loader(val_set, cfg, False, device, 0, _is_distributed()),
-                                     device, amp, cfg)
-        row = {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
-               'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
-               'images_per_s': trained['images'] / (time.perf_counter() - started),
-               'peak_memory_mib': _peak_memory(device) / 2 ** 20}
-        diverged = not math.isfinite(val_loss) or not all(
-            bool(torch.isfinite(t).all()) for m in (model, eval_model) for t in m.state_dict().values()
-            if t.is_floating_point())
-        if _rank() == 0:
-            print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
-                  f"val loss {val_loss:.4f} acc {val_acc:.2f} | {row['images_per_s']:.1f} img/s | "
-                  f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
-            write_csv(out / 'metrics.csv', rows + [row])
-        if diverged:  # neither best/ nor last.pth.tar may hold a diverged model
-            raise FloatingPointError(f'the model diverged in epoch {epoch} (validation loss {val_loss}, or weights '
-                                     f'that are not finite); stopping, nothing of epoch {epoch} saved. '
-                                     f'{_last_good(last, rows)}; lower lr or enable clip_grad.')
-        rows.append(row)
-        if plots:
-            _plot(rows, out, f"{cfg['model']} on {cfg['dataset']}, {out}")
-        if _rank() == 0 and cfg['checkpoints']:
-            if val_acc > best_acc:
-                best_acc = val_acc
-                _export(eval_model, out / 'best', cfg, row, export_data)
-            save_checkpoint(last, model, optimizer, scheduler, scaler, ema, epoch, best_acc, rows, cfg)
-    if _rank() == 0 and rows:
-        _export(ema.module if ema is not None else model, out / 'final', cfg, rows[-1], export_data)
-    return {'metrics': rows[-1] if rows else {}, 'rows': rows, 'output': out, 'model': model,
-            'steps_per_epoch': steps_per_epoch}
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch``, below 2**31 so that numpy takes it plus any rank."""
+    return (seed * 1000 + epoch) % 2 ** 31
+
+
+def _train_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
+    """Train ``run`` for one epoch and validate it; returns the epoch's metrics row."""
+    from timm.utils import distribute_bn, random_seed
+
+    cfg = run.cfg
+    random_seed(_epoch_seed(cfg['seed'], epoch), _rank())  # resume replays the same draws as an unbroken run
+    loader = build_loader(run.train_set, cfg, True, run.device, cfg['seed'] + epoch, _is_distributed())
+    if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    run.steps_per_epoch = len(loader)
+    epoch_lr = run.optimizer.param_groups[0]['lr']
+    started = time.perf_counter()
+    trained = train_one_epoch(epoch, run.model, run.train_model, loader, run.optimizer, run.criterion, cfg,
+                              run.device, run.amp, run.scaler, run.ema, run.mixup, _last_good(run.last, run.rows))
+    run.scheduler.step(epoch + 1)
+    if _is_distributed():  # each rank tracked BatchNorm statistics on its own shard: average them
+        distribute_bn(run.model, dist.get_world_size(), reduce=True)
+    val_loss, val_acc = validate(run.eval_model, build_loader(run.val_set, cfg, False, run.device, 0,
+                                                              _is_distributed()), run.device, run.amp, cfg)
+    return {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
+            'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
+            'images_per_s': trained['images'] / (time.perf_counter() - started),
+            'peak_memory_mib': _peak_memory(run.device) / 2 ** 20}
+
+
+def _record_epoch(run: _Run, row: Dict[str, Any]) -> None:
+    """Log an epoch and append it to metrics.csv; unless it diverged, plot it and save best/ and last.pth.tar."""
+    epoch = row['epoch']
+    diverged = _diverged(run, row['val_loss'])
+    if _rank() == 0:
+        print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
+              f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f} | {row['images_per_s']:.1f} img/s | "
+              f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
+        _append_metrics(run.out / 'metrics.csv', row)
+    if diverged:  # neither best/ nor last.pth.tar may hold a diverged model
+        raise FloatingPointError(f"the model diverged in epoch {epoch} (validation loss {row['val_loss']}, or weights "
+                                 f'that are not finite); stopping, nothing of epoch {epoch} saved. '
+                                 f'{_last_good(run.last, run.rows)}; lower lr or enable clip_grad.')
+    run.rows.append(row)
+    if run.plots:
+        _plot(run.rows, run.out, f"{run.cfg['model']} on {run.cfg['dataset']}, {run.out}")
+    if _rank() == 0 and run.cfg['checkpoints']:
+        if row['val_acc'] > run.best_acc:
+            run.best_acc = row['val_acc']
+            _export(run.eval_model, run.out / 'best', run.cfg, row, run.export_data)
+        save_checkpoint(run.last, run.model, run.optimizer, run.scheduler, run.scaler, run.ema, epoch, run.best_acc,
+                        run.rows, run.cfg)
+
+
+def _diverged(run: _Run, val_loss: float) -> bool:
+    """Whether the validation loss, or any floating-point weight of the model or its EMA, is not finite."""
+    return not math.isfinite(val_loss) or not all(
+        bool(torch.isfinite(t).all()) for m in (run.model, run.eval_model) for t in m.state_dict().values()
+        if t.is_floating_point())
+
+
+def _append_metrics(path: Path, row: Dict[str, Any]) -> None:
+    """Append one epoch's row to metrics.csv in a single write, after the header when the file is new or empty.
+
+    timm's ``update_summary`` appends too, but names every column ``train_*`` or ``eval_*`` (or ``lr``), and
+    metrics.csv keeps its ``val_*``, ``images_per_s`` and ``peak_memory_mib`` columns.
+    """
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(row))
+    if not path.is_file() or path.stat().st_size == 0:
+        writer.writeheader()
+    writer.writerow(row)
+    with open(path, 'a', newline='') as f:
+        f.write(text.getvalue())
+
+
+def _rewrite_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """Rewrite metrics.csv atomically to hold just ``rows``: on resume, the checkpoint's epochs, so that an epoch
+    logged after the checkpoint was written (or a diverged one) is not listed twice."""
+    write_csv(path, rows)
 
 
 def _last_good(last: Path, rows: List[Dict[str, Any]]) -> str:
@@ -1019,17 +1210,15 @@ def run_cli(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if result is None:
         return 2
-    print(f"final: {result['metrics']}")
+    print(describe_result(result))
     return 0
 
 
 def _configure_and_train(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world > 1 and not _is_distributed():
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not _is_distributed():  # started by torchrun
+        from timm.utils import init_distributed_device  # nccl for CUDA, gloo for the CPU; each rank its own GPU
+        init_distributed_device(argparse.Namespace(device=_device_name(cfg)))
     if _rank() == 0:
         print(describe_config(cfg), flush=True)
     return train(cfg)
