@@ -4,6 +4,7 @@ TorchScript is excluded: the memory-efficient chains run as a Python autograd.Fu
 rule loops over blocks in Python, which torch.jit.script cannot compile.
 """
 import copy
+import re
 
 import pytest
 import timm
@@ -12,6 +13,9 @@ from timm.models import group_parameters
 from timm_momentum import resnet_state_dict
 
 MODELS = timm.list_models('momentum_*')
+# the deep models run in the full suite only, not in the fast subset
+MODELS = [pytest.param(name, marks=pytest.mark.slow) if re.search(r'resnet(101|152)', name) else name
+          for name in MODELS]
 
 
 def _input(model: torch.nn.Module, batch_size: int = 2, in_chans: int = 3) -> torch.Tensor:

@@ -41,7 +41,8 @@ def _deepest_stage(gamma: float) -> nn.Module:
     return model.layer3
 
 
-@pytest.mark.parametrize('gamma', [0.5, 0.854, 0.9, 0.99])  # 0.854: the faithful policy's
+@pytest.mark.parametrize('gamma', [pytest.param(0.5, marks=pytest.mark.slow), 0.854,  # 0.854: the policy's
+                                   pytest.param(0.9, marks=pytest.mark.slow), pytest.param(0.99, marks=pytest.mark.slow)])
 def test_gradients_match_standard_backprop_on_deepest_stage(gamma):
     standard = _deepest_stage(gamma)
     efficient = copy.deepcopy(standard)
@@ -375,6 +376,7 @@ def test_cuda_check_does_not_sync_and_raises_at_a_later_backward():
         invertible._PENDING.clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_low_precision_inverse_carries_a_float64_state(dtype):
     """Under autocast a long chain inverts with a float64 state, so each rebuilt block input rounds to the
@@ -505,6 +507,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, state: dict, batches, res
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_gloo_two_processes():
     state = timm.create_model('momentum_resnet18', num_classes=5, zero_init_last=False).state_dict()
     batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))) for _ in range(2)]

@@ -59,6 +59,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize('carrier, work', [(torch.float64, torch.float32), (torch.float64, torch.float64),
                                            (torch.float32, torch.bfloat16)])
+@pytest.mark.slow
 @pytest.mark.parametrize('shape, channels_last', [((2, 8, 5, 7), False), ((2, 8, 5, 7), True), ((3, 1000), False)])
 def test_compiled_forward_update_matches_the_eager_one(fused, carrier, work, shape, channels_last):
     """For the first block (v = 0) and later ones, the drop-in f and a direct f, any shape and memory format:
@@ -78,6 +79,7 @@ def test_compiled_forward_update_matches_the_eager_one(fused, carrier, work, sha
             assert eager[2].dtype == work and eager[2].data_ptr() != eager[0].data_ptr()  # a tensor of its own
 
 
+@pytest.mark.slow
 def test_compiled_inverse_and_adjoint_steps_match_the_eager_ones(fused):
     x, v, out, x_in = _state((2, 16, 6, 6), torch.float64, torch.float32, seed=0)
 
@@ -100,6 +102,7 @@ def test_compiled_inverse_and_adjoint_steps_match_the_eager_ones(fused):
     assert {'_position', '_velocity', '_velocity_and_position', '_adjoint', '_standard'} <= kernels.compiled_kernels()
 
 
+@pytest.mark.slow
 def test_compiled_kernels_train_as_the_eager_ones(fused, standard_matches_memory_efficient):
     """A training step of momentum_resnet50 at 64 px (layer3's 5-block chain inverts) with compiled kernels:
     standard and memory-efficient forwards bitwise equal to each other; gradients within 1e-5 (the issue's bound) of

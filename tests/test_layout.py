@@ -240,6 +240,7 @@ def test_a_moved_module_still_imports_from_its_old_name(old):
         assert getattr(timm_momentum, old) is new  # the package attribute is the moved module too
 
 
+@pytest.mark.slow
 def test_a_moved_module_still_runs_from_its_old_name():
     """``python -m timm_momentum.run`` (in cards already on the Hub) runs the moved module, warning once."""
     done = subprocess.run([sys.executable, '-m', 'timm_momentum.run'], capture_output=True, text=True)
