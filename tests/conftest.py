@@ -33,13 +33,10 @@ def hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 def standard_matches_memory_efficient():
     """Standard mode carries its state in float64 as the memory-efficient mode does, so the two compute bitwise
     the same forward and their gradients compare exactly (``set_standard_matches_memory_efficient``)."""
-    from timm_momentum.core.config import set_standard_matches_memory_efficient
+    from timm_momentum.core.config import standard_matching_memory_efficient
 
-    set_standard_matches_memory_efficient(True)
-    try:
+    with standard_matching_memory_efficient():
         yield
-    finally:
-        set_standard_matches_memory_efficient(False)
 
 
 # The fast subset (``python -m pytest -q -m fast tests``, under 2 minutes): every test of the core's modules

@@ -39,7 +39,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
-from .config import set_strict_check, set_standard_matches_memory_efficient, strict_check_enabled, standard_matches_memory_efficient
+from .config import (set_standard_matches_memory_efficient, set_strict_check, standard_matches_memory_efficient,
+                     strict_check_enabled)
 from .kernels import (adjoint_update, forward_step, forward_update, next_state, previous_position, previous_velocity,
                       previous_velocity_and_position, standard_backward)
 

@@ -9,7 +9,9 @@
 * strict check: make every CUDA memory-efficient backward read its reconstruction check before returning
   (``set_strict_check``). Off by default: the check is read by a later backward, without a host sync.
 """
+import contextlib
 import os
+from typing import Iterator
 
 _settings = {
     'fused': os.environ.get('TIMM_MOMENTUM_FUSED', '0') == '1',
@@ -53,3 +55,14 @@ def set_standard_matches_memory_efficient(enabled: bool = True) -> None:
 def standard_matches_memory_efficient() -> bool:
     """Whether standard mode carries the chain's state as the memory-efficient forward does."""
     return _settings['standard_matches_memory_efficient']
+
+
+@contextlib.contextmanager
+def standard_matching_memory_efficient(enabled: bool = True) -> Iterator[None]:
+    """``set_standard_matches_memory_efficient(enabled)`` inside the block, the previous choice again after it."""
+    previous = standard_matches_memory_efficient()
+    set_standard_matches_memory_efficient(enabled)
+    try:
+        yield
+    finally:
+        set_standard_matches_memory_efficient(previous)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from .files import atomic_write
 from .memory import (MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
                      peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
-from ..core.config import set_standard_matches_memory_efficient, standard_matches_memory_efficient
+from ..core.config import standard_matching_memory_efficient
 from ..core.models.momentum_resnet import resnet_state_dict
 
 __all__ = ['Config', 'CONFIGS', 'ARMS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
@@ -160,14 +160,10 @@ def _gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: Opt
     memory-efficient mode does here, so the two compute the same forward and their gradients compare exactly."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    matched = standard_matches_memory_efficient()
-    set_standard_matches_memory_efficient(True)
-    try:
+    with standard_matching_memory_efficient():
         with autocast(x.device.type, amp):
             loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
-    finally:
-        set_standard_matches_memory_efficient(matched)
     grads = torch.cat([p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     return grads
