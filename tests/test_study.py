@@ -33,7 +33,7 @@ def test_digits_few_shot_draws_per_class_by_seed_and_leaves_the_test_split_whole
 def test_train_per_class_is_checked():
     with pytest.raises(ConfigError, match='train_per_class must be >= 1, got 0'):
         validate_config(dict(DEFAULTS, train_per_class=0))
-    with pytest.raises(ConfigError, match='train_per_class is supported for sklearn/digits only'):
+    with pytest.raises(ConfigError, match='train_per_class is supported for sklearn/digits and torch/fashion_mnist only'):
         validate_config(dict(DEFAULTS, dataset='folder', data_dir='/tmp', train_per_class=5))
 
 
@@ -57,26 +57,45 @@ def test_plots_and_checkpoints_can_be_turned_off(tmp_path):
         validate_config(dict(DEFAULTS, resume=True, checkpoints=False))
 
 
+def _need_fashion_mnist():
+    import os
+
+    from timm_momentum.tools.data import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / 't10k-labels-idx1-ubyte.gz').is_file():
+        if os.environ.get('TIMM_MOMENTUM_REQUIRE_FASHION_MNIST'):
+            pytest.fail(f'Fashion-MNIST is required here and missing from {FASHION_MNIST_DIR}')
+        pytest.skip('Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)')
+
+
 def _csv_rows(path):
     with open(path, newline='') as f:
         return list(csv.DictReader(f))
 
 
-def test_quick_study_reports_exactly_what_its_runs_wrote(tmp_path, monkeypatch):
+@pytest.mark.parametrize('task', ['digits', 'fashion-mnist'])
+def test_quick_study_reports_exactly_what_its_runs_wrote(task, tmp_path, monkeypatch):
     from timm_momentum.tools.study import REGIMES, run_study, study_arms
+
+    if task == 'fashion-mnist':
+        _need_fashion_mnist()
 
     # two threads on a busy 2-core machine run many times slower than one
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        study = run_study(str(tmp_path / 'study'), quick=True, log=lambda message: None)
+        study = run_study(str(tmp_path / 'study'), quick=True, log=lambda message: None, task=task)
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / 'study'
     assert json.loads((out / 'study.json').read_text()) == json.loads(strict_json(study))
     assert (out / 'study.png').stat().st_size > 0
-    arms = study_arms(('resnet18',))
+    arms = study_arms(('resnet18',), task)
+    by_key = {arm.key: arm for arm in arms}
+    # every arm the issue names, on either task
+    assert {(arm.kind, arm.gamma) for arm in arms} >= {('plain', None), ('checkpointed', None), ('momentum', 'auto'),
+                                                       ('momentum', 0.9), ('healed', 0.9), ('scratch', 0.9)}
     assert sorted((r['arm_key'], r['regime'], r['seed']) for r in study['records']) == \
         sorted((arm.key, regime, 0) for arm in arms for regime in REGIMES)
     before = {row['start']: float(row['accuracy']) for row in _csv_rows(out / 'before.csv')}
@@ -93,15 +112,30 @@ def test_quick_study_reports_exactly_what_its_runs_wrote(tmp_path, monkeypatch):
         assert record['seconds_per_epoch'] == pytest.approx(trained / speeds[0], rel=1e-12)
         mode = {'plain': 'plain', 'checkpointed': 'checkpoint'}.get(record['kind'], 'memory_efficient')
         assert record['peak_step_mib'] == memory[(record['model'], mode)] / 2 ** 20
-        start = {'plain': 'resnet18', 'checkpointed': 'resnet18', 'momentum': record['arm_key']}.get(record['kind'])
+        start = by_key[record['arm_key']].start
         assert record['acc_before'] == (before[start] if start else None)
+        if record['kind'] in ('momentum', 'healed', 'scratch'):
+            assert len(record['gamma_per_stage']) == 4
+            if record['gamma'] == 0.9:
+                assert record['gamma_per_stage'] == [0.9] * 4
         args = yaml.safe_load((out / record['metrics_csv']).with_name('args.yaml').read_text())
         assert args['train_per_class'] == (5 if record['regime'] == 'few-shot' else None)
         assert args['grad_checkpointing'] == (record['kind'] == 'checkpointed')
         assert args['memory_efficient'] or record['kind'] in ('plain', 'checkpointed')
     # the plain arms start from the upstream: its accuracy before fine-tuning is the upstream run's last epoch
     upstream = _csv_rows(out / 'upstream' / 'resnet18' / 'metrics.csv')
-    assert before['resnet18'] == float(upstream[-1]['val_acc'])
+    assert before['resnet18'] == pytest.approx(float(upstream[-1]['val_acc']), abs=1e-9)
+    # the healed arm starts from the gamma 0.9 conversion, healed by finetune's distillation mode, whose own
+    # record says so; healing moved it toward the source
+    healed = 'momentum_resnet18-gamma0.9-healed'
+    heal_rows = _csv_rows(out / 'heal' / healed / 'metrics.csv')
+    assert len(heal_rows) == 1 and 'val_kl' in heal_rows[0]
+    assert json.loads((out / 'heal' / healed / 'final' / 'verify.json').read_text())['healing']['method'] == 'distillation'
+    agreement = {row['start']: row['agreement_with_source'] for row in _csv_rows(out / 'before.csv')}
+    assert float(agreement[healed]) == pytest.approx(float(heal_rows[0]['val_agreement']), abs=1e-9)
+    if task == 'fashion-mnist':
+        assert study['settings']['train_limit'] == 320 and study['train_images']['full'] == 320
+    assert {row['arm_key'] for row in study['comparisons']} == {arm.key for arm in arms if arm.kind != 'plain'}
     assert len(study['summary']) == len(arms) * len(REGIMES)
     for row in study['summary']:
         group = [r for r in study['records'] if (r['arm_key'], r['regime']) == (row['arm_key'], row['regime'])]

@@ -22,11 +22,12 @@ FINETUNE_DEFAULTS: Dict[str, Any] = {
     'grad_checkpointing': False,
     'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
     'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
-    'crop_padding': None, 'train_per_class': None,
+    'crop_padding': None, 'train_per_class': None, 'train_limit': None, 'val_limit': None,
     'batch_size': 64, 'grad_accum_steps': 1, 'epochs': 10, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
     'weight_decay': 5e-4, 'sched': 'cosine', 'warmup_epochs': 0, 'min_lr': 0.0,
     'decay_milestones': [90, 180, 270], 'decay_rate': 0.1, 'smoothing': 0.0, 'mixup': 0.0, 'cutmix': 0.0,
     'model_ema': False, 'model_ema_decay': 0.999, 'clip_grad': None,
+    'distill_weight': 0.0, 'distill_from': None, 'distill_temperature': 1.0, 'distill_eval_norms': False,
     'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
     'seed': 42, 'output': None,
     'resume': False, 'log_interval': 10, 'progress': True,
@@ -188,10 +189,16 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_study(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser('study', help='plain vs momentum fine-tuning on digits, with seeds: does it cost accuracy?')
+    parser = subparsers.add_parser('study', help='plain vs momentum fine-tuning on digits or Fashion-MNIST, with seeds: does it cost accuracy?')
     parser.add_argument('--out', default='output/study', help='output folder (runs, study.json, study.md, study.png)')
     parser.add_argument('--seeds', type=int, default=None, help='seeds per resnet18 arm (default 3; 1 with --quick)')
     parser.add_argument('--quick', action='store_true', help='a tiny study: one seed, resnet18 only, 16x16, one epoch')
+    parser.add_argument('--task', default='digits', choices=('digits', 'fashion-mnist'),
+                        help='the transfer: classes 0-4 upstream, 5-9 fine-tuned (fashion-mnist needs its idx files)')
+    parser.add_argument('--train-limit', type=int, default=None,
+                        help='the first N training images of each task (default: all; for a CPU budget)')
+    parser.add_argument('--val-limit', type=int, default=None,
+                        help='the first N test images of each task (default: all; for a CPU budget)')
     parser.set_defaults(func=_study)
 
 

@@ -21,13 +21,15 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     Classes are relabelled 0..len(classes)-1; ``split`` is a deterministic stratified 80/20 train/test split.
     ``per_class`` keeps that many training images of each class, drawn by ``seed`` (few-shot); the test
-    split is never subsampled. Pixels are normalised with mean 0.5 and std 0.5 (``mean``, ``std``).
+    split is never subsampled. ``limit`` keeps the split's first N images (before the few-shot draw). Pixels are
+    normalised with mean 0.5 and std 0.5 (``mean``, ``std``).
     """
 
     mean = std = 0.5
 
     def __init__(self, split: str = 'train', classes: Optional[Sequence[int]] = None, img_size: int = 32,
-                 in_chans: int = 3, per_class: Optional[int] = None, seed: int = 0) -> None:
+                 in_chans: int = 3, per_class: Optional[int] = None, seed: int = 0,
+                 limit: Optional[int] = None) -> None:
         try:
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
@@ -42,9 +44,9 @@ class DigitsDataset(torch.utils.data.Dataset):
         images, labels = digits.images[keep] / 16.0, digits.target[keep]
         train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
                                                stratify=labels)
-        idx = train_idx if split == 'train' else test_idx
+        idx = (train_idx if split == 'train' else test_idx)[:limit]
         if per_class is not None and split == 'train':
-            idx = _draw_per_class(idx, labels[idx], per_class, seed)
+            idx = _draw_per_class(idx, labels[idx], per_class, seed, 'digit')
         x = torch.tensor(images[idx], dtype=torch.float32).unsqueeze(1)
         x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
         self.images = ((x - self.mean) / self.std).expand(-1, in_chans, -1, -1).contiguous()
@@ -60,14 +62,15 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.images[index], int(self.targets[index])
 
 
-def _draw_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+def _draw_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int,
+                    noun: str = 'class') -> np.ndarray:
     """``per_class`` entries of ``idx`` for each label, drawn by ``seed``, in their original order."""
     rng = np.random.default_rng(seed)
     kept = []
     for label in np.unique(labels):
         of_label = idx[labels == label]
         if len(of_label) < per_class:
-            raise ConfigError(f'train_per_class={per_class}, but digit {label} has only {len(of_label)} '
+            raise ConfigError(f'train_per_class={per_class}, but {noun} {label} has only {len(of_label)} '
                               f'training images')
         kept.append(rng.choice(of_label, per_class, replace=False))
     return np.sort(np.concatenate(kept))
@@ -129,14 +132,16 @@ class FashionMNIST(torch.utils.data.Dataset):
     Images are resized to ``img_size`` (bilinear), normalised with the training set's mean and std and repeated
     over ``in_chans`` channels, so 3-channel ImageNet models take them. ``split`` is 'train' (the 60000) or
     'test' ('validation' is the same 10000 test images, as finetune's default val_split names them). ``classes``
-    keeps those classes, relabelled 0..len(classes)-1; ``limit`` keeps the first N images (after the class subset).
+    keeps those classes, relabelled 0..len(classes)-1; ``limit`` keeps the first N images (after the class subset);
+    ``per_class`` then keeps that many training images of each class, drawn by ``seed`` (few-shot; the test split
+    is never subsampled).
     """
 
     mean, std = _FASHION_MNIST_MEAN, _FASHION_MNIST_STD
 
     def __init__(self, split: str = 'train', data_dir: Optional[Union[str, Path]] = None,
                  classes: Optional[Sequence[int]] = None, img_size: int = 32, in_chans: int = 3,
-                 limit: Optional[int] = None) -> None:
+                 limit: Optional[int] = None, per_class: Optional[int] = None, seed: int = 0) -> None:
         if split not in ('train', 'validation', 'test'):
             raise ConfigError(f"Fashion-MNIST split must be 'train', 'validation' or 'test', got {split!r}")
         folder = find_fashion_mnist(data_dir)
@@ -148,6 +153,8 @@ class FashionMNIST(torch.utils.data.Dataset):
                               f'{len(labels)} labels, largest label {labels.max(initial=0)})')
         classes = list(range(10)) if classes is None else [int(c) for c in classes]
         keep = np.flatnonzero(np.isin(labels, classes))[:limit]
+        if per_class is not None and split == 'train':
+            keep = _draw_per_class(keep, labels[keep], per_class, seed)
         x = torch.from_numpy(images[keep].copy()).unsqueeze(1).float().div_(255.0)
         if img_size != x.shape[-1]:
             x = nn.functional.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
@@ -175,13 +182,16 @@ def build_datasets(cfg: Dict[str, Any], model: Optional[nn.Module]) -> Tuple[Any
     """
     if cfg['dataset'] == 'sklearn/digits':
         size = cfg['img_size'] or 32
-        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'], cfg['train_per_class'], cfg['seed'])
-        val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'])
+        train_set = DigitsDataset('train', cfg['classes'], size, cfg['in_chans'], cfg['train_per_class'], cfg['seed'],
+                                  cfg['train_limit'])
+        val_set = DigitsDataset('validation', cfg['classes'], size, cfg['in_chans'], limit=cfg['val_limit'])
         return train_set, val_set, train_set.num_classes
     if cfg['dataset'] == FASHION_MNIST:
         size = cfg['img_size'] or 32
-        train_set = FashionMNIST(cfg['train_split'], cfg['data_dir'], cfg['classes'], size, cfg['in_chans'])
-        val_set = FashionMNIST(cfg['val_split'], cfg['data_dir'], cfg['classes'], size, cfg['in_chans'])
+        train_set = FashionMNIST(cfg['train_split'], cfg['data_dir'], cfg['classes'], size, cfg['in_chans'],
+                                 cfg['train_limit'], cfg['train_per_class'], cfg['seed'])
+        val_set = FashionMNIST(cfg['val_split'], cfg['data_dir'], cfg['classes'], size, cfg['in_chans'],
+                               cfg['val_limit'])
         return train_set, val_set, train_set.num_classes
     from timm.data import create_dataset, create_transform, resolve_data_config
 

@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from .data import FASHION_MNIST, build_datasets, build_loader, data_config_of, l
 from .errors import ConfigError, first_line, load_failure, run_reporting_user_errors
 from .files import FolderInUseError, atomic_write, file_in_the_way, folder_lock, remove_folders, write_csv
 from .loading import folder_architecture
+from .loop import Distillation, Teacher, evaluate, train_one_epoch, validate
+from .loop import is_distributed as _is_distributed
+from .loop import rank as _rank
 from .memory import vm_hwm_bytes
 from ..core.models.momentum_resnet import RECORD_KEYS, MomentumResNet, parse_gamma, resnet_state_dict
 
@@ -49,12 +52,20 @@ DEFAULTS: Dict[str, Any] = {
     'dataset': 'sklearn/digits', 'data_dir': None, 'train_split': 'train', 'val_split': 'validation',
     'classes': None, 'download': False, 'workers': 2, 'pin_mem': True, 'hflip': 0.5, 'scale': None,
     'crop_padding': None,  # the CIFAR recipe: random crop of img_size with this padding, then hflip
-    'train_per_class': None,  # few-shot (digits only): this many training images per class, drawn by seed
+    'train_per_class': None,  # few-shot: this many training images per class, drawn by seed
+    # the first N images of the training / validation split, after the class subset (smoke runs)
+    'train_limit': None, 'val_limit': None,  # (train_per_class, train_limit, val_limit: digits and Fashion-MNIST)
     # optimisation
     'batch_size': 64, 'grad_accum_steps': 1, 'epochs': 10, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
     'weight_decay': 5e-4, 'sched': 'cosine', 'warmup_epochs': 0, 'min_lr': 0.0,
     'decay_milestones': [90, 180, 270], 'decay_rate': 0.1, 'smoothing': 0.0, 'mixup': 0.0, 'cutmix': 0.0,
     'model_ema': False, 'model_ema_decay': 0.999, 'clip_grad': None,
+    # distillation (healing): the loss is (1 - distill_weight) * label loss + distill_weight * KL to a teacher's
+    # logits. distill_weight 0: no teacher; 1: the KL alone, the labels unused (unlabeled image folders work).
+    # distill_from: the teacher; None is the run's starting weights at gamma 0 (for a converted model, its source
+    # ResNet), else a timm name, a checkpoint file of the model's architecture, or a local-dir:/hf-hub: folder.
+    # distill_eval_norms: the student's BatchNorm layers stay in eval mode (keep their statistics) while it trains.
+    'distill_weight': 0.0, 'distill_from': None, 'distill_temperature': 1.0, 'distill_eval_norms': False,
     # hardware
     'device': 'auto', 'amp': 'auto', 'channels_last': False, 'compile': False, 'cudnn_benchmark': True,
     # run
@@ -149,6 +160,8 @@ def _update(config: Dict[str, Any], updates: Dict[str, Any], where: str) -> None
 _OPTIONAL_TYPES: Dict[str, type] = {
     'initial_checkpoint': str, 'num_classes': int, 'img_size': int, 'data_dir': str, 'classes': list,
     'scale': list, 'crop_padding': int, 'clip_grad': float, 'batch_size': int, 'train_per_class': int, 'output': str,
+    'train_limit': int, 'val_limit': int,
+    'distill_from': str,
 }
 # Inclusive bounds of numeric keys.
 _RANGES: Dict[str, Tuple[float, float]] = {
@@ -158,6 +171,8 @@ _RANGES: Dict[str, Tuple[float, float]] = {
     'warmup_epochs': (0, math.inf), 'min_lr': (0, math.inf), 'decay_rate': (0, math.inf), 'log_interval': (1, math.inf),
     'drop_path': (0, 1), 'drop': (0, 1), 'hflip': (0, 1), 'smoothing': (0, 1), 'mixup': (0, math.inf),
     'cutmix': (0, math.inf), 'model_ema_decay': (0, 1), 'clip_grad': (0, math.inf), 'train_per_class': (1, math.inf),
+    'train_limit': (1, math.inf), 'val_limit': (1, math.inf),
+    'distill_weight': (0, 1), 'distill_temperature': (0, math.inf),
     'seed': (0, 2 ** 32 - 1),  # numpy's seed range; torch's overflowed past 2^63 (and seed * 1000 + epoch sooner)
 }
 _AMP = ('auto', 'bf16', 'fp16', 'none')
@@ -214,10 +229,22 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _check_device(out['device'])
     if out['initial_checkpoint'] and not Path(out['initial_checkpoint']).is_file():
         raise ConfigError(f"initial_checkpoint: {out['initial_checkpoint']} is not a file")
+    _check_distillation(out)
     if out['resume'] and not out['checkpoints']:
         raise ConfigError('resume needs checkpoints: true (without them there is no last.pth.tar to resume from)')
     out['output'] = _output_folder(out)
     return out
+
+
+def _check_distillation(out: Dict[str, Any]) -> None:
+    """The distillation keys must describe one teacher that is used."""
+    if out['distill_temperature'] == 0:
+        raise ConfigError('distill_temperature must be > 0, got 0')
+    if out['distill_from'] is not None and out['distill_weight'] == 0:
+        raise ConfigError(f"distill_from names a teacher ({_clipped(out['distill_from'])}), but distill_weight is 0, "
+                          f"so it would not be used: set distill_weight (1 for the KL alone, 0.5 for half of each)")
+    if out['distill_from'] is not None and not out['distill_from'].strip():
+        raise ConfigError('distill_from must not be empty (leave it out for the starting weights at gamma 0)')
 
 
 def _checked_value(key: str, value: Any, default: Any) -> Any:
@@ -258,8 +285,10 @@ def _check_lists(out: Dict[str, Any], given: Dict[str, Any]) -> None:
         if len(set(classes)) != len(classes) or not set(classes) <= set(range(10)) or len(classes) < 2:
             raise ConfigError(f"classes must be two or more different class indices 0-9, "
                               f"got {_clipped(given['classes'])}")
-    if out['train_per_class'] is not None and out['dataset'] != 'sklearn/digits':
-        raise ConfigError(f"train_per_class is supported for sklearn/digits only, not {_clipped(out['dataset'])}")
+    for key in ('train_per_class', 'train_limit', 'val_limit'):
+        if out[key] is not None and out['dataset'] not in ('sklearn/digits', FASHION_MNIST):
+            raise ConfigError(f"{key} is supported for sklearn/digits and {FASHION_MNIST} only, not "
+                              f"{_clipped(out['dataset'])}")
 
 
 # The names timm.scheduler.create_scheduler_v2 builds a scheduler for ('none' builds none, and each epoch steps one).
@@ -331,8 +360,16 @@ def describe_config(cfg: Dict[str, Any]) -> str:
                         if k in DEFAULTS and k != 'output' and v != DEFAULTS[k])
     return (f"finetune {cfg['model']} on {cfg['dataset']}{classes} for {_count(cfg['epochs'], 'epoch')}, batch "
             f"{cfg['batch_size']}, {cfg['opt']} lr {cfg['lr']}, gamma {_describe_gamma(cfg['gamma'])}, memory_efficient "
-            f"{cfg['memory_efficient']}, output {cfg['output']} (all keys: {Path(cfg['output']) / 'args.yaml'})\n"
+            f"{cfg['memory_efficient']}{_describe_distillation(cfg)}, output {cfg['output']} (all keys: "
+            f"{Path(cfg['output']) / 'args.yaml'})\n"
             f"changed from the defaults: {changed or 'nothing'}")
+
+
+def _describe_distillation(cfg: Dict[str, Any]) -> str:
+    if not cfg['distill_weight']:
+        return ''
+    teacher = cfg['distill_from'] or 'the starting weights at gamma 0'
+    return f", distilling from {teacher} (weight {cfg['distill_weight']:g})"
 
 
 def describe_result(result: Dict[str, Any]) -> str:
@@ -342,9 +379,15 @@ def describe_result(result: Dict[str, Any]) -> str:
     text = (f"trained {cfg['model']} on {cfg['dataset']} for {_count(result['epochs_trained'], 'epoch')}{resumed} "
             f"in {_duration(result['seconds'])}")
     if rows:
-        last, best = rows[-1], max(rows, key=lambda row: row['val_acc'])  # the first best, as best/ holds
-        text += (f": val top-1 {last['val_acc']:.2f}% (best {best['val_acc']:.2f}% at epoch {best['epoch']}), "
-                 f"val loss {last['val_loss']:.4f}")
+        last, best = rows[-1], max(rows, key=_score)  # the first best, as best/ holds
+        if math.isnan(last['val_acc']):  # distilled without labels: closeness to the teacher is the measure
+            text += (f": val top-1 agreement with the teacher {last['val_agreement']:.2f}% (best "
+                     f"{best['val_agreement']:.2f}% at epoch {best['epoch']}), val KL {last['val_kl']:.4f}")
+        else:
+            text += (f": val top-1 {last['val_acc']:.2f}% (best {best['val_acc']:.2f}% at epoch {best['epoch']}), "
+                     f"val loss {last['val_loss']:.4f}")
+            if 'val_agreement' in last:
+                text += f", agreement with the teacher {last['val_agreement']:.2f}%"
     exported = ' and '.join(str(folder) for folder in result['exported'])
     return text + (f'; exported to {exported}' if exported else '')
 
@@ -466,14 +509,6 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         raise ConfigError(f'initial_checkpoint {path}: {first_line(e)} {str(e).splitlines()[-1].strip()}') from None
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _is_distributed() else 0
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device)
@@ -496,8 +531,11 @@ def _draw_loss(ax: Any, rows: List[Dict[str, Any]]) -> None:
     epochs = [r['epoch'] for r in rows]
     ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
     ax.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='val')  # as the epoch lines say
+    if 'val_kl' in rows[0]:  # distillation: the KL to the teacher beside the objective
+        ax.plot(epochs, [r['train_kl'] for r in rows], marker='^', linestyle='--', label='train KL to teacher')
+        ax.plot(epochs, [r['val_kl'] for r in rows], marker='^', linestyle='--', label='val KL to teacher')
     ax.set(xlabel='epoch', ylabel='loss')
-    if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss')):  # late epochs are lost on a linear scale
+    if all(r[k] > 0 for r in rows for k in ('train_loss', 'val_loss', 'train_kl', 'val_kl') if k in r):  # late epochs are lost on a linear scale
         ax.set(yscale='log', ylabel='loss (log scale)')
 
 
@@ -506,6 +544,8 @@ def _draw_accuracy(ax: Any, rows: List[Dict[str, Any]]) -> None:
     epochs = [r['epoch'] for r in rows]
     ax.plot(epochs, [r['train_acc'] for r in rows], marker='o', label='train')
     ax.plot(epochs, [r['val_acc'] for r in rows], marker='o', label='val')
+    if 'val_agreement' in rows[0]:  # distillation: how often the student's top-1 is the teacher's
+        ax.plot(epochs, [r['val_agreement'] for r in rows], marker='^', linestyle='--', label='val agreement with teacher')
     ax.set(xlabel='epoch', ylabel='accuracy (%)')
 
 
@@ -544,110 +584,6 @@ def _plot(rows: List[Dict[str, Any]], out: Path, run: str) -> None:
             plt.close(fig)
 
 
-def train_one_epoch(epoch: int, model: nn.Module, train_model: nn.Module, loader: Any,
-                    optimizer: torch.optim.Optimizer, criterion: nn.Module, cfg: Dict[str, Any], device: torch.device,
-                    amp: Optional[torch.dtype], scaler: Any = None, ema: Any = None, mixup: Any = None,
-                    last_good: str = '') -> Dict[str, float]:
-    """One pass over ``loader``: forward ``train_model`` (``model``, maybe wrapped in DDP or compiled), step the
-    optimiser every ``grad_accum_steps`` batches, update the EMA. Returns the mean loss, accuracy and images seen.
-
-    A non-finite loss stops training with FloatingPointError; ``last_good`` says where the last good checkpoint is.
-    """
-    model.train()
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    seen, correct, loss_sum, started = 0, 0, 0.0, time.perf_counter()
-    bar = _progress(loader, epoch, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    for step, (x, y) in enumerate(_batches(bar, cfg, cfg['train_split'])):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg['channels_last']:
-            x = x.to(memory_format=torch.channels_last)
-        target = y
-        if mixup:
-            x, target = mixup(x, y)
-        try:
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = train_model(x)
-                loss = criterion(logits.float(), target)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; stopping. '
-                                         f'{last_good}; lower lr or enable clip_grad.')
-            scaled = loss / cfg['grad_accum_steps']
-            update = (step + 1) % cfg['grad_accum_steps'] == 0 or step + 1 == len(loader)
-            if scaler is not None:
-                scaler(scaled, optimizer, clip_grad=cfg['clip_grad'], parameters=model.parameters(),
-                       need_update=update)
-            else:
-                scaled.backward()
-                if update:
-                    if cfg['clip_grad']:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg['clip_grad'])
-                    optimizer.step()
-            if update:
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-        except torch.cuda.OutOfMemoryError:
-            raise RuntimeError(
-                f"batch_size={cfg['batch_size']} does not fit on {device}: set memory_efficient: true, "
-                f"a smaller batch with grad_accum_steps, or --batch-size auto") from None
-        except ValueError as e:
-            if 'Expected more than 1 value per channel when training' not in str(e):
-                raise
-            raise ConfigError(
-                f"batch_size {cfg['batch_size']}: a batch of {len(y)} image(s) leaves BatchNorm one value per channel "
-                f"({first_line(e).split('got ')[-1]}), and in training BatchNorm normalises by the batch's own "
-                f"variance, which needs two. Use batch_size >= 2 (the loader drops a short last batch, as "
-                f"drop_last does) or a larger img_size") from None
-        seen += len(y)
-        loss_sum += loss.item() * len(y)
-        correct += int((logits.argmax(-1) == y).sum())
-        if hasattr(bar, 'set_postfix'):
-            bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100.0 * correct / seen:.2f}',
-                            img_s=f'{seen / (time.perf_counter() - started):.1f}')
-    return {'loss': loss_sum / max(seen, 1), 'acc': 100.0 * correct / max(seen, 1), 'images': seen}
-
-
-def _batches(loader: Any, cfg: Dict[str, Any], split: str) -> Iterator[Any]:
-    """The batches of ``loader``; an image PIL refuses to open as a decompression bomb stops the run with a
-    ConfigError saying so (in a worker process too), where it was a traceback."""
-    from PIL import Image
-
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Image.DecompressionBombError as e:  # the DataLoader re-raises a worker's error as its type
-            reason = str(e).strip().splitlines()[-1].split('DecompressionBombError: ')[-1]
-            raise ConfigError(f"dataset {cfg['dataset']!r} split {split!r} in {cfg['data_dir']} holds an image "
-                              f"too large to open safely: {reason} Remove it, or raise PIL.Image.MAX_IMAGE_PIXELS "
-                              f"if you trust it") from None
-        yield batch
-
-
-def validate(model: nn.Module, loader: Any, device: torch.device, amp: Optional[torch.dtype],
-             cfg: Optional[Dict[str, Any]] = None) -> Tuple[float, float]:
-    """The validation loss and top-1 accuracy (%) of ``model`` on ``loader``, summed over every rank."""
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    batches = _batches(loader, cfg, cfg['val_split']) if cfg is not None else loader
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits = model(x).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
-            correct += int((logits.argmax(-1) == y).sum())
-            total += len(y)
-    if _is_distributed():  # timm's reduce_tensor averages over the ranks; the ratios of the means are the same
-        from timm.utils import reduce_tensor
-        stats = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
-        loss_sum, correct, total = reduce_tensor(stats, dist.get_world_size()).tolist()
-    return (loss_sum / total, 100.0 * correct / total) if total else (0.0, 0.0)
-
-
 def _rng_states() -> Dict[str, Any]:
     """The generators' states as tensors and plain types, so that a weights-only load can read them."""
     version, internal, gauss = random.getstate()
@@ -673,7 +609,9 @@ def _set_rng_states(states: Dict[str, Any]) -> None:
 # function and, to rounding, the same gradients (the invertible backward is exact), so switching it mid-run trades
 # memory for time, as grad_checkpointing does.
 RESUME_FIXED = ('model', 'pretrained', 'initial_checkpoint', 'num_classes', 'in_chans', 'img_size', 'gamma',
-                'dataset', 'data_dir', 'train_split', 'val_split', 'classes', 'train_per_class', 'seed', 'opt')
+                'dataset', 'data_dir', 'train_split', 'val_split', 'classes', 'train_per_class', 'train_limit',
+                'val_limit', 'seed', 'opt',
+                'distill_from')
 # What the optimiser's and the scheduler's saved states hold too: a change to one rebuilds the schedule from it.
 _SCHEDULE_KEYS = ('epochs', 'lr', 'momentum', 'weight_decay', 'sched', 'warmup_epochs', 'min_lr', 'decay_milestones',
                   'decay_rate')
@@ -931,6 +869,8 @@ class _Run:
     ema: Any
     mixup: Any
     criterion: nn.Module
+    distillation: Optional[Distillation] = None
+    labeled: bool = True  # whether the data's labels are the model's classes (accuracy is measured)
     plots: bool = False
     rows: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     best_acc: float = -1.0
@@ -964,7 +904,7 @@ def _train(cfg: Dict[str, Any], resume_state: Optional[Dict[str, Any]]) -> Dict[
         _record_epoch(run, _train_epoch(run, epoch))
     exported = []
     if _rank() == 0 and run.rows:
-        _export(run.eval_model, run.out / 'final', run.cfg, run.rows[-1], run.export_data)
+        _export(run.eval_model, run.out / 'final', run.cfg, run.rows[-1], run.export_data, _healing(run))
         exported = [folder for folder in (run.out / 'best', run.out / 'final') if folder.is_dir()]
     return {'metrics': run.rows[-1] if run.rows else {}, 'rows': run.rows, 'output': run.out, 'model': run.model,
             'steps_per_epoch': run.steps_per_epoch, 'cfg': run.cfg, 'start_epoch': run.start_epoch,
@@ -983,23 +923,35 @@ def _build_run(cfg: Dict[str, Any]) -> _Run:
         torch.backends.cudnn.benchmark = cfg['cudnn_benchmark']
     if cfg['batch_size'] == 'auto':
         cfg = dict(cfg, batch_size=find_batch_size(cfg))
-    train_set, val_set, num_classes, export_data = _build_data(cfg)
+    train_set, val_set, num_classes, export_data, labeled = _build_data(cfg)
     random_seed(cfg['seed'])
     cfg, model = _build_model_to_train(cfg, num_classes, device)
+    distillation = _distillation(cfg, model, num_classes, device)
     return _Run(cfg, device, amp, train_set, val_set, num_classes, export_data, model,
-                **_training_parts(cfg, model, num_classes, device, amp))
+                **_training_parts(cfg, model, num_classes, device, amp), distillation=distillation, labeled=labeled)
 
 
-def _build_data(cfg: Dict[str, Any]) -> Tuple[Any, Any, int, Dict[str, Any]]:
-    """The training and validation sets, the number of classes, and what the exports record of the data."""
+def _build_data(cfg: Dict[str, Any]) -> Tuple[Any, Any, int, Dict[str, Any], bool]:
+    """The training and validation sets, the number of classes, what the exports record of the data, and whether
+    the data's labels are the model's classes.
+
+    Distilling with the KL alone (distill_weight 1) uses no labels: then the data may have other classes than the
+    model (an unlabeled folder is one class), and accuracy is not measured.
+    """
     # timm's datasets take their transforms' input size, mean and std from the model; in-memory ones need none
     probe = None if cfg['dataset'] in ('sklearn/digits', FASHION_MNIST) else _build_model(cfg, cfg['num_classes'] or 2)
     train_set, val_set, data_classes = build_datasets(cfg, probe)
-    export_data = {'data_config': data_config_of(cfg, train_set, probe), 'label_names': label_names(train_set)}
     num_classes = cfg['num_classes'] or data_classes
-    if data_classes and num_classes != data_classes:
-        raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes")
-    return train_set, val_set, num_classes, export_data
+    labeled = not data_classes or num_classes == data_classes
+    if not labeled and cfg['distill_weight'] < 1:
+        raise ConfigError(f"num_classes={num_classes} but the dataset has {data_classes} classes (only distillation "
+                          f"with the KL alone, distill_weight 1, trains on images whose labels are not the model's)")
+    if cfg['distill_weight'] == 1 and num_classes == 1:
+        raise ConfigError('the data has one class (an unlabeled folder?) and so would the model, whose KL to a teacher '
+                          "is then 0: set num_classes to the teacher's number of classes")
+    export_data = {'data_config': data_config_of(cfg, train_set, probe),
+                   'label_names': label_names(train_set) if labeled else None}
+    return train_set, val_set, num_classes, export_data, labeled
 
 
 def _build_model_to_train(cfg: Dict[str, Any], num_classes: int,
@@ -1045,6 +997,89 @@ def _training_parts(cfg: Dict[str, Any], model: nn.Module, num_classes: int, dev
     return parts
 
 
+def _distillation(cfg: Dict[str, Any], model: nn.Module, num_classes: int,
+                  device: torch.device) -> Optional[Distillation]:
+    """The teacher and loss mix ``cfg`` distills with (None when distill_weight is 0), the teacher built before
+    the student trains (and before a resume loads its weights), so that the starting weights are the source's."""
+    if cfg['distill_weight'] == 0:
+        return None
+    teacher, description = _build_teacher(cfg, model, num_classes)
+    if getattr(teacher, 'num_classes', num_classes) != num_classes:
+        raise ConfigError(f"distill_from: the teacher {_clipped(cfg['distill_from'])} predicts {teacher.num_classes} "
+                          f"classes and the model {num_classes}; a KL between them needs the same classes")
+    if cfg['channels_last']:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    if _rank() == 0:
+        print(f"distilling from {description}: weight {cfg['distill_weight']:g} on the KL, temperature "
+              f"{cfg['distill_temperature']:g}", flush=True)
+    return Distillation(Teacher(teacher, device, description), cfg['distill_weight'], cfg['distill_temperature'],
+                        cfg['distill_eval_norms'])
+
+
+def _build_teacher(cfg: Dict[str, Any], model: nn.Module, num_classes: int) -> Tuple[nn.Module, str]:
+    """The network ``distill_from`` names, and a description of it for logs, cards and verify.json."""
+    import timm
+
+    name = cfg['distill_from']
+    if name is None:  # the starting weights, at gamma 0: for a converted drop-in model, its source ResNet
+        if not (cfg['pretrained'] or cfg['initial_checkpoint'] or ':' in cfg['model']):
+            raise ConfigError('distill_weight > 0 without distill_from distills from the starting weights at gamma 0, '
+                              'but the model starts from random weights (pretrained: false, no initial_checkpoint): '
+                              'name a teacher with distill_from')
+        teacher = copy.deepcopy(model)
+        if isinstance(teacher, MomentumResNet):  # no gradients flow through a teacher: nothing to store
+            teacher.set_momentum(gamma=0.0, memory_efficient=False)
+        return teacher, f"{cfg['model']}'s starting weights at gamma 0" + (
+            ' (its source ResNet)' if getattr(teacher, 'momentum_cfg', {}).get('block_fn') == 'dropin' else '')
+    if Path(name).is_file():  # a checkpoint of the model's own architecture
+        teacher = _build_model(dict(cfg, pretrained=False, initial_checkpoint=None, gamma=None, memory_efficient=False,
+                                    grad_checkpointing=False, drop=0.0, drop_path=0.0), num_classes)
+        _load_teacher_weights(teacher, name)
+        return teacher, name
+    try:
+        teacher = timm.create_model(name, pretrained=True)
+    except Exception as e:  # an unknown name, a folder that is not a model, weights that cannot be found offline
+        raise ConfigError(f'distill_from: cannot load the teacher {_clipped(name)} as a checkpoint file or a timm '
+                          f'model with pretrained weights: {first_line(e)}') from None
+    if isinstance(teacher, MomentumResNet):
+        teacher.set_momentum(memory_efficient=False)
+    return teacher, name
+
+
+def _load_teacher_weights(teacher: nn.Module, path: str) -> None:
+    """Load a teacher checkpoint strictly, head included; a momentum teacher whose file records no gamma is the
+    ResNet the file holds (gamma 0)."""
+    from timm.models import load_state_dict
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_state_dict(path, use_ema=False, weights_only=True)
+        teacher.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ConfigError(f'distill_from {path}: cannot load it into {type(teacher).__name__} '
+                          f'({teacher.pretrained_cfg.get("architecture")}): {load_failure(e)}') from None
+    if isinstance(teacher, MomentumResNet) and not set(RECORD_KEYS) & set(state):
+        teacher.set_momentum(gamma=0.0)
+
+
+def _score(row: Dict[str, Any]) -> float:
+    """What best/ is chosen by: validation accuracy, or without labels the agreement with the teacher."""
+    return row['val_agreement'] if math.isnan(row['val_acc']) and 'val_agreement' in row else row['val_acc']
+
+
+def _healing(run: '_Run') -> Optional[Dict[str, Any]]:
+    """What distillation did, for the exports' verify.json and card (None without a teacher)."""
+    if run.distillation is None:
+        return None
+    cfg = run.cfg
+    return {'method': 'distillation', 'teacher': run.distillation.teacher.description,
+            'distill_weight': cfg['distill_weight'], 'distill_temperature': cfg['distill_temperature'],
+            'distill_eval_norms': cfg['distill_eval_norms'], 'images': cfg['dataset'], 'split': cfg['train_split'],
+            'labels_used': run.distillation.uses_labels, 'epochs': len(run.rows),
+            'steps': len(run.rows) * (run.steps_per_epoch or 0), 'validation': {
+                'split': cfg['val_split'], 'images': len(run.val_set)}}
+
+
 def _prepare_output(run: _Run) -> None:
     """On the primary rank: make the run's folder, clear what killed runs left in it, write args.yaml."""
     from .files import remove_stale_temps
@@ -1087,16 +1122,22 @@ def _train_epoch(run: _Run, epoch: int) -> Dict[str, Any]:
     epoch_lr = run.optimizer.param_groups[0]['lr']
     started = time.perf_counter()
     trained = train_one_epoch(epoch, run.model, run.train_model, loader, run.optimizer, run.criterion, cfg,
-                              run.device, run.amp, run.scaler, run.ema, run.mixup, _last_good(run.last, run.rows))
+                              run.device, run.amp, run.scaler, run.ema, run.mixup, _last_good(run.last, run.rows),
+                              run.distillation, run.labeled)
     run.scheduler.step(epoch + 1)
     if _is_distributed():  # each rank tracked BatchNorm statistics on its own shard: average them
         distribute_bn(run.model, dist.get_world_size(), reduce=True)
-    val_loss, val_acc = validate(run.eval_model, build_loader(run.val_set, cfg, False, run.device, 0,
-                                                              _is_distributed()), run.device, run.amp, cfg)
-    return {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
-            'val_loss': val_loss, 'val_acc': val_acc, 'lr': epoch_lr,
-            'images_per_s': trained['images'] / (time.perf_counter() - started),
-            'peak_memory_mib': _peak_memory(run.device) / 2 ** 20}
+    seconds = time.perf_counter() - started
+    teacher = run.distillation.teacher if run.distillation else None
+    val = evaluate(run.eval_model, build_loader(run.val_set, cfg, False, run.device, 0, _is_distributed()),
+                   run.device, run.amp, cfg, teacher, cfg['distill_temperature'], run.labeled)
+    row = {'epoch': epoch, 'train_loss': trained['loss'], 'train_acc': trained['acc'],
+           'val_loss': val['loss'] if run.labeled else val['kl'], 'val_acc': val['acc'], 'lr': epoch_lr,
+           'images_per_s': trained['images'] / seconds, 'peak_memory_mib': _peak_memory(run.device) / 2 ** 20}
+    if teacher is not None:  # both losses, and how close the student is to its teacher on the validation split
+        row.update(train_label_loss=trained['label_loss'], train_kl=trained['kl'],
+                   train_agreement=trained['agreement'], val_kl=val['kl'], val_agreement=val['agreement'])
+    return row
 
 
 def _record_epoch(run: _Run, row: Dict[str, Any]) -> None:
@@ -1104,8 +1145,10 @@ def _record_epoch(run: _Run, row: Dict[str, Any]) -> None:
     epoch = row['epoch']
     diverged = _diverged(run, row['val_loss'])
     if _rank() == 0:
+        teacher = (f" | to teacher: KL {row['val_kl']:.4f} agreement {row['val_agreement']:.2f}"
+                   if 'val_kl' in row else '')
         print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} | "
-              f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f} | {row['images_per_s']:.1f} img/s | "
+              f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}{teacher} | {row['images_per_s']:.1f} img/s | "
               f"peak memory {row['peak_memory_mib']:.0f} MiB", flush=True)
         _append_metrics(run.out / 'metrics.csv', row)
     if diverged:  # neither best/ nor last.pth.tar may hold a diverged model
@@ -1116,9 +1159,9 @@ def _record_epoch(run: _Run, row: Dict[str, Any]) -> None:
     if run.plots:
         _plot(run.rows, run.out, f"{run.cfg['model']} on {run.cfg['dataset']}, {run.out}")
     if _rank() == 0 and run.cfg['checkpoints']:
-        if row['val_acc'] > run.best_acc:
-            run.best_acc = row['val_acc']
-            _export(run.eval_model, run.out / 'best', run.cfg, row, run.export_data)
+        if _score(row) > run.best_acc:
+            run.best_acc = _score(row)
+            _export(run.eval_model, run.out / 'best', run.cfg, row, run.export_data, _healing(run))
         save_checkpoint(run.last, run.model, run.optimizer, run.scheduler, run.scaler, run.ema, epoch, run.best_acc,
                         run.rows, run.cfg)
 
@@ -1158,18 +1201,12 @@ def _last_good(last: Path, rows: List[Dict[str, Any]]) -> str:
     return 'No epoch finished with finite weights, so there is no checkpoint to resume from'
 
 
-def _progress(loader: Any, epoch: int, cfg: Dict[str, Any]):
-    if not cfg['progress'] or _rank() != 0:
-        return loader
-    from tqdm import tqdm
-    return tqdm(loader, desc=f'epoch {epoch}', leave=False, file=sys.stderr)
-
-
-
-def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any], data: Dict[str, Any]) -> None:
+def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, Any], data: Dict[str, Any],
+            healing: Optional[Dict[str, Any]] = None) -> None:
     """Write ``model`` as a model folder: the momentum settings it trained at, the preprocessing training used
     (``data['data_config']``) and the class names (``data['label_names']``), so that timm and transformers
-    preprocess and label as training did."""
+    preprocess and label as training did. After distillation (``healing``, from ``_healing``) the card says how it
+    was healed, and verify.json, as the converter writes it, records the healing and the drift from the teacher."""
     momentum_cfg = getattr(model, 'momentum_cfg', {})
     model_args = {'num_classes': model.num_classes, **({'in_chans': cfg['in_chans']} if cfg['in_chans'] != 3 else {}),
                   **{k: v for k, v in momentum_cfg.items() if k in ('gamma', 'block_fn')}}
@@ -1180,12 +1217,37 @@ def _export(model: nn.Module, folder: Path, cfg: Dict[str, Any], row: Dict[str, 
     card = (f"---\nlibrary_name: timm\npipeline_tag: image-classification\ntags:\n  - image-classification\n"
             f"  - timm\n  - timm-momentum\n---\n\n# {cfg['model']} fine-tuned on {cfg['dataset']}\n\n"
             f"Fine-tuned by `timm-momentum finetune` (gamma per stage {_describe_gamma(momentum_cfg.get('gamma'))}, "
-            f"memory_efficient={cfg['memory_efficient']}). Epoch {row['epoch']}: validation accuracy "
-            f"{row['val_acc']:.2f}%.\n\n"
+            f"memory_efficient={cfg['memory_efficient']}). Epoch {row['epoch']}: "
+            + (f"validation accuracy {row['val_acc']:.2f}%." if not math.isnan(row['val_acc'])
+               else 'no validation accuracy (distilled without labels).')
+            + _healing_sentence(healing, row) + "\n\n"
             f"```python\nimport timm, timm_momentum  # the import registers the momentum_* models with timm\n"
             f"model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:ORG/NAME'\n```\n")
-    write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card,
+    reports = None
+    if healing is not None:
+        reports = {'verify.json': {
+            'gamma': momentum_cfg.get('gamma'), 'gamma_policy': getattr(model, 'gamma_policy', None),
+            'healing': healing, 'drift_at_gamma': {
+                'against': healing['teacher'], 'after_healing': True,
+                'input': f"{cfg['dataset']} split {cfg['val_split']}", 'images': healing['validation']['images'],
+                'top1_agreement': row['val_agreement'] / 100, 'kl_source_to_converted': row['val_kl'],
+                'kl_temperature': cfg['distill_temperature']}}}
+    write_model_folder(folder, model, model_args, pretrained_cfg, {'metrics': row}, card, reports=reports,
                        data_config=data['data_config'], label_names=data['label_names'])
+
+
+def _healing_sentence(healing: Optional[Dict[str, Any]], row: Dict[str, Any]) -> str:
+    """The card's account of distillation ('' without it)."""
+    if healing is None:
+        return ''
+    norms = ', BatchNorm in eval mode' if healing['distill_eval_norms'] else ''
+    labels = (f"{1 - healing['distill_weight']:g} × label loss + {healing['distill_weight']:g} × KL"
+              if healing['labels_used'] else 'the KL alone, no labels')
+    return (f"\n\nHealed by distillation: trained for {_count(healing['epochs'], 'epoch')} "
+            f"({healing['steps']} steps) on {healing['images']} split {healing['split']} toward the logits of "
+            f"{healing['teacher']} ({labels}, temperature {healing['distill_temperature']:g}{norms}). On the "
+            f"validation split ({healing['validation']['images']} images) its top-1 agrees with the teacher's on "
+            f"{row['val_agreement']:.2f}% of the images, KL {row['val_kl']:.4f} (verify.json).")
 
 
 def find_batch_size(cfg: Dict[str, Any], limit: int = 4096) -> int:

@@ -3,6 +3,7 @@ BatchNorm recalibration and distillation from the source (gamma = 0) on unlabele
 the source (measured in ``convert/HEALING.md``).
 """
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,30 +34,34 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, steps: int = 100,
-            lr: float = 1e-4, batch_size: int = 64, temperature: float = 1.0, seed: int = 0) -> nn.Module:
-    """Train ``student`` to match ``teacher``'s logits (KL divergence) on unlabeled ``images``.
+            lr: float = 1e-4, batch_size: int = 64, temperature: float = 1.0, seed: int = 0,
+            eval_norms: bool = True, device: Optional[torch.device] = None) -> nn.Module:
+    """Train ``student`` for ``steps`` batches (drawn from ``images`` with replacement, by ``seed``) toward
+    ``teacher``'s logits, by the KL alone, with AdamW at ``lr``: fine-tuning's own loop (``loop.train_one_epoch``
+    with a ``loop.Distillation``), on ``device`` (default: the student's).
 
-    Both run in eval mode: norm layers use (and keep) their running statistics, so the student learns
-    the function it will compute at inference, and recalibrated statistics are not overwritten by
-    noisy batch statistics. Measured in ``convert/HEALING.md``: after BatchNorm recalibration this
-    brings the converted net closest to its source.
+    The teacher is frozen (eval mode, no gradients). With ``eval_norms`` the student's BatchNorm layers stay in eval
+    mode too, so it learns the function it will compute at inference and recalibrated statistics are not
+    overwritten by noisy batch statistics. Measured in ``convert/HEALING.md``: after BatchNorm recalibration this
+    brings the converted net closest to its source. Returns the student, in eval mode.
     """
+    from .loop import Distillation, Teacher, train_one_epoch
+
     if steps < 0:
         raise ValueError(f'distillation steps must be >= 0, got {steps}')
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    teacher.eval()
-    student.eval()
-    for _ in range(steps):
-        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        with torch.no_grad():
-            target = nn.functional.log_softmax(teacher(batch) / temperature, -1)
-        loss = nn.functional.kl_div(nn.functional.log_softmax(student(batch) / temperature, -1), target,
-                                    log_target=True, reduction='batchmean')
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return student
+    device = device or next(student.parameters()).device
+    if steps:
+        data = torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long))  # no labels
+        sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=steps * batch_size,
+                                                 generator=torch.Generator().manual_seed(seed))
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+        settings = {'grad_accum_steps': 1, 'clip_grad': None, 'channels_last': False, 'batch_size': batch_size,
+                    'progress': False, 'dataset': 'healing images', 'data_dir': None, 'train_split': 'train'}
+        train_one_epoch(0, student, student, loader, optimizer, None, settings, device, None,
+                        distillation=Distillation(Teacher(teacher, device, 'the source'), 1.0, temperature,
+                                                  eval_norms), labeled=False)
+    return student.eval()
 
 
 def load_images(spec: str, in_chans: int = 3, img_size: int = 224, limit: int = 1024,
