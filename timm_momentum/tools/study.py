@@ -74,9 +74,9 @@ TASKS: Dict[str, Task] = {
 }
 
 
-def accuracy_note(task: Task) -> str:
-    """How the reported accuracy is measured, and what it is never used for."""
-    return (f"test accuracy = the last epoch's accuracy on {task.test_split} of {task.named(TARGET_CLASSES)}: never "
+def accuracy_note(task: Task, limit: str = '') -> str:
+    """How the reported accuracy is measured (``limit``: which part of the split), and what it is never used for."""
+    return (f"test accuracy = the last epoch's accuracy on {task.test_split} of {task.named(TARGET_CLASSES)}{limit}: never "
             f"trained on, never used to choose an epoch or a setting. Best epoch = the epoch with the highest test "
             f"accuracy, shown for information only.")
 
@@ -431,7 +431,7 @@ def format_markdown(study: Dict[str, Any]) -> str:
     s = study['settings']
     task = TASKS[s['task']]
     limit = (f", the first {s['train_limit']} training images of each task's classes" if s['train_limit'] else '')
-    test_limit = f" (its first {s['val_limit']} images)" if s['val_limit'] else ''
+    test_limit = f", its first {s['val_limit']} images" if s['val_limit'] else ''
     lines = [
         f"# Does switching to a Momentum ResNet cost accuracy? {task.title}", '',
         f"Transfer on {task.title}: an upstream plain ResNet per depth trained on {task.named(UPSTREAM_CLASSES)} "
@@ -442,7 +442,7 @@ def format_markdown(study: Dict[str, Any]) -> str:
         f"{study['train_images']['few-shot']} images drawn by seed, batch {s['few_shot_batch_size']}, "
         f"{s['epochs_few_shot']} epochs). Seeds: {s['seeds']} (resnet18), {s['deep_seeds']} (deeper); seed k of "
         f"every arm sees the same data order and few-shot draw.", '',
-        f"- {accuracy_note(task)}{test_limit}",
+        f"- {accuracy_note(task, test_limit)}",
         f"- arms: plain; plain with timm's gradient checkpointing; momentum at the faithful γ (policy 'auto', per "
         f"stage as listed in study.json), at γ {PAPER_GAMMA_ARM} as converted (unhealed), at γ {PAPER_GAMMA_ARM} "
         f"healed (fine-tuning's distillation mode: the KL alone to the source, the upstream at γ 0, for "
@@ -503,7 +503,7 @@ def plot_study(study: Dict[str, Any], path: Path) -> bool:
     for ax, regime in zip(axes, REGIMES):
         for i, row in enumerate(r for r in study['summary'] if r['regime'] == regime):
             ax.errorbar(row['peak_step_mib'], row['test_acc_mean'], yerr=row['test_acc_std'] or 0, capsize=4,
-                        marker=markers[row['kind']], color=f'C{i % 10}', linestyle='none', label=row['arm'])
+                        marker=markers[row['kind']], color=plt.cm.tab20(i % 20), linestyle='none', label=row['arm'])
         ax.set(xlabel='peak step memory (MiB)', ylabel='test accuracy (%), last epoch', title=f'{regime}')
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
