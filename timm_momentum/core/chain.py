@@ -706,8 +706,11 @@ def _stepped_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, b
     dropin = block_fn is dropin_fn  # the step subtracts the drop-in f's input itself, in the update's pass
     step_fn = _block_output if dropin else block_fn
     carrier = standard_carrier(x, gamma, len(blocks))
-    # a state in the input's dtype is the position itself, updated into new tensors; a wider one is updated in place
-    state = _CarrierState(None if carrier == x.dtype else x.detach().to(carrier, copy=True))
+    # a state in the input's dtype is the position itself, stepped into a new tensor with the subtraction folded in
+    # (next_state); a wider one, or any one that must match the memory-efficient forward bitwise, is updated in
+    # place by that forward's own forward_update
+    copied = carrier != x.dtype or standard_matches_memory_efficient()
+    state = _CarrierState(x.detach().to(carrier, copy=True) if copied else None)
     position, token = x, None
     for block in blocks:
         out = _run_block(step_fn, block, position, grad_checkpointing)

@@ -1,11 +1,12 @@
 """The momentum rule, written once, and the element-wise steps of a chain built on it, eager or compiled.
 
-The rule (Sander et al., ICML 2021, eq. 3), its inverse and its adjoint are the four functions ``forward_step``,
-``inverse_position``, ``inverse_velocity`` and ``adjoint_step``; every path of the package computes with them:
-the standard and memory-efficient chains (``chain``), eager or compiled, and the models' plain forward.
+The rule (Sander et al., ICML 2021, eq. 3), its inverse and its adjoint are the four functions ``forward_step``
+(its halves ``velocity_step`` and ``position_step``), ``inverse_position``, ``inverse_velocity`` and
+``adjoint_step``; every path of the package computes with them: the standard and memory-efficient chains
+(``chain``), eager or compiled, and the models' plain forward.
 
 The steps below apply them in place on a chain's state (x, v), so a chain allocates nothing per block but the
-next block's input and f. Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or
+next block's input (and, in the memory-efficient chain, f). Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or
 ``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic shapes, built once per
 process and cached on disk by torch), about half the bytes moved. It is off by default (``benchmarks/RESULTS.md``
 has the timings; ``benchmarks/gpu_check.sh`` times it on CUDA). Compiled steps may round the last bit differently
@@ -20,7 +21,7 @@ import torch
 
 from .config import fused_enabled, set_fused
 
-__all__ = ['forward_step', 'inverse_position', 'inverse_velocity', 'adjoint_step', 'set_fused', 'fused_enabled',
+__all__ = ['forward_step', 'velocity_step', 'position_step', 'inverse_position', 'inverse_velocity', 'adjoint_step', 'set_fused', 'fused_enabled',
            'compiled_kernels', 'forward_update', 'next_state', 'previous_position', 'previous_velocity',
            'previous_velocity_and_position', 'adjoint_update', 'standard_backward']
 
@@ -34,14 +35,36 @@ def forward_step(x: torch.Tensor, v: Optional[torch.Tensor], f: torch.Tensor, ga
     """The momentum rule: v <- gamma v + (1 - gamma) f;  x <- x + v, where v = None stands for v = 0.
 
     Returns (x, v). With ``inplace`` x and v are updated in their own storage (and f becomes the first v).
+    The two halves are ``velocity_step`` and ``position_step``.
+    """
+    velocity = velocity_step(v, f, gamma, inplace, None)
+    return position_step(x, velocity, inplace), velocity
+
+
+def velocity_step(v: Optional[torch.Tensor], f: torch.Tensor, gamma: float, inplace: bool,
+                  subtract: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rule's first half: v <- gamma v + (1 - gamma) (f - subtract), where v = None stands for v = 0 and
+    ``subtract`` None for 0.
+
+    ``subtract`` is the drop-in f = block(x) - x's x, with block(x) passed as ``f``: the subtraction is folded into
+    the velocity's update, so no tensor is made for f itself. With ``inplace`` v is updated in its own storage
+    (and f becomes the first v); otherwise the velocity is a new tensor.
     """
     weight = 1.0 - gamma
     if v is None:
-        velocity = f.mul_(weight) if inplace else f * weight
-    else:
-        velocity = v.lerp_(f, weight) if inplace else torch.lerp(v, f, weight)  # v + (1 - gamma) (f - v), one pass
-    x = x.add_(velocity) if inplace else x + velocity
-    return x, velocity
+        if subtract is not None:
+            branch = f.sub_(subtract) if inplace else f - subtract
+            return branch.mul_(weight)
+        return f.mul_(weight) if inplace else f * weight
+    velocity = v.lerp_(f, weight) if inplace else torch.lerp(v, f, weight)  # v + (1 - gamma) (f - v), one pass
+    if subtract is not None:
+        velocity = velocity.sub_(subtract, alpha=weight)
+    return velocity
+
+
+def position_step(x: torch.Tensor, v: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The rule's second half: x <- x + v, in x's storage with ``inplace``, else a new tensor."""
+    return x.add_(v) if inplace else x + v
 
 
 def inverse_position(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -189,13 +212,17 @@ def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch
 
 def _next(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor, block_input: Optional[torch.Tensor],
           gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return forward_step(x, velocity, out if block_input is None else out - block_input, gamma, inplace=False)
+    # the velocity in its own storage (nothing else holds it), the position new: x_{n-1} stays the block's input
+    velocity = velocity_step(velocity, out, gamma, velocity is not None, block_input)
+    return position_step(x, velocity, False), velocity
 
 
 def next_state(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor,
                block_input: Optional[torch.Tensor], gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``forward_step`` into new tensors (x_n, v_n), from a block's output (arguments as in ``forward_update``):
-    for a state carried in the blocks' own dtype, where x_n is the next block's input as it is."""
+    """``forward_step`` from a block's output (arguments as in ``forward_update``), for a state carried in the
+    blocks' own dtype: v is updated in place (a new tensor before the first block), and x_n, the next block's input
+    as it is, is a new tensor. No tensor is made for the drop-in f. Returns (x_n, v_n).
+    """
     return _call(_next, x, velocity, out, block_input, gamma)
 
 
