@@ -476,15 +476,20 @@ def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
     return model
 
 
-def load_initial_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights strictly; only the classifier may be left out, and only when its number of classes differs."""
+def _read_weights_only(path: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint file's state dict through timm's ``load_state_dict``, unpickled weights-only."""
     from timm.models import load_state_dict
 
+    # timm's train.py saves its arguments as an argparse.Namespace: that class, and no other, is allowed
+    # (recent timm's load_state_dict allows it itself; the versions this package supports from do not)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_state_dict(path, use_ema=False, weights_only=True)
+
+
+def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """Load weights strictly; only the classifier may be left out, and only when its number of classes differs."""
     try:
-        # timm's train.py saves its arguments as an argparse.Namespace: that class, and no other, is allowed
-        # (recent timm's load_state_dict allows it itself; the versions this package supports from do not)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = load_state_dict(path, use_ema=False, weights_only=True)
+        state = _read_weights_only(path)
     except Exception as e:
         raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
                           f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
@@ -1049,11 +1054,8 @@ def _build_teacher(cfg: Dict[str, Any], model: nn.Module, num_classes: int) -> T
 def _load_teacher_weights(teacher: nn.Module, path: str) -> None:
     """Load a teacher checkpoint strictly, head included; a momentum teacher whose file records no gamma is the
     ResNet the file holds (gamma 0)."""
-    from timm.models import load_state_dict
-
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = load_state_dict(path, use_ema=False, weights_only=True)
+        state = _read_weights_only(path)
         teacher.load_state_dict(state, strict=True)
     except Exception as e:
         raise ConfigError(f'distill_from {path}: cannot load it into {type(teacher).__name__} '
