@@ -128,6 +128,42 @@ def test_compiled_kernels_train_as_the_eager_ones(fused, standard_matches_memory
     assert (outs[True, False] - outs[False, False]).abs().max().item() <= 1e-5
 
 
+def _standard_step(x, v, out, block_input):
+    """``kernels.next_state`` on a copy of v (None before the first block): (x_n, v_n, the copy it was given)."""
+    given = None if v is None else v.clone()
+    next_x, next_v = kernels.next_state(x, given, out, block_input, 0.9)
+    return next_x, next_v, given
+
+
+def test_standard_step_updates_the_velocity_in_place_and_keeps_its_inputs():
+    """Standard mode's step: the rule from block(x) with the drop-in's subtraction folded into the velocity; v in
+    its own storage (a new tensor only before the first block); x and block(x) untouched, x_n a tensor of its own."""
+    x, v, out, _ = _state((2, 8, 5, 7), torch.float32, torch.float32, seed=3)
+    inputs = x.clone(), out.clone()
+    for first in (True, False):
+        for block_input in (x, None):
+            next_x, next_v, given = _standard_step(x, None if first else v, out, block_input)
+            f = out if block_input is None else out - block_input
+            expected_x, expected_v = kernels.forward_step(x, None if first else v, f, 0.9, inplace=False)
+            assert _close(next_v, expected_v) and _close(next_x, expected_x)
+            if not first:
+                assert next_v.data_ptr() == given.data_ptr()  # updated in place, not a new tensor
+            assert next_x.data_ptr() not in (x.data_ptr(), out.data_ptr(), next_v.data_ptr())
+            assert torch.equal(x, inputs[0]) and torch.equal(out, inputs[1])
+
+
+@pytest.mark.slow
+def test_compiled_standard_step_matches_the_eager_one(fused):
+    x, v, out, _ = _state((2, 8, 5, 7), torch.float32, torch.float32, seed=4)
+    for first in (True, False):
+        for block_input in (x, None):
+            eager, compiled = _both(lambda: _standard_step(x, None if first else v, out, block_input))
+            assert '_next' in kernels.compiled_kernels()
+            assert _close(eager[0], compiled[0]) and _close(eager[1], compiled[1])
+            if not first:
+                assert _close(compiled[2], compiled[1])  # the compiled kernel wrote v back into its storage
+
+
 def test_a_failed_compile_warns_once_and_runs_eagerly():
     x, v, out, x_in = _state((2, 4, 3, 3), torch.float64, torch.float32, seed=1)
     expected_x, expected_v = x.clone(), v.clone()

@@ -6,11 +6,11 @@ The rule (Sander et al., ICML 2021, eq. 3), its inverse and its adjoint are the 
 (``chain``), eager or compiled, and the models' plain forward.
 
 The steps below apply them in place on a chain's state (x, v), so a chain allocates nothing per block but the
-next block's input (and, in the memory-efficient chain, f). Eagerly a step is a few kernels, one per operation. ``set_fused(True)`` (or
-``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic shapes, built once per
-process and cached on disk by torch), about half the bytes moved. It is off by default (``benchmarks/RESULTS.md``
-has the timings; ``benchmarks/gpu_check.sh`` times it on CUDA). Compiled steps may round the last bit differently
-from the eager ones. Where compiling fails, a warning says so once and the eager steps run;
+next block's input (and, in the memory-efficient chain, f). Eagerly a step is a few kernels, one per operation.
+``set_fused(True)`` (or ``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic
+shapes, built once per process and cached on disk by torch), about half the bytes moved. It is off by default
+(``benchmarks/RESULTS.md`` has the timings; ``benchmarks/gpu_check.sh`` times it on CUDA). Compiled steps may round
+the last bit differently from the eager ones. Where compiling fails, a warning says so once and the eager steps run;
 ``compiled_kernels()`` names the steps that did run compiled.
 """
 import contextlib
@@ -21,9 +21,9 @@ import torch
 
 from .config import fused_enabled, set_fused
 
-__all__ = ['forward_step', 'velocity_step', 'position_step', 'inverse_position', 'inverse_velocity', 'adjoint_step', 'set_fused', 'fused_enabled',
-           'compiled_kernels', 'forward_update', 'next_state', 'previous_position', 'previous_velocity',
-           'previous_velocity_and_position', 'adjoint_update', 'standard_backward']
+__all__ = ['forward_step', 'velocity_step', 'position_step', 'inverse_position', 'inverse_velocity', 'adjoint_step',
+           'set_fused', 'fused_enabled', 'compiled_kernels', 'forward_update', 'next_state', 'previous_position',
+           'previous_velocity', 'previous_velocity_and_position', 'adjoint_update', 'standard_backward']
 
 _COMPILED: Dict[Callable, Callable] = {}
 _RAN_COMPILED: Set[str] = set()
