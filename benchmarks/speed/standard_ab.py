@@ -9,11 +9,16 @@ and each momentum configuration's ratio to plain: the ratio of the medians, and 
 the per-round ratios::
 
     PYTHONPATH=$PWD python benchmarks/speed/standard_ab.py --depth 101 --rounds 15 --threads 1
+
+``--alloc`` instead times ``a - b`` on a layer3-sized tensor (4×1024×14×14) into fresh memory that is kept, into
+memory freed at once, and in place. ``--profile N`` instead profiles N steps each of plain and the new momentum step
+(``torch.profiler``) and prints the ops whose summed self CPU time differs most between the two.
 """
 import argparse
 import resource
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 import timm
@@ -32,12 +37,56 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def time_allocations(threads: int) -> None:
+    torch.set_num_threads(threads)
+    a = torch.randn(4, 1024, 14, 14)
+    b = torch.randn_like(a)
+    kept = []
+
+    def per_call_ms(fn, calls=50):
+        fn()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls * 1000
+
+    print(f'a - b on 4x1024x14x14, {threads} thread(s), ms per call:')
+    print(f'  into fresh memory, kept: {per_call_ms(lambda: kept.append(a - b)):.3f}')
+    kept.clear()
+    print(f'  into memory freed at once: {per_call_ms(lambda: a - b):.3f}')
+    print(f'  in place (a.sub_(b)): {per_call_ms(lambda: a.sub_(b)):.3f}')
+
+
+def profile_steps(models, x, steps: int) -> None:
+    from torch.profiler import profile
+
+    totals = {name: defaultdict(float) for name in models}
+    for _ in range(steps):
+        for name, model in models.items():
+            model.zero_grad(set_to_none=True)
+            with profile() as prof:
+                model(x).sum().backward()
+            for event in prof.key_averages():
+                totals[name][event.key] += event.self_cpu_time_total / 1000 / steps
+    plain, momentum = totals['plain'], totals['new']
+    print(f'self CPU ms per step, mean of {steps} profiled steps: plain {sum(plain.values()):.1f}, '
+          f'momentum {sum(momentum.values()):.1f}')
+    for key in sorted(set(plain) | set(momentum), key=lambda k: -abs(momentum[k] - plain[k]))[:20]:
+        print(f'  {key[:60]:60s} plain {plain[key]:8.1f}  momentum {momentum[key]:8.1f}  '
+              f'{momentum[key] - plain[key]:+8.1f}')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--depth', type=int, default=101)
     parser.add_argument('--rounds', type=int, default=15)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--alloc', action='store_true', help='time a - b into fresh, freed and its own memory')
+    parser.add_argument('--profile', type=int, default=0, metavar='N', help='profile N steps of plain and new')
     args = parser.parse_args()
+    if args.alloc:
+        time_allocations(args.threads)
+        return
     torch.set_num_threads(args.threads)
     new_next = kernels._next
     plain = timm.create_model(f'resnet{args.depth}', zero_init_last=False)
@@ -56,6 +105,10 @@ def main() -> None:
     for name, model in configs:  # warm-up: two steps each
         step(model, name)
         step(model, name)
+    if args.profile:
+        kernels._next = new_next
+        profile_steps({'plain': plain, 'new': momentum}, x, args.profile)
+        return
     times = {name: [] for name, _ in configs}
     for round_ in range(args.rounds):
         shift = round_ % len(configs)
