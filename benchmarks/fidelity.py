@@ -78,13 +78,13 @@ HEALING = {'none': {}, 'bn': {'recalibrate_bn': True}, 'distill': {'distill_step
 GRAD_IMAGES = 16  # training images for the gradient check and the saved bytes
 
 
-def _logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+def logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def _grad_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+def grad_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """Relative error of memory-efficient gradients against standard backprop's (input and worst parameter)."""
     import copy
     import warnings
@@ -111,7 +111,7 @@ def _grad_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 TRAIN_STEPS = 30  # memory-efficient SGD steps at the policy's gamma, to see the inverse hold as weights move
 
 
-def _fine_tune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = TRAIN_STEPS
+def fine_tune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = TRAIN_STEPS
                ) -> Dict[int, List[float]]:
     """Fine-tune ``model`` in place, memory-efficiently, for ``steps`` SGD steps (lr 0.01, batch 32); the relative
     reconstruction gaps of every backward as the self-check measured them (recorded, not raised), by chain length."""
@@ -137,16 +137,16 @@ def _fine_tune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     return gaps
 
 
-def _train_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+def train_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
     """Fine-tune a copy: the largest reconstruction gap (the self-check warns past 5e-6 and raises past 5e-5 for
     float32 work) and, where none raised, the gradient error against standard backprop afterwards."""
     import copy
 
     net = copy.deepcopy(model)
-    gaps = _fine_tune(net, images, labels)
+    gaps = fine_tune(net, images, labels)
     result: Dict[str, Any] = {'steps': TRAIN_STEPS, 'max_gap': max((g for by in gaps.values() for g in by), default=0.0)}
     if result['max_gap'] <= 5e-5:
-        result['grad_error_after'] = _grad_error(net, images[:GRAD_IMAGES], labels[:GRAD_IMAGES])
+        result['grad_error_after'] = grad_error(net, images[:GRAD_IMAGES], labels[:GRAD_IMAGES])
     return result
 
 
@@ -183,7 +183,7 @@ def measure_headroom(depth: int, out: Path, budgets: Sequence[int] = HEADROOM_BU
                 model.load_state_dict(source.state_dict())
                 model.set_momentum(gamma=[gamma if name == stage else g
                                           for name, g in zip(chains, model.momentum_cfg['gamma'])])
-                gaps = _fine_tune(model, images, labels, HEADROOM_STEPS)[blocks]
+                gaps = fine_tune(model, images, labels, HEADROOM_STEPS)[blocks]
                 record = {'depth': depth, 'stage': stage, 'blocks': blocks, 'budget_log2': budget, 'gamma': gamma,
                           'first_gap': gaps[0], 'max_gap': max(gaps)}
                 records.append(record)
@@ -233,7 +233,7 @@ def measure_bf16_gradients(depth: int, out: Path) -> List[Dict[str, Any]]:
     return records
 
 
-def _saved_mib(model: torch.nn.Module, images: torch.Tensor, amp: bool) -> float:
+def saved_mib(model: torch.nn.Module, images: torch.Tensor, amp: bool) -> float:
     import copy
 
     from timm_momentum.tools.memory import MiB, autocast, saved_tensor_bytes
@@ -260,7 +260,7 @@ def measure_conversions(depth: int, out: Path, scratch: Path) -> List[Dict[str, 
     train = FashionMNIST('train', img_size=32, limit=2048)
     grad_images, grad_labels = train.batch(slice(-GRAD_IMAGES, None)), train.targets[-GRAD_IMAGES:]
     source = timm.create_model(f'local-dir:{upstream_dir}', pretrained=True)
-    reference = _logits(source, test_images)
+    reference = logits(source, test_images)
     source_top1 = float((reference.argmax(-1) == test_labels).float().mean())
     records = [{'depth': depth, 'gamma': 'source', 'healing': 'none', 'top1': source_top1, 'agreement': 1.0,
                 'kl': 0.0, 'stage_gamma': None}]
@@ -276,21 +276,21 @@ def measure_conversions(depth: int, out: Path, scratch: Path) -> List[Dict[str, 
                              **heal_args)
             model = timm.create_model(f'local-dir:{folder}', pretrained=True)
             assert model.momentum_cfg['gamma'] == result.model_args['gamma'], 'gamma did not round-trip'
-            logits = _logits(model, test_images)
+            converted = logits(model, test_images)
             record = {
                 'depth': depth, 'gamma': gamma, 'healing': healing, 'stage_gamma': model.momentum_cfg['gamma'],
-                'top1': float((logits.argmax(-1) == test_labels).float().mean()),
-                'agreement': float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-                'kl': float(torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1),
+                'top1': float((converted.argmax(-1) == test_labels).float().mean()),
+                'agreement': float((converted.argmax(-1) == reference.argmax(-1)).float().mean()),
+                'kl': float(torch.nn.functional.kl_div(converted.log_softmax(-1), reference.log_softmax(-1),
                                                        log_target=True, reduction='batchmean')),
                 'verify_drift': result.verify['drift_at_gamma'],
             }
             if healing == 'none':
-                record['grad_error_fp32'] = _grad_error(model, grad_images, grad_labels)
-                record['saved_mib_fp32'] = _saved_mib(model, grad_images, amp=False)
-                record['saved_mib_bf16'] = _saved_mib(model, grad_images, amp=True)
+                record['grad_error_fp32'] = grad_error(model, grad_images, grad_labels)
+                record['saved_mib_fp32'] = saved_mib(model, grad_images, amp=False)
+                record['saved_mib_bf16'] = saved_mib(model, grad_images, amp=True)
                 if gamma in ('auto', 'float64 floor', 0.9):
-                    record['fine_tuning'] = _train_steps(model, train.batch(slice(None)), train.targets)
+                    record['fine_tuning'] = train_steps(model, train.batch(slice(None)), train.targets)
             record['seconds'] = time.perf_counter() - started
             records.append(record)
             shutil.rmtree(folder)
@@ -313,8 +313,8 @@ def measure_saved_bytes(depth: int, out: Path, records: List[Dict[str, Any]]) ->
         if 'saved_mib_fp32' in record:
             model = timm.create_model(f'momentum_resnet{depth}', num_classes=10, gamma=record['stage_gamma'])
             model.load_state_dict(source.state_dict())
-            record['saved_mib_fp32'] = _saved_mib(model, images, amp=False)
-            record['saved_mib_bf16'] = _saved_mib(model, images, amp=True)
+            record['saved_mib_fp32'] = saved_mib(model, images, amp=False)
+            record['saved_mib_bf16'] = saved_mib(model, images, amp=True)
 
 
 def _conversion_gamma(gamma: Any, depth: int) -> Any:

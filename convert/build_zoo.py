@@ -15,16 +15,34 @@ from timm_momentum.tools.convert import convert
 from timm_momentum.tools.errors import ConversionError
 
 
+def check_entry(entry: dict, manifest: str) -> None:
+    """ConversionError naming what is wrong with a manifest entry: keys, a source that is not a pretrained tag of
+    timm's ResNet family (or a file or hf-hub: repo), or a name that is not that tag's momentum model."""
+    import timm
+
+    from timm_momentum.core.models.resnet_family import momentum_name, source_architectures
+
+    if not isinstance(entry, dict) or {'source', 'name'} - set(entry):
+        raise ConversionError(f'{manifest}: entry {entry} needs source and name')
+    source, name = str(entry['source']), str(entry['name'])
+    tag = source[len('timm/'):] if source.startswith('timm/') else None
+    if tag is None:
+        return  # a file or an hf-hub: repo: the converter reads its architecture
+    if tag.split('.')[0] not in source_architectures() or tag not in timm.list_pretrained(tag):
+        raise ConversionError(f'{manifest}: {source} is not a pretrained tag of timm\'s ResNet family')
+    if name != momentum_name(tag):
+        raise ConversionError(f'{manifest}: {source} converts to {momentum_name(tag)}, not {name}')
+
+
 def build_zoo(manifest: str, out: str, force: bool = False, push_org: str = None) -> dict:
     """Convert each manifest entry; returns {name: 'ok' or the error message}."""
     entries = (yaml.safe_load(Path(manifest).read_text()) or {}).get('models')
     if not isinstance(entries, list) or not entries:
         raise ConversionError(f'{manifest}: expected a non-empty list under models:')
+    for entry in entries:
+        check_entry(entry, manifest)
     status = {}
     for entry in entries:
-        missing = {'source', 'name'} - set(entry)
-        if missing:
-            raise ConversionError(f'{manifest}: entry {entry} lacks {sorted(missing)}')
         name = entry['name']
         try:
             convert(entry['source'], Path(out) / name, gamma=entry.get('gamma'), force=force,

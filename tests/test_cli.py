@@ -52,7 +52,7 @@ def test_no_command_prints_help_and_fails(capsys):
 
 def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
     subcommands = _subcommands(build_parser())
-    assert list(subcommands) == ['finetune', 'demo', 'example', 'convert', 'bench', 'study']
+    assert list(subcommands) == ['finetune', 'demo', 'example', 'convert', 'bench', 'study', 'models']
     for name, subcommand in subcommands.items():
         formatter = subcommand._get_formatter()
         for action in subcommand._actions:

@@ -191,8 +191,24 @@ def test_an_absent_repo_offline_names_hf_hub_offline_and_the_ways_to_work_offlin
 def test_infer_architecture_reads_the_state_dict():
     assert infer_architecture(_resnet(50, num_classes=3, in_chans=1).state_dict()) == \
         ('momentum_resnet50', {'num_classes': 3, 'in_chans': 1})
-    arch, args = infer_architecture(timm.create_model('resnet50d').state_dict())
-    assert arch == 'momentum_resnet50' and args['stem_type'] == 'deep' and args['avg_down']
+    # a family architecture by its keys and shapes; anti-aliasing has neither, so resnetaa50d reads as resnet50d
+    assert infer_architecture(timm.create_model('resnet50d').state_dict()) == ('momentum_resnet50d',
+                                                                               {'num_classes': 1000})
+    assert infer_architecture(timm.create_model('resnetaa50d', num_classes=4).state_dict())[0] == 'momentum_resnet50d'
+    assert infer_architecture(timm.create_model('seresnext26d_32x4d', in_chans=1, num_classes=5).state_dict()) == \
+        ('momentum_seresnext26d_32x4d', {'num_classes': 5, 'in_chans': 1})
+    # what a source's config names wins over the keys (resnetblur50 has resnet50's)
+    assert infer_architecture(timm.create_model('resnetblur50').state_dict(), architecture='resnetblur50')[0] == \
+        'momentum_resnetblur50'
+    # a deep stem on resnet50's layers that no family architecture has exactly: described by its options
+    arch, args = infer_architecture(timm.create_model('resnet50', stem_type='deep', stem_width=48,
+                                                      avg_down=True).state_dict())
+    assert arch == 'momentum_resnet50' and args['stem_type'] == 'deep' and args['avg_down'] and \
+        args['stem_width'] == 48
+    with pytest.raises(ConversionError, match='selective-kernel .* match no architecture of timm'):
+        infer_architecture(timm.create_model('skresnet18').state_dict())
+    with pytest.raises(ConversionError, match="'skresnet18' .* is not in timm's ResNet family"):
+        infer_architecture(timm.create_model('resnet18').state_dict(), architecture='skresnet18')
 
 
 @pytest.mark.parametrize('case', ['unsupported', 'mismatch', 'truncated', 'nan', 'not_empty', 'garbage',
@@ -202,8 +218,8 @@ def test_bad_input_is_a_clear_error_with_no_partial_output(tmp_path, case, capsy
     state = _resnet(18).state_dict()
     arch = None
     if case == 'unsupported':
-        state = timm.create_model('resnet26').state_dict()
-        message = 'unsupported architecture'
+        state = timm.create_model('resnet18', layers=(3, 3, 3, 3)).state_dict()
+        message = 'unsupported architecture: basic blocks per stage (3, 3, 3, 3) match no architecture'
     elif case == 'mismatch':
         arch = 'momentum_mresnet18_cifar'
         message = 'shape mismatch for conv1.weight: checkpoint (64, 3, 7, 7), momentum_mresnet18_cifar (64, 3, 3, 3)'

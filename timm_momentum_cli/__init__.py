@@ -93,6 +93,19 @@ def _study(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _models(args: argparse.Namespace) -> int:
+    from timm_momentum.tools.models import run_cli
+    return run_cli(args)
+
+
+def _add_models(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser('models', help="the momentum models of timm's ResNet family, as README tables them")
+    parser.add_argument('--write', action='store_true',
+                        help="rewrite README.md's models table, MODELS.md and convert/zoo.yaml from timm's registry")
+    parser.add_argument('--repo', default=None, help='the checkout to write in (default: the one this package is in)')
+    parser.set_defaults(func=_models)
+
+
 def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
     keys = ', '.join(f'{k} ({v})' for k, v in FINETUNE_DEFAULTS.items())
     parser = subparsers.add_parser('finetune', help='fine-tune a (momentum) model from a YAML config',
@@ -208,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog='timm-momentum',
         description='Invertible Momentum ResNets for timm (Sander et al., ICML 2021, arXiv:2102.07870).')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', parser_class=_SubcommandParser)
-    for add_subcommand in (_add_finetune, _add_demo, _add_example, _add_convert, _add_bench, _add_study):
+    for add_subcommand in (_add_finetune, _add_demo, _add_example, _add_convert, _add_bench, _add_study,
+                           _add_models):
         add_subcommand(subparsers)
     return parser
 

@@ -4,10 +4,11 @@ It only chooses models and sets the memory mode; timm's tests and assertions run
 
   * imports timm_momentum, so the momentum models are registered before timm's tests list models;
   * keeps the tests parametrized by one of the chosen models (``--momentum-models``), deselects the rest,
-    and deselects the tests that download pretrained weights;
+    and deselects the tests that download pretrained weights (by default: the plain depths, the paper's CIFAR
+    model and a sample of timm's ResNet family);
   * with ``--momentum-memory-efficient``, builds every momentum model with ``memory_efficient=True``;
   * lists the momentum models under timm's module name 'resnet' as well, because timm chooses the
-    models for its forward_intermediates tests by module name and 'momentum_resnet' is not on its list.
+    models for its forward_intermediates tests by module name and ours are not on its list.
 """
 import functools
 from typing import Any, Callable, List
@@ -17,7 +18,10 @@ from timm.models import _registry
 
 import timm_momentum
 
-DEFAULT_MODELS = 'momentum_resnet18,momentum_resnet50,momentum_mresnet18_cifar'
+# the plain depths, the paper's CIFAR model, and the sample of timm's ResNet family that issue 22 names
+DEFAULT_MODELS = ('momentum_resnet18,momentum_resnet50,momentum_mresnet18_cifar,momentum_resnet50d,'
+                  'momentum_seresnext26d_32x4d,momentum_wide_resnet50_2,momentum_resnet50_gn,momentum_resnetrs101')
+MOMENTUM_MODULES = ('momentum_resnet', 'resnet_family')  # the modules timm_momentum registers its models from
 # These tests fetch weights or reference tensors from the Hugging Face Hub.
 DOWNLOADING_TESTS = ('test_model_inference', 'test_model_load_pretrained', 'test_model_features_pretrained')
 
@@ -46,7 +50,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.hasplugin('timeout'):  # timm marks its tests for pytest-timeout
         config.addinivalue_line('markers', 'timeout(seconds): per-test time limit, for pytest-timeout')
     chosen = _chosen(config)
-    unknown = [name for name in chosen if _registry._model_to_module.get(name) != 'momentum_resnet']
+    unknown = [name for name in chosen if _registry._model_to_module.get(name) not in MOMENTUM_MODULES]
     if unknown:
         raise pytest.UsageError(f'--momentum-models: not momentum models: {", ".join(unknown)}')
     _registry._module_to_models['resnet'].update(chosen)

@@ -35,9 +35,10 @@ from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from ..core.chain import PAPER_GAMMA
 from ..core.models.momentum_resnet import (BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS, GammaSpec, parse_gamma, read_record,
                               resnet_state_dict)
+from ..core.models.resnet_family import momentum_name, source_architectures, source_model_args, source_name
 
-__all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'convert', 'write_model_folder',
-           'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
+__all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'family_architecture', 'convert',
+           'write_model_folder', 'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 MAX_INPUT_SIDE = 2048  # pixels; verification runs 2 images, and a 40000 px side asked for 38 GB
@@ -262,6 +263,8 @@ def _metadata_from(config_path: Optional[Path], card_path: Optional[Path]) -> Tu
             pretrained_cfg = dict(config.get('pretrained_cfg') or {})
             if isinstance(config.get('label_names'), list):  # timm keeps them at the root
                 pretrained_cfg['label_names'] = config['label_names']
+            if isinstance(config.get('architecture'), str):  # so does timm's save_config_for_hf
+                pretrained_cfg['architecture'] = config['architecture']
         except (ValueError, AttributeError, TypeError):
             pass
     for key in ('input_size', 'test_input_size'):
@@ -327,8 +330,14 @@ def load_source(source: str) -> SourceCheckpoint:
     if source.startswith('hf-hub:'):
         return _load_hub(source[len('hf-hub:'):], source)
     name = source[len('timm/'):] if source.startswith('timm/') else source
-    if name.split('.')[0] not in timm.list_models('resnet*'):
-        raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet name')
+    if name.split('.')[0] not in source_architectures():
+        if name.split('.')[0] in timm.list_models():
+            try:
+                source_model_args(name.split('.')[0])
+            except ValueError as e:
+                raise ConversionError(f'{source}: {e}; the converter takes timm\'s ResNet family '
+                                      f'(timm.list_models(module="resnet"))') from None
+        raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet-family name')
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # a tag timm does not know: 'Invalid pretrained tag (bogus) for resnet18.'
@@ -342,34 +351,103 @@ def load_source(source: str) -> SourceCheckpoint:
     return checkpoint
 
 
-def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin') -> Tuple[str, Dict[str, Any]]:
-    """The momentum architecture and model kwargs that match a timm-layout ResNet state dict."""
+def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin',
+                       architecture: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
+    """The momentum architecture and model kwargs that match a timm-layout ResNet state dict.
+
+    ``architecture`` is what the source's metadata names (a timm ResNet-family architecture, or a momentum one);
+    the drop-in block function then takes its momentum model. Without one, the state dict's keys and shapes pick
+    the family architecture that has exactly those (``family_architecture``); one that none has exactly is
+    described by its depth, stem and downsampling (``momentum_resnet<depth>`` with those options), and one with
+    the CIFAR stem or the paper's block function is a ``momentum_mresnet``.
+    """
     if 'conv1.weight' not in state and 'conv1.0.weight' not in state:
         raise ConversionError('unsupported architecture: no ResNet stem (conv1.weight or conv1.0.weight)')
     if 'fc.weight' not in state:
         raise ConversionError('unsupported architecture: no classifier fc.weight')
-    block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
     layers = []
     for stage in range(1, 5):
         indices = {int(k.split('.')[1]) for k in state if k.startswith(f'layer{stage}.')}
         if not indices or indices != set(range(len(indices))):
             raise ConversionError(f'unsupported architecture: layer{stage} blocks {sorted(indices)}')
         layers.append(len(indices))
+    stem = state['conv1.0.weight'] if 'conv1.0.weight' in state else state['conv1.weight']
+    args: Dict[str, Any] = {'num_classes': int(state['fc.weight'].shape[0])}
+    if int(stem.shape[1]) != 3:
+        args['in_chans'] = int(stem.shape[1])
+    cifar = 'conv1.weight' in state and state['conv1.weight'].shape[-1] == 3
+    if block_fn == 'dropin' and not cifar:
+        if architecture:
+            return _named_architecture(architecture), args
+        family = family_architecture(state, layers, args)
+        if family:
+            return momentum_name(family), args
+    return _described_architecture(state, block_fn, layers, args, cifar)
+
+
+def _named_architecture(architecture: str) -> str:
+    """The drop-in momentum architecture of a name a source's metadata gives."""
+    import timm
+
+    if architecture in source_architectures():
+        return momentum_name(architecture)
+    if architecture in timm.list_models('momentum_*'):
+        return architecture
+    try:
+        source_model_args(architecture)
+    except ValueError as e:
+        raise ConversionError(f'unsupported architecture {architecture!r} (named by the source\'s config): {e}') \
+            from None
+    raise ConversionError(f'unsupported architecture {architecture!r} (named by the source\'s config)')
+
+
+@functools.lru_cache(maxsize=256)
+def _family_shapes(source: str, num_classes: int, in_chans: int) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
+    """The state-dict keys and shapes of timm's ``source`` (built on the meta device)."""
+    import timm
+
+    network = timm.create_model(source, num_classes=num_classes, in_chans=in_chans, device='meta')
+    return tuple((k, tuple(v.shape)) for k, v in network.state_dict().items())
+
+
+def family_architecture(state: Dict[str, torch.Tensor], layers: Sequence[int], args: Dict[str, Any]) -> Optional[str]:
+    """The timm ResNet-family architecture whose state dict has exactly ``state``'s keys and shapes, or None.
+
+    Architectures that differ only in parameter-free anti-aliasing (resnet50, resnetaa50 and resnetblur50 have
+    the same keys) cannot be told apart by their weights: the one without anti-aliasing is taken, and the others
+    need ``arch``. Two matches that differ otherwise raise ConversionError naming both.
+    """
+    shapes = sorted((k, tuple(v.shape)) for k, v in state.items())
+    matches = [source for source in source_architectures()
+               if tuple(source_model_args(source)['layers']) == tuple(layers)
+               and sorted(_family_shapes(source, args['num_classes'], args.get('in_chans', 3))) == shapes]
+    plain = [source for source in matches if source_model_args(source).get('aa_layer') is None]
+    if len(plain) > 1:
+        raise ConversionError(f'the checkpoint matches several timm architectures ({", ".join(plain)}) by its '
+                              f'keys and shapes; name one with arch')
+    return (plain or matches or [None])[0]
+
+
+def _described_architecture(state: Dict[str, torch.Tensor], block_fn: str, layers: Sequence[int],
+                            args: Dict[str, Any], cifar: bool) -> Tuple[str, Dict[str, Any]]:
+    """A plain-depth momentum architecture with the stem and downsampling options that ``state`` has."""
+    if 'layer1.0.conv1.weight' not in state or 'layer1.0.conv2.weight' not in state:
+        raise ConversionError('unsupported architecture: blocks without conv1/conv2 weights (selective-kernel or '
+                              'other custom blocks) match no architecture of timm\'s ResNet family')
+    block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
     depth = _DEPTHS.get((block, tuple(layers)))
     if depth is None:
-        raise ConversionError(f'unsupported architecture: {block} blocks per stage {tuple(layers)} '
-                              f'is not a ResNet-18/34/50/101/152')
+        raise ConversionError(f'unsupported architecture: {block} blocks per stage {tuple(layers)} match no '
+                              f'architecture of timm\'s ResNet family by keys and shapes, and no '
+                              f'ResNet-18/34/50/101/152 with another stem')
     conv2 = state['layer1.0.conv2.weight']
     if state['layer1.0.conv1.weight'].shape[0] != 64 or conv2.shape[1] != conv2.shape[0]:
-        raise ConversionError('unsupported architecture: grouped or widened blocks (ResNeXt/Wide ResNet)')
-    args: Dict[str, Any] = {'num_classes': int(state['fc.weight'].shape[0])}
+        raise ConversionError('unsupported architecture: grouped or widened blocks that match no architecture of '
+                              'timm\'s ResNet family by keys and shapes')
+    args = dict(args)
     if 'conv1.0.weight' in state:
         first, second = state['conv1.0.weight'].shape[0], state['conv1.3.weight'].shape[0]
         args.update(stem_type='deep_tiered' if first != second else 'deep', stem_width=int(second))
-        args['in_chans'] = int(state['conv1.0.weight'].shape[1])
-    else:
-        args['in_chans'] = int(state['conv1.weight'].shape[1])
-    cifar = 'conv1.weight' in state and state['conv1.weight'].shape[-1] == 3
     if 'layer2.0.downsample.2.weight' in state:
         args['avg_down'] = True
     arch = f'momentum_resnet{depth}' if block_fn == 'dropin' else f'momentum_mresnet{depth}'
@@ -378,8 +456,6 @@ def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin')
         args['cifar_stem'] = True
         if block_fn == 'dropin':
             args['block_fn'] = 'dropin'
-    if args['in_chans'] == 3:
-        del args['in_chans']
     return arch, args
 
 
@@ -442,8 +518,11 @@ def _verify(model: nn.Module, plain: Optional[nn.Module], block_fn: str, input_s
 
 
 def _plain_arch(arch: str) -> str:
-    """The timm ResNet a momentum architecture has the blocks of: momentum_resnet50 and momentum_mresnet50 -> resnet50."""
-    return arch.replace('momentum_', '').replace('mresnet', 'resnet')
+    """The timm ResNet a momentum architecture has the blocks of: momentum_resnet50 and momentum_mresnet50 -> resnet50,
+    momentum_resnet50d -> resnet50d."""
+    if arch.startswith('momentum_mresnet'):
+        return 'resnet' + arch[len('momentum_mresnet'):].split('_')[0]
+    return source_name(arch)
 
 
 def _plain_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
@@ -789,10 +868,12 @@ def _momentum_model(checkpoint: SourceCheckpoint, arch: Optional[str], gamma: Op
     stage, and the gamma the source computes at."""
     import timm
 
-    inferred, model_args = infer_architecture(checkpoint.state_dict, checkpoint.block_fn)
+    inferred, model_args = infer_architecture(checkpoint.state_dict, checkpoint.block_fn,
+                                              None if arch else checkpoint.pretrained_cfg.get('architecture'))
     arch = arch or inferred
     if arch not in timm.list_models('momentum_*'):
-        raise ConversionError(f'unsupported architecture {arch!r}: use one of {timm.list_models("momentum_*")}')
+        raise ConversionError(f'unsupported architecture {arch!r}: use a momentum architecture '
+                              f'(timm.list_models("momentum_*"), {len(timm.list_models("momentum_*"))} of them)')
     block_fn = 'paper' if 'mresnet' in arch and model_args.get('block_fn') != 'dropin' else 'dropin'
     model_args = {**model_args, 'block_fn': block_fn}
     gamma, source_gammas = _conversion_gammas(checkpoint, block_fn, gamma, source_gamma)

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, list_pretrained
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models import register_model, register_notrace_module
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -556,43 +556,6 @@ def _create_momentum_resnet(variant: str, pretrained: bool = False, **kwargs: An
     return build_model_with_cfg(MomentumResNet, variant, pretrained, **kwargs)
 
 
-# the drop-in models: the timm ResNet each loads its weights from, and its blocks per stage
-_SOURCE_ARCHS = {
-    'momentum_resnet18': ('resnet18', (2, 2, 2, 2)),
-    'momentum_resnet34': ('resnet34', (3, 4, 6, 3)),
-    'momentum_resnet50': ('resnet50', (3, 4, 6, 3)),
-    'momentum_resnet101': ('resnet101', (3, 4, 23, 3)),
-    'momentum_resnet152': ('resnet152', (3, 8, 36, 3)),
-}
-
-
-def _momentum_cfgs_from_timm(arch: str, source_arch: str, layers: Sequence[int]) -> Dict[str, Dict[str, Any]]:
-    """One momentum tag per pretrained timm tag of ``source_arch``, default tag first, pointing at
-    the source weights on the Hub (the drop-in models load them unchanged, at the faithful gamma)."""
-    default_tag = get_pretrained_cfg(source_arch).tag
-    tags = [default_tag] + sorted(
-        name.split('.', 1)[1] for name in list_pretrained(f'{source_arch}.*')
-        if name.split('.', 1)[1] != default_tag)
-    gammas, _ = resolve_gamma('auto', [n - 1 for n in layers])
-    exact = all(g == 0.0 for g in gammas)
-    cfgs = {}
-    for tag in tags:
-        cfg = get_pretrained_cfg(f'{source_arch}.{tag}').to_dict()
-        cfg.pop('architecture', None)
-        cfg.pop('tag', None)
-        cfg['paper_ids'] = ', '.join(filter(None, [cfg.get('paper_ids'), PAPER]))
-        cfg['notes'] = (
-            f'Weights of {source_arch}.{tag} (hf_hub_id {cfg.get("hf_hub_id")}) loaded unchanged into the '
-            f'drop-in Momentum ResNet at the faithful per-stage gamma (gamma=\'auto\': {tuple(gammas)} for '
-            f'layer1-4). ' + (
-                'Every chain stores its inputs at gamma 0, so the network computes its source\'s function.'
-                if exact else
-                'Chains at gamma > 0 do not compute their source\'s function exactly; the drift on these '
-                'ImageNet weights has not been measured (benchmarks/fidelity measures it on Fashion-MNIST).'))
-        cfgs[f'{arch}.{tag}'] = cfg
-    return cfgs
-
-
 def _paper_cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
@@ -611,51 +574,9 @@ def _cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    **{k: v for arch, (src, layers) in _SOURCE_ARCHS.items()
-       for k, v in _momentum_cfgs_from_timm(arch, src, layers).items()},
     **{f'momentum_mresnet{depth}': _paper_cfg() for depth in (18, 34, 50, 101, 152)},
     **{f'momentum_mresnet{depth}_cifar': _cifar_cfg() for depth in (18, 34, 50, 101, 152)},
 })
-
-
-@register_model
-def momentum_resnet18(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
-    """Momentum ResNet-18, drop-in block function (loads timm/torchvision ResNet-18 weights)."""
-    model_args = dict(block=BasicBlock, layers=_SOURCE_ARCHS['momentum_resnet18'][1],
-                      default_gamma='auto' if pretrained else PAPER_GAMMA)
-    return _create_momentum_resnet('momentum_resnet18', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def momentum_resnet34(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
-    """Momentum ResNet-34, drop-in block function (loads timm/torchvision ResNet-34 weights)."""
-    model_args = dict(block=BasicBlock, layers=_SOURCE_ARCHS['momentum_resnet34'][1],
-                      default_gamma='auto' if pretrained else PAPER_GAMMA)
-    return _create_momentum_resnet('momentum_resnet34', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def momentum_resnet50(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
-    """Momentum ResNet-50, drop-in block function (loads timm/torchvision ResNet-50 weights)."""
-    model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet50'][1],
-                      default_gamma='auto' if pretrained else PAPER_GAMMA)
-    return _create_momentum_resnet('momentum_resnet50', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def momentum_resnet101(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
-    """Momentum ResNet-101, drop-in block function (loads timm/torchvision ResNet-101 weights)."""
-    model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet101'][1],
-                      default_gamma='auto' if pretrained else PAPER_GAMMA)
-    return _create_momentum_resnet('momentum_resnet101', pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def momentum_resnet152(pretrained: bool = False, **kwargs: Any) -> MomentumResNet:
-    """Momentum ResNet-152, drop-in block function (loads timm/torchvision ResNet-152 weights)."""
-    model_args = dict(block=Bottleneck, layers=_SOURCE_ARCHS['momentum_resnet152'][1],
-                      default_gamma='auto' if pretrained else PAPER_GAMMA)
-    return _create_momentum_resnet('momentum_resnet152', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
