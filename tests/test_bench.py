@@ -288,3 +288,10 @@ def test_plot_without_matplotlib_is_one_clear_message_before_measuring(tmp_path,
     err = capsys.readouterr().err
     assert 'error: --plot needs matplotlib' in err and 'timm-momentum[train]' in err and 'Traceback' not in err
     assert not (tmp_path / 'r.png').exists()
+
+
+def test_a_family_model_is_refused_by_bench_with_the_reason():
+    from timm_momentum.tools.bench import run_benchmark
+
+    with pytest.raises(ValueError, match="'momentum_resnet50d': bench takes the plain-depth drop-in models"):
+        run_benchmark(['momentum_resnet50d'])

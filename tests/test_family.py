@@ -145,3 +145,25 @@ def test_a_mirrored_tag_loads_its_sources_weights_strictly_and_converts(tag, tmp
     assert result.arch == momentum_name(tag.split('.')[0]) and result.verify['equivalence']['passed']
     loaded = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True)
     assert loaded.momentum_cfg['gamma'] == result.model_args['gamma']
+
+
+@pytest.mark.slow
+def test_a_family_model_fine_tunes_memory_efficiently_and_its_export_loads_in_timm_and_transformers(tmp_path):
+    """The fine-tuning module and the folder loaders take any family architecture, not only the plain depths."""
+    from transformers import AutoModelForImageClassification
+
+    from timm_momentum.tools.finetune import DEFAULTS, train
+
+    result = train(dict(DEFAULTS, model='momentum_seresnext26d_32x4d', dataset='sklearn/digits', classes=[0, 1, 2],
+                        img_size=32, batch_size=32, epochs=1, train_limit=96, val_limit=64, opt='adamw', lr=1e-3,
+                        gamma=0.9, progress=False, plots=False, checkpoints=False, workers=0,
+                        output=str(tmp_path / 'run')))
+    assert result['metrics']['epoch'] == 0
+    final = tmp_path / 'run' / 'final'
+    model = timm.create_model(f'local-dir:{final}', pretrained=True).eval()
+    assert model.pretrained_cfg['architecture'] == 'momentum_seresnext26d_32x4d'
+    assert model.momentum_cfg['gamma'] == [0.9] * 4 and model.num_classes == 3
+    wrapped = AutoModelForImageClassification.from_pretrained(final).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(wrapped(pixel_values=x).logits, model(x))

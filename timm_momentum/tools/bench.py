@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -93,9 +94,11 @@ def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequ
     if not models:
         raise ValueError('no models given: bench takes e.g. momentum_resnet50,momentum_resnet101')
     for name in models:
-        if not name.startswith('momentum_resnet') or name not in timm.list_models('momentum_*'):
-            raise ValueError(f'unknown model {name!r}: bench takes drop-in momentum models such as '
-                             f'momentum_resnet50,momentum_resnet101,momentum_resnet152')
+        if not re.fullmatch(r'momentum_resnet(18|34|50|101|152)', name):
+            known = name in timm.list_models('momentum_*')
+            raise ValueError(f'{"" if known else "unknown model "}{name!r}: bench takes the plain-depth drop-in '
+                             f'models, momentum_resnet18/34/50/101/152 (the official momentumnet package it '
+                             f'compares with has only those depths)')
     if device not in ('cpu', 'cuda'):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
