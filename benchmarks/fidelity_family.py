@@ -13,7 +13,9 @@
    folder with ``local-dir:``.
 3. Measurements against the upstream on all 10000 test images: top-1, top-1 agreement, KL(upstream || converted);
    on 16 training images in train mode: the memory-efficient gradient error against standard backprop (input and
-   worst parameter, relative, float32) and the bytes saved for backward, memory-efficient against the plain
+   worst parameter, relative, float32), against default standard mode (float32 state) and against standard mode
+   with the memory-efficient forward's float64 state (``standard_matching_memory_efficient``: bitwise the same
+   forward, so only the backward differs), and the bytes saved for backward, memory-efficient against the plain
    timm network's.
 
 Writes ``OUT/records/ARCH.json`` per architecture (an architecture already measured is not measured again) and
@@ -99,6 +101,7 @@ def measure(arch: str, out: Path, scratch: Path) -> List[Dict[str, Any]]:
             'kl': float(torch.nn.functional.kl_div(converted.log_softmax(-1), reference.log_softmax(-1),
                                                    log_target=True, reduction='batchmean')),
             'grad_error_fp32': grad_error(model, grad_images, grad_labels),
+            'grad_error_fp32_matching': _matching_grad_error(model, grad_images, grad_labels),
             'saved_mib_fp32': saved_mib(model, grad_images, amp=False),
             'plain_saved_mib_fp32': plain_mib,
         }
@@ -107,6 +110,15 @@ def measure(arch: str, out: Path, scratch: Path) -> List[Dict[str, Any]]:
         shutil.rmtree(folder)
         print(json.dumps(record), flush=True)
     return records
+
+
+def _matching_grad_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """``grad_error`` against standard backprop whose forward is bitwise the memory-efficient one (float64 state):
+    what the backward itself gets wrong, apart from the float32 state's rounding in default standard mode."""
+    from timm_momentum.core.config import standard_matching_memory_efficient
+
+    with standard_matching_memory_efficient():
+        return grad_error(model, images, labels)
 
 
 def _gamma_text(gammas: Any) -> str:
@@ -119,14 +131,14 @@ def format_markdown(measured: List[Dict[str, Any]], settings: str) -> str:
         up = entry['upstream']
         lines += [f"## {up['model']} (upstream: {up['test_top1']:.2f} % test top-1 after {up['epochs']} epochs on "
                   f"{up['train_images']} training images, {up['wall_s'] / 60:.0f} min)", '',
-                  '| γ | γ per stage | top-1 % | agreement % | KL | grad err fp32 (input / worst param) | '
-                  'saved MiB fp32 (× plain) |', '|---|---|---|---|---|---|---|']
+                  '| γ | γ per stage | top-1 % | agreement % | KL | grad err fp32 vs standard (input / worst param) | '
+                  'vs bitwise-matching standard | saved MiB fp32 (× plain) |', '|---|---|---|---|---|---|---|---|']
         for r in entry['records']:
-            grad = r.get('grad_error_fp32')
-            grad_text = f"{grad['input']:.1e} / {grad['worst_param']:.1e}" if grad else ''
+            grad_text, matching_text = (f"{g['input']:.1e} / {g['worst_param']:.1e}" if g else '' for g in
+                                        (r.get('grad_error_fp32'), r.get('grad_error_fp32_matching')))
             ratio = f" ({r['saved_mib_fp32'] / r['plain_saved_mib_fp32']:.2f}×)" if 'plain_saved_mib_fp32' in r else ''
             lines.append(f"| {r['gamma']} | {_gamma_text(r['stage_gamma'])} | {100 * r['top1']:.2f} | "
-                         f"{100 * r['agreement']:.2f} | {r['kl']:.4f} | {grad_text} | "
+                         f"{100 * r['agreement']:.2f} | {r['kl']:.4f} | {grad_text} | {matching_text} | "
                          f"{r['saved_mib_fp32']:.2f}{ratio} |")
         lines.append('')
     return '\n'.join(lines)
