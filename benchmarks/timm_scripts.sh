@@ -4,11 +4,13 @@
 # on the checkpoint (at its recorded gamma, then with gamma=0.9 given, which warns), a conversion of the
 # checkpoint and validate.py on the converted folder. timm's PyPI sdist ships no train.py, so pass a timm source
 # tree (a git clone of huggingface/pytorch-image-models).
-# Usage: benchmarks/timm_scripts.sh TIMM_SOURCE [WORK_DIR]
+# Usage: [MODEL=momentum_resnet50d] benchmarks/timm_scripts.sh TIMM_SOURCE [WORK_DIR]   (MODEL: any momentum
+# model; default momentum_resnet18)
 set -euo pipefail
 TIMM_SRC="$(cd "${1:?usage: benchmarks/timm_scripts.sh TIMM_SOURCE [WORK_DIR]}" && pwd)"
 WORK="${2:-$(mktemp -d)}"
 PYTHON="${PYTHON:-python}"
+export MODEL="${MODEL:-momentum_resnet18}"
 mkdir -p "$WORK" && cd "$WORK"
 "$PYTHON" - <<'PY'
 import numpy as np
@@ -26,14 +28,14 @@ PY
 rm -rf output converted
 set -x
 "$PYTHON" -m timm_momentum.tools.run "$TIMM_SRC/train.py" data --train-split train --val-split validation \
-    --model momentum_resnet18 --num-classes 3 --model-kwargs memory_efficient=True gamma=0.5 --img-size 32 -b 8 \
+    --model "$MODEL" --num-classes 3 --model-kwargs memory_efficient=True gamma=0.5 --img-size 32 -b 8 \
     --epochs 2 --lr 0.01 --sched cosine --warmup-epochs 0 --workers 0 --device cpu --output output --experiment tiny
 "$PYTHON" -c "import timm, timm_momentum; from timm.models import load_checkpoint
-m = timm.create_model('momentum_resnet18', num_classes=3); print('created at gamma', m.momentum_cfg['gamma'])
+import os; m = timm.create_model(os.environ['MODEL'], num_classes=3); print('created at gamma', m.momentum_cfg['gamma'])
 load_checkpoint(m, 'output/tiny/model_best.pth.tar'); print('load_checkpoint gives gamma', m.momentum_cfg['gamma'])"
-"$PYTHON" -m timm_momentum.tools.run "$TIMM_SRC/validate.py" data --split validation --model momentum_resnet18 \
+"$PYTHON" -m timm_momentum.tools.run "$TIMM_SRC/validate.py" data --split validation --model "$MODEL" \
     --num-classes 3 --checkpoint output/tiny/model_best.pth.tar --img-size 32 -b 4 --workers 0 --device cpu
-"$PYTHON" -m timm_momentum.tools.run "$TIMM_SRC/validate.py" data --split validation --model momentum_resnet18 \
+"$PYTHON" -m timm_momentum.tools.run "$TIMM_SRC/validate.py" data --split validation --model "$MODEL" \
     --num-classes 3 --checkpoint output/tiny/model_best.pth.tar --img-size 32 -b 4 --workers 0 --device cpu \
     --model-kwargs gamma=0.9
 timm-momentum convert output/tiny/model_best.pth.tar --out converted --img-size 32
