@@ -131,7 +131,8 @@ def format_markdown(measured: List[Dict[str, Any]], settings: str) -> str:
         up = entry['upstream']
         lines += [f"## {up['model']} (upstream: {up['test_top1']:.2f} % test top-1 after {up['epochs']} epochs on "
                   f"{up['train_images']} training images, {up['wall_s'] / 60:.0f} min)", '',
-                  '| γ | γ per stage | top-1 % | agreement % | KL | grad err fp32 vs standard (input / worst param) | '
+                  '| γ | γ per stage | top-1 % | agreement % | KL | '
+                  'grad err fp32 vs standard (input / worst param) | '
                   'vs bitwise-matching standard | saved MiB fp32 (× plain) |', '|---|---|---|---|---|---|---|---|']
         for r in entry['records']:
             grad_text, matching_text = (f"{g['input']:.1e} / {g['worst_param']:.1e}" if g else '' for g in

@@ -38,7 +38,8 @@ from ..core.models.momentum_resnet import (BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS,
 from ..core.models.resnet_family import momentum_name, source_architectures, source_model_args, source_name
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'family_architecture', 'convert',
-           'write_model_folder', 'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id', 'plan_upload', 'upload_to_hub']
+           'write_model_folder', 'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id',
+           'plan_upload', 'upload_to_hub']
 
 EQUIVALENCE_TOL = 1e-4
 MAX_INPUT_SIDE = 2048  # pixels; verification runs 2 images, and a 40000 px side asked for 38 GB
