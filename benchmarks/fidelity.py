@@ -51,24 +51,37 @@ UPSTREAM_RECIPE: Dict[str, Any] = dict(
 UPSTREAM_EPOCHS = {18: 2, 50: 2, 101: 1, 152: 1}
 
 
-def train_upstream(depth: int, out: Path) -> Dict[str, Any]:
-    """Train (or reuse) the plain resnet<depth> upstream; returns its metrics and the CPU seconds it took."""
+def train_plain(model: str, folder: Path, epochs: int, described: Dict[str, Any], **overrides: Any) -> Dict[str, Any]:
+    """Train (or reuse) the plain timm ``model`` upstream in ``folder`` with UPSTREAM_RECIPE (and ``overrides``);
+    returns its summary: ``described``, its test top-1, and the wall and CPU seconds it took."""
     from timm_momentum.tools.finetune import DEFAULTS, train
 
-    folder = out / 'upstream' / f'resnet{depth}'
     summary_path = folder / 'upstream.json'
     if (folder / 'final' / 'model.safetensors').is_file() and summary_path.is_file():
-        return {**json.loads(summary_path.read_text()), 'depth': depth}
+        return {**json.loads(summary_path.read_text()), **described}
     started, cpu_started = time.perf_counter(), time.process_time()
-    epochs = UPSTREAM_EPOCHS.get(depth, 1)
-    result = train(dict(DEFAULTS, model=f'resnet{depth}', output=str(folder), epochs=epochs, **UPSTREAM_RECIPE))
-    summary = {'model': f'resnet{depth}', 'depth': depth, 'test_top1': result['metrics']['val_acc'],
-               'epochs': epochs, 'wall_s': time.perf_counter() - started,
-               'cpu_s': time.process_time() - cpu_started, 'threads': torch.get_num_threads()}
+    result = train(dict(DEFAULTS, model=model, output=str(folder), epochs=epochs, **UPSTREAM_RECIPE, **overrides))
+    summary = {'model': model, **described, 'test_top1': result['metrics']['val_acc'], 'epochs': epochs,
+               'wall_s': time.perf_counter() - started, 'cpu_s': time.process_time() - cpu_started,
+               'threads': torch.get_num_threads()}
     atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    print(f"resnet{depth}: {summary['test_top1']:.2f} % test top-1, {summary['wall_s'] / 60:.1f} min "
+    print(f"{model}: {summary['test_top1']:.2f} % test top-1, {summary['wall_s'] / 60:.1f} min "
           f"({summary['cpu_s'] / 60:.1f} CPU min)", flush=True)
     return summary
+
+
+def train_upstream(depth: int, out: Path) -> Dict[str, Any]:
+    """Train (or reuse) the plain resnet<depth> upstream; returns its metrics and the CPU seconds it took."""
+    return train_plain(f'resnet{depth}', out / 'upstream' / f'resnet{depth}', UPSTREAM_EPOCHS.get(depth, 1),
+                       {'depth': depth})
+
+
+def against_reference(converted: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Top-1 of ``converted`` logits on ``labels``, and their top-1 agreement and KL(reference || converted)."""
+    return {'top1': float((converted.argmax(-1) == labels).float().mean()),
+            'agreement': float((converted.argmax(-1) == reference.argmax(-1)).float().mean()),
+            'kl': float(torch.nn.functional.kl_div(converted.log_softmax(-1), reference.log_softmax(-1),
+                                                   log_target=True, reduction='batchmean'))}
 
 
 # 'float64 floor': per chain, 0 where it stores its inputs, else the smallest gamma whose inverse a float64 state
@@ -279,10 +292,7 @@ def measure_conversions(depth: int, out: Path, scratch: Path) -> List[Dict[str, 
             converted = logits(model, test_images)
             record = {
                 'depth': depth, 'gamma': gamma, 'healing': healing, 'stage_gamma': model.momentum_cfg['gamma'],
-                'top1': float((converted.argmax(-1) == test_labels).float().mean()),
-                'agreement': float((converted.argmax(-1) == reference.argmax(-1)).float().mean()),
-                'kl': float(torch.nn.functional.kl_div(converted.log_softmax(-1), reference.log_softmax(-1),
-                                                       log_target=True, reduction='batchmean')),
+                **against_reference(converted, reference, test_labels),
                 'verify_drift': result.verify['drift_at_gamma'],
             }
             if healing == 'none':

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from fidelity import GRAD_IMAGES, UPSTREAM_RECIPE, grad_error, logits, saved_mib  # noqa: E402
+from fidelity import GRAD_IMAGES, against_reference, grad_error, logits, saved_mib, train_plain  # noqa: E402
 from timm_momentum.tools.files import atomic_write  # noqa: E402
 
 SAMPLE = ('resnet50d', 'seresnext26d_32x4d', 'wide_resnet50_2', 'resnetrs101')
@@ -47,22 +47,9 @@ MiB = 2 ** 20
 
 
 def train_upstream(arch: str, out: Path) -> Dict[str, Any]:
-    """Train (or reuse) the plain timm ``arch`` upstream; returns its metrics and the seconds it took."""
-    from timm_momentum.tools.finetune import DEFAULTS, train
-
-    folder = out / 'upstream' / arch
-    summary_path = folder / 'upstream.json'
-    if (folder / 'final' / 'model.safetensors').is_file() and summary_path.is_file():
-        return json.loads(summary_path.read_text())
-    started, cpu_started = time.perf_counter(), time.process_time()
-    result = train(dict(DEFAULTS, model=arch, output=str(folder), epochs=EPOCHS, train_limit=TRAIN_LIMIT,
-                        **UPSTREAM_RECIPE))
-    summary = {'model': arch, 'test_top1': result['metrics']['val_acc'], 'epochs': EPOCHS,
-               'train_images': TRAIN_LIMIT, 'wall_s': time.perf_counter() - started,
-               'cpu_s': time.process_time() - cpu_started, 'threads': torch.get_num_threads()}
-    atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    print(f"{arch}: {summary['test_top1']:.2f} % test top-1, {summary['wall_s'] / 60:.1f} min", flush=True)
-    return summary
+    """Train (or reuse) the plain timm ``arch`` upstream on the first TRAIN_LIMIT images; returns its metrics and
+    the seconds it took."""
+    return train_plain(arch, out / 'upstream' / arch, EPOCHS, {'train_images': TRAIN_LIMIT}, train_limit=TRAIN_LIMIT)
 
 
 def measure(arch: str, out: Path, scratch: Path) -> List[Dict[str, Any]]:
@@ -96,10 +83,7 @@ def measure(arch: str, out: Path, scratch: Path) -> List[Dict[str, Any]]:
         converted = logits(model, test_images)
         record = {
             'arch': arch, 'momentum_arch': result.arch, 'gamma': gamma, 'stage_gamma': model.momentum_cfg['gamma'],
-            'top1': float((converted.argmax(-1) == test_labels).float().mean()),
-            'agreement': float((converted.argmax(-1) == reference.argmax(-1)).float().mean()),
-            'kl': float(torch.nn.functional.kl_div(converted.log_softmax(-1), reference.log_softmax(-1),
-                                                   log_target=True, reduction='batchmean')),
+            **against_reference(converted, reference, test_labels),
             'grad_error_fp32': grad_error(model, grad_images, grad_labels),
             'grad_error_fp32_matching': _matching_grad_error(model, grad_images, grad_labels),
             'saved_mib_fp32': saved_mib(model, grad_images, amp=False),

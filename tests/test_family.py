@@ -43,6 +43,9 @@ def test_an_architecture_outside_the_family_is_refused_by_name():
         source_model_args('vit_tiny_patch16_224')
     with pytest.raises(ValueError, match=r"'no_such_net' is not a timm architecture"):
         source_model_args('no_such_net')
+    assert resnet_family.check_source('resnet50d') == 'resnet50d'
+    with pytest.raises(ValueError, match=r"'skresnet18' is not in timm's ResNet family: its entry point"):
+        resnet_family.check_source('skresnet18')
 
 
 def test_pruned_architectures_take_timms_pruned_widths():

@@ -35,7 +35,8 @@ from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from ..core.chain import PAPER_GAMMA
 from ..core.models.momentum_resnet import (BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS, GammaSpec, parse_gamma, read_record,
                               resnet_state_dict)
-from ..core.models.resnet_family import momentum_name, source_architectures, source_model_args, source_name
+from ..core.models.resnet_family import (check_source, momentum_name, source_architectures, source_model_args,
+                                         source_name)
 
 __all__ = ['ConvertResult', 'SourceCheckpoint', 'load_source', 'infer_architecture', 'family_architecture', 'convert',
            'write_model_folder', 'folder_config', 'safetensors_metadata', 'strict_json', 'validate_repo_id',
@@ -331,14 +332,12 @@ def load_source(source: str) -> SourceCheckpoint:
     if source.startswith('hf-hub:'):
         return _load_hub(source[len('hf-hub:'):], source)
     name = source[len('timm/'):] if source.startswith('timm/') else source
-    if name.split('.')[0] not in source_architectures():
-        if name.split('.')[0] in timm.list_models():
-            try:
-                source_model_args(name.split('.')[0])
-            except ValueError as e:
-                raise ConversionError(f'{source}: {e}; the converter takes timm\'s ResNet family '
-                                      f'(timm.list_models(module="resnet"))') from None
+    if name.split('.')[0] not in timm.list_models():
         raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet-family name')
+    try:
+        check_source(name.split('.')[0])
+    except ValueError as e:
+        raise ConversionError(f'{source}: {e}; the converter takes timm\'s ResNet family') from None
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # a tag timm does not know: 'Invalid pretrained tag (bogus) for resnet18.'
@@ -390,16 +389,13 @@ def _named_architecture(architecture: str) -> str:
     """The drop-in momentum architecture of a name a source's metadata gives."""
     import timm
 
-    if architecture in source_architectures():
-        return momentum_name(architecture)
     if architecture in timm.list_models('momentum_*'):
         return architecture
     try:
-        source_model_args(architecture)
+        return momentum_name(check_source(architecture))
     except ValueError as e:
         raise ConversionError(f'unsupported architecture {architecture!r} (named by the source\'s config): {e}') \
             from None
-    raise ConversionError(f'unsupported architecture {architecture!r} (named by the source\'s config)')
 
 
 @functools.lru_cache(maxsize=256)

@@ -24,8 +24,8 @@ from timm.models._prune import adapt_model_from_file  # what build_model_with_cf
 from ..chain import PAPER_GAMMA, register_deterministic
 from .momentum_resnet import PAPER, MomentumResNet, resolve_gamma
 
-__all__ = ['SOURCE_MODULE', 'PREFIX', 'source_architectures', 'source_model_args', 'momentum_name', 'source_name',
-           'chain_lengths', 'family_table']
+__all__ = ['SOURCE_MODULE', 'PREFIX', 'source_architectures', 'check_source', 'source_model_args', 'momentum_name',
+           'source_name', 'chain_lengths', 'family_table']
 
 SOURCE_MODULE = 'resnet'  # the timm module whose architectures are the family
 PREFIX = 'momentum_'
@@ -39,6 +39,15 @@ def source_architectures() -> List[str]:
     """timm's ResNet-family architectures, in timm's order: those of ``timm.models.resnet`` that build with its
     ``_create_resnet``."""
     return [name for name in list_models(module=SOURCE_MODULE) if _BUILDER in model_entrypoint(name).__code__.co_names]
+
+
+def check_source(source: str) -> str:
+    """``source`` if it is an architecture of the family; else ValueError naming why (unknown to timm, built
+    another way, or outside ``timm.models.resnet``)."""
+    if source in source_architectures():
+        return source
+    source_model_args(source)  # raises for an unknown name or another builder
+    raise ValueError(f'{source!r} is not in timm\'s ResNet family (timm.list_models(module={SOURCE_MODULE!r}))')
 
 
 def momentum_name(source: str) -> str:
