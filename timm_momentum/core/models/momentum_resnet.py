@@ -18,9 +18,7 @@ works and every parameter and buffer keeps its timm name, so ResNet state dicts 
 model's state dict adds, after those, the gamma and block function it computes with (``RECORD_KEYS``), which
 loading gives back wherever the caller chose none.
 """
-import contextlib
-import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,23 +26,19 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models import register_model, register_notrace_module
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..chain import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, faithful_gamma, momentum_chain
+from ..chain import BlockFn, check_invertible, checkpoint_blocks, dropin_fn, momentum_chain
 from ..chain import PAPER_GAMMA, register_deterministic, validate_gamma
 from ..kernels import forward_step
+from .momentum_model import (BLOCK_FN_KEY, GAMMA_KEY, GAMMA_POLICIES, PAPER, RECORD_KEYS, GammaSpec, MomentumModel,
+                             naming_chain, parse_gamma, read_record, register_block_fns, resolve_gamma,
+                             source_state_dict)
 
 __all__ = ['MomentumResNet', 'MomentumStage', 'residual_branch', 'BLOCK_FNS', 'GammaSpec', 'GAMMA_POLICIES',
            'GAMMA_KEY', 'BLOCK_FN_KEY', 'RECORD_KEYS', 'parse_gamma', 'resolve_gamma', 'read_record',
            'resnet_state_dict']
 
-PAPER = 'arXiv:2102.07870'
-# The state-dict entries that record the momentum settings the weights were trained at, so that every way of
-# saving and loading a state dict (timm's load_checkpoint and pretrained_cfg_overlay=dict(file=...), train.py's
-# checkpoints, a bare model.safetensors, transformers) carries them: gamma per stage (float64) and the block
-# function's name (ASCII, zero-padded to BLOCK_FN_BYTES, uint8). They come after the ResNet's keys, and a state
-# dict without them (a plain ResNet's) still loads with strict=True.
-GAMMA_KEY, BLOCK_FN_KEY = 'momentum_gamma', 'momentum_block_fn'
-RECORD_KEYS = (GAMMA_KEY, BLOCK_FN_KEY)
-BLOCK_FN_BYTES = 8
+# what a plain timm ResNet loads of a Momentum ResNet's state dict (the record left out)
+resnet_state_dict = source_state_dict
 
 
 def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,67 +60,7 @@ def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK_FNS: Dict[str, BlockFn] = {'dropin': dropin_fn, 'paper': residual_branch}
-
-# gamma: one number for every stage, one number per stage, or the name of a policy that picks one per stage
-GammaSpec = Union[float, Sequence[float], str]
-# The faithful policy: per stage, the gamma closest to the source ResNet's function at which the chain still trains
-# memory-efficiently and exactly, storing no more than at gamma 0.9, or a few per cent more to keep the source's
-# function (``invertible.faithful_gamma``): 0 where a chain stores its inputs, and there the net is the source,
-# exactly. Measured to hold for float32 and half-precision training alike, so one policy serves both.
-GAMMA_POLICIES = ('auto',)
-
-
-def parse_gamma(gamma: GammaSpec, stage_names: Optional[Sequence[str]] = None) -> Union[float, List[float], str]:
-    """Check the form of a gamma spec and return it as a float, a list of floats or a policy name.
-
-    Accepts a number in [0, 1), a sequence of them (one per stage), the policy name ``'auto'``, or the same
-    written as text: ``'0.9'``, ``'0,0,0.036,0'``, ``'[0, 0, 0.036, 0]'``, ``'auto'``. How many stages
-    there are is checked when a model resolves it (``resolve_gamma``); ``stage_names`` name the values in errors.
-    """
-    if isinstance(gamma, str):
-        text = gamma.strip()
-        if text in GAMMA_POLICIES:
-            return text
-        parts = [p.strip() for p in text.strip('[]()').split(',')]
-        if not text or not all(parts):
-            raise ValueError(f"gamma must be a number in [0, 1), one per stage, or 'auto' (the faithful policy); "
-                             f'got {gamma!r}')
-        try:
-            numbers = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"gamma must be a number in [0, 1), one per stage (comma-separated), or 'auto' (the "
-                             f'faithful policy); got {gamma!r}') from None
-        gamma = numbers[0] if len(numbers) == 1 and not text.startswith(('[', '(')) else numbers
-    if isinstance(gamma, (list, tuple)):
-        if not gamma:
-            raise ValueError("gamma: an empty list; give one number, one per stage, or 'auto'")
-        values = []
-        for index, value in enumerate(gamma):
-            try:
-                values.append(validate_gamma(value))
-            except ValueError as e:
-                where = stage_names[index] if stage_names and index < len(stage_names) else f'stage {index + 1}'
-                raise ValueError(f'gamma for {where}: {e}') from None
-        return values
-    if isinstance(gamma, torch.Tensor) and gamma.numel() > 1:
-        return parse_gamma(gamma.tolist(), stage_names)
-    return validate_gamma(gamma)
-
-
-def resolve_gamma(gamma: GammaSpec, chain_lengths: Sequence[int], stage_names: Optional[Sequence[str]] = None,
-                  ) -> Tuple[List[float], Optional[str]]:
-    """One gamma per stage for stages whose momentum chains have ``chain_lengths`` blocks, and the policy that
-    chose them (None for numbers). Raises ValueError naming the stage whose value is bad."""
-    names = list(stage_names or [f'stage {i + 1}' for i in range(len(chain_lengths))])
-    spec = parse_gamma(gamma, names)
-    if isinstance(spec, str):
-        return [faithful_gamma(n) for n in chain_lengths], spec
-    if isinstance(spec, float):
-        return [spec] * len(chain_lengths), None
-    if len(spec) != len(chain_lengths):
-        raise ValueError(f'gamma: give one number, one per stage ({len(chain_lengths)}: {", ".join(names)}), or '
-                         f"'auto'; got {len(spec)} values {spec}")
-    return spec, None
+register_block_fns(*BLOCK_FNS)
 
 # timm's blocks draw random numbers only in their children (drop_block, drop_path), which are checked
 # apart: a chain without those replays no RNG state in its recompute.
@@ -137,41 +71,6 @@ def _block_fn(name: str) -> BlockFn:
     if name not in BLOCK_FNS:
         raise ValueError(f'block_fn must be one of {sorted(BLOCK_FNS)}, got {name!r}')
     return BLOCK_FNS[name]
-
-
-def read_record(state: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
-    """The momentum settings a state dict records (``GAMMA_KEY``, ``BLOCK_FN_KEY`` under ``prefix``) as
-    ``{'gamma': [per stage], 'block_fn': name}``, each only where recorded; ValueError naming a malformed entry."""
-    record: Dict[str, Any] = {}
-    gamma = state.get(prefix + GAMMA_KEY)
-    if gamma is not None:
-        if not isinstance(gamma, torch.Tensor) or gamma.dim() != 1 or not gamma.is_floating_point() or \
-                gamma.numel() != len(_STAGES):
-            raise ValueError(f'{prefix + GAMMA_KEY}: the recorded gamma must be {len(_STAGES)} floating-point '
-                             f'values, one per stage, got {gamma!r:.80}')
-        record['gamma'] = parse_gamma([float(g) for g in gamma.tolist()], _STAGES)
-    block_fn = state.get(prefix + BLOCK_FN_KEY)
-    if block_fn is not None:
-        try:
-            name = bytes(block_fn.tolist()).rstrip(b'\0').decode('ascii') if isinstance(block_fn, torch.Tensor) \
-                and block_fn.dtype == torch.uint8 and block_fn.dim() == 1 else None
-        except (UnicodeDecodeError, ValueError):
-            name = None
-        if name not in BLOCK_FNS:
-            raise ValueError(f'{prefix + BLOCK_FN_KEY}: the recorded block function must be the ASCII bytes of one '
-                             f'of {sorted(BLOCK_FNS)}, got {block_fn!r:.80}')
-        record['block_fn'] = name
-    return record
-
-
-def resnet_state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
-    """``state`` without the momentum record (``RECORD_KEYS``, under any prefix): what a plain timm ResNet loads
-    with strict=True. Only at gamma 0 with the drop-in block function does that ResNet compute the same function."""
-    return {k: v for k, v in state.items() if k.rpartition('.')[2] not in RECORD_KEYS}
-
-
-def _block_fn_bytes(name: str) -> List[int]:
-    return list(name.encode('ascii').ljust(BLOCK_FN_BYTES, b'\0'))
 
 
 class MomentumStage(nn.Sequential):
@@ -206,6 +105,10 @@ class MomentumStage(nn.Sequential):
         if memory_efficient and len(self) > 1:
             check_invertible(gamma, len(self) - 1)
         return gamma, block_fn, memory_efficient
+
+    def chain_length(self, block_fn: Optional[str] = None) -> int:
+        """Blocks in the stage's momentum chain: every block but the first, whatever the block function."""
+        return max(len(self) - 1, 0)
 
     def apply_momentum(self, gamma: float, block_fn: str, memory_efficient: bool) -> None:
         """Set values that ``check_momentum`` returned."""
@@ -285,16 +188,7 @@ register_notrace_module(MomentumStage)
 _STAGES = ('layer1', 'layer2', 'layer3', 'layer4')
 
 
-@contextlib.contextmanager
-def _naming_stage(name: str) -> Iterator[None]:
-    """Prefix a refused setting's error with the stage it was refused for."""
-    try:
-        yield
-    except ValueError as e:
-        raise ValueError(f'{name}: {e}') from None
-
-
-class MomentumResNet(ResNet):
+class MomentumResNet(MomentumModel, ResNet):
     """timm's ResNet whose stages run the momentum rule of Sander et al. (2021, arXiv:2102.07870).
 
     Accepts every ``timm.models.resnet.ResNet`` argument, plus the momentum ones below.
@@ -335,7 +229,7 @@ class MomentumResNet(ResNet):
             **kwargs: Keyword ResNet arguments (num_classes, stem_type, drop_path_rate, ...).
         """
         # what the caller chose, as against defaults: loaded weights replace defaults with what they record
-        self.momentum_chosen = {'gamma': gamma is not None, 'block_fn': block_fn is not None}
+        chosen = {'gamma': gamma is not None, 'block_fn': block_fn is not None}
         gamma = default_gamma if gamma is None else gamma
         block_fn = default_block_fn if block_fn is None else block_fn
         parse_gamma(gamma, _STAGES)  # a malformed gamma fails before the network is built
@@ -347,20 +241,13 @@ class MomentumResNet(ResNet):
         super().__init__(*args, **kwargs)
         if cifar_stem:
             self._make_cifar_stem()
-        gammas, self.gamma_policy = resolve_gamma(gamma, [len(getattr(self, n)) - 1 for n in _STAGES], _STAGES)
+        gammas, _ = resolve_gamma(gamma, [len(getattr(self, n)) - 1 for n in _STAGES], _STAGES)
         for name, stage_gamma in zip(_STAGES, gammas):
-            with _naming_stage(name):
+            with naming_chain(name):
                 stage = MomentumStage(*getattr(self, name), gamma=stage_gamma, block_fn=block_fn,
                                       memory_efficient=memory_efficient, checkpoint_first=checkpoint_transitions)
             setattr(self, name, stage)
-        self.momentum_cfg = dict(gamma=gammas, block_fn=block_fn, memory_efficient=memory_efficient)
-        # the record as buffers, which loaders that set tensors by name (transformers) fill too; the state-dict
-        # hook writes them after the ResNet's keys, from momentum_cfg's exact values (model.half() casts buffers)
-        device = next(self.parameters()).device  # where timm's device= put the network (meta included)
-        self.register_buffer(GAMMA_KEY, torch.tensor(gammas, dtype=torch.float64, device=device))
-        self.register_buffer(BLOCK_FN_KEY, torch.tensor(_block_fn_bytes(block_fn), dtype=torch.uint8, device=device))
-        # register_state_dict_post_hook is the public name; torch versions without it have _register_state_dict_hook
-        (getattr(self, 'register_state_dict_post_hook', None) or self._register_state_dict_hook)(_record_momentum)
+        self._init_momentum(gamma, chosen)
 
     def _make_cifar_stem(self) -> None:
         conv = self.conv1
@@ -379,74 +266,9 @@ class MomentumResNet(ResNet):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     @torch.jit.ignore
-    def set_momentum(self, gamma: Optional[GammaSpec] = None, block_fn: Optional[str] = None,
-                     memory_efficient: Optional[bool] = None) -> None:
-        """Change gamma (a number, one per stage, or a policy name), the block function or the memory mode of
-        every stage; None keeps a value.
-
-        Every stage is checked before any changes, so a refused setting leaves the model as it was.
-        """
-        gammas: List[Optional[float]] = [None] * len(_STAGES)
-        policy = self.gamma_policy
-        if gamma is not None:
-            gammas, policy = resolve_gamma(gamma, [len(stage) - 1 for stage in self.stages], _STAGES)
-        settings = []
-        for name, stage, stage_gamma in zip(_STAGES, self.stages, gammas):
-            with _naming_stage(name):
-                settings.append(stage.check_momentum(stage_gamma, block_fn, memory_efficient))
-        for stage, setting in zip(self.stages, settings):
-            stage.apply_momentum(*setting)
-        self.gamma_policy = policy
-        self.momentum_cfg = dict(gamma=[stage.gamma for stage in self.stages], block_fn=self.layer1.block_fn,
-                                 memory_efficient=self.layer1.memory_efficient)
-        with torch.no_grad():
-            getattr(self, GAMMA_KEY).copy_(torch.tensor(self.momentum_cfg['gamma'], dtype=torch.float64))
-            getattr(self, BLOCK_FN_KEY).copy_(torch.tensor(_block_fn_bytes(self.momentum_cfg['block_fn']),
-                                                           dtype=torch.uint8))
-        self.momentum_chosen = {'gamma': self.momentum_chosen['gamma'] or gamma is not None,
-                                'block_fn': self.momentum_chosen['block_fn'] or block_fn is not None}
-
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any],
-                              strict: bool, missing_keys: List[str], unexpected_keys: List[str],
-                              error_msgs: List[str]) -> None:
-        """Load as timm's ResNet does; where the state dict records momentum settings (``RECORD_KEYS``), take
-        those the caller left at their defaults, and warn where a chosen one differs. A plain ResNet's state
-        dict, which records none, leaves the settings as they are."""
-        try:
-            record = read_record(state_dict, prefix)
-        except ValueError as e:
-            record = {}
-            error_msgs.append(str(e))
-        for key in RECORD_KEYS:
-            state_dict.pop(prefix + key, None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        missing_keys[:] = [k for k in missing_keys if k not in {prefix + key for key in RECORD_KEYS}]
-        if record:
-            try:
-                self._take_record(record)
-            except ValueError as e:
-                error_msgs.append(f'the weights record gamma {record.get("gamma")} and block_fn '
-                                  f'{record.get("block_fn")!r}, which this model cannot take: {e}')
-
-    def _take_record(self, record: Dict[str, Any]) -> None:
-        """Set what a state dict records where the caller chose nothing; warn, keeping the choice, where the
-        caller chose another value."""
-        taken = {}
-        for name, recorded in record.items():
-            current = self.momentum_cfg[name]
-            if recorded == current:
-                continue
-            if self.momentum_chosen[name]:
-                warnings.warn(f'{self.pretrained_cfg.get("architecture", type(self).__name__)}: the weights were '
-                              f'trained at {name} {recorded} (recorded in their state dict), but {name} {current} '
-                              f'was given; keeping {current}. Give no {name} to use the recorded one.', stacklevel=5)
-            else:
-                taken[name] = recorded
-        if taken:
-            chosen = dict(self.momentum_chosen)
-            self.set_momentum(**taken)
-            self.momentum_chosen = chosen  # taken from the weights, not chosen: the next weights may record another
+    def momentum_chains(self) -> List[Tuple[str, MomentumStage]]:
+        """The four stages, each a momentum chain after its first block, with their names."""
+        return list(zip(_STAGES, self.stages))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -521,19 +343,6 @@ class MomentumResNet(ResNet):
         x = self.layer3(x)
         x = self.layer4(x)
         return x
-
-
-@torch.jit.ignore
-def _record_momentum(model: 'MomentumResNet', state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """A state-dict hook: the model's gamma per stage and block function (``RECORD_KEYS``), exact whatever
-    dtype its buffers were cast to, after the ResNet's keys."""
-    device = getattr(model, GAMMA_KEY).device
-    state[prefix + GAMMA_KEY] = torch.tensor(model.momentum_cfg['gamma'], dtype=torch.float64, device=device)
-    state[prefix + BLOCK_FN_KEY] = torch.tensor(_block_fn_bytes(model.momentum_cfg['block_fn']), dtype=torch.uint8,
-                                                device=device)
-    if hasattr(state, 'move_to_end'):
-        for key in RECORD_KEYS:
-            state.move_to_end(prefix + key)
 
 
 def _take_indices(num_features: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
