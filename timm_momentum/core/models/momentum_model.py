@@ -110,10 +110,13 @@ def resolve_gamma(gamma: GammaSpec, chain_lengths: Sequence[int], stage_names: O
     return spec, None
 
 
-def read_record(state: Dict[str, Any], prefix: str = '', num_chains: Optional[int] = None) -> Dict[str, Any]:
+def read_record(state: Dict[str, Any], prefix: str = '', num_chains: Optional[int] = None,
+                chain_names: Optional[Sequence[str]] = None, block_fns: Optional[Sequence[str]] = None,
+                ) -> Dict[str, Any]:
     """The momentum settings a state dict records (``GAMMA_KEY``, ``BLOCK_FN_KEY`` under ``prefix``) as
     ``{'gamma': [per chain], 'block_fn': name}``, each only where recorded; ValueError naming a malformed entry
-    (with ``num_chains``, also a gamma of another length)."""
+    (with ``num_chains``, also a gamma of another length; ``chain_names`` name a bad value's chain; ``block_fns``
+    are the names the model takes, by default every registered one)."""
     record: Dict[str, Any] = {}
     gamma = state.get(prefix + GAMMA_KEY)
     if gamma is not None:
@@ -122,7 +125,7 @@ def read_record(state: Dict[str, Any], prefix: str = '', num_chains: Optional[in
             count = f'{num_chains} floating-point values, one per chain' if num_chains else \
                 'floating-point values, one per chain'
             raise ValueError(f'{prefix + GAMMA_KEY}: the recorded gamma must be {count}, got {gamma!r:.80}')
-        record['gamma'] = parse_gamma([float(g) for g in gamma.tolist()])
+        record['gamma'] = parse_gamma([float(g) for g in gamma.tolist()], chain_names)
     block_fn = state.get(prefix + BLOCK_FN_KEY)
     if block_fn is not None:
         try:
@@ -130,9 +133,10 @@ def read_record(state: Dict[str, Any], prefix: str = '', num_chains: Optional[in
                 and block_fn.dtype == torch.uint8 and block_fn.dim() == 1 else None
         except (UnicodeDecodeError, ValueError):
             name = None
-        if name not in _BLOCK_FN_NAMES:
+        known = sorted(block_fns or _BLOCK_FN_NAMES)
+        if name not in known:
             raise ValueError(f'{prefix + BLOCK_FN_KEY}: the recorded block function must be the ASCII bytes of one '
-                             f'of {sorted(_BLOCK_FN_NAMES)}, got {block_fn!r:.80}')
+                             f'of {known}, got {block_fn!r:.80}')
         record['block_fn'] = name
     return record
 
@@ -160,6 +164,7 @@ def naming_chain(name: str) -> Iterator[None]:
 class MomentumModel:
     """The momentum settings of a model whose chains ``momentum_chains()`` lists: ``set_momentum``, the record in
     the state dict and its loading. Mixed in before the timm network class (``class M(MomentumModel, ResNet)``)."""
+    momentum_block_fns: Tuple[str, ...] = ()  # the block functions the model takes
     momentum_cfg: Dict[str, Any]
     momentum_chosen: Dict[str, bool]
     gamma_policy: Optional[str]
@@ -230,7 +235,8 @@ class MomentumModel:
         those the caller left at their defaults, and warn where a chosen one differs. A plain network's state
         dict, which records none, leaves the settings as they are."""
         try:
-            record = read_record(state_dict, prefix, len(self.momentum_chains()))
+            names = [name for name, _ in self.momentum_chains()]
+            record = read_record(state_dict, prefix, len(names), names, self.momentum_block_fns)
         except ValueError as e:
             record = {}
             error_msgs.append(str(e))

@@ -194,6 +194,7 @@ class MomentumResNet(MomentumModel, ResNet):
     Accepts every ``timm.models.resnet.ResNet`` argument, plus the momentum ones below.
     """
     __jit_unused_properties__ = ['stages']
+    momentum_block_fns = tuple(BLOCK_FNS)
 
     def __init__(
             self,
