@@ -296,6 +296,9 @@ _DETERMINISTIC: List[type] = [
 
 def register_deterministic(*module_types: type) -> None:
     """Declare module types whose own forward draws no random numbers (children are checked on their own)."""
+    for t in module_types:
+        if not isinstance(t, type):
+            raise TypeError(f'register_deterministic takes module classes, got {t!r}')
     _DETERMINISTIC.extend(t for t in module_types if t not in _DETERMINISTIC)
 
 

@@ -13,22 +13,21 @@ that entry point with a builder that records them instead of building (``source_
 that builds its network any other way is not part of the family, and asking for it raises ValueError naming why.
 """
 import functools
-import types
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence
 
 from timm.layers import BlurPool2d, EcaModule, SEModule
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
-from timm.models import list_models, list_pretrained, model_entrypoint, register_model
+from timm.models import list_pretrained, register_model
 from timm.models._prune import adapt_model_from_file  # what build_model_with_cfg prunes with (pruned=True)
 
 from ..chain import PAPER_GAMMA, register_deterministic
-from .momentum_resnet import PAPER, MomentumResNet, resolve_gamma
+from .derive import PREFIX, architectures_built_by, builder_args, momentum_cfgs, momentum_name, source_name
+from .momentum_resnet import MomentumResNet, resolve_gamma
 
 __all__ = ['SOURCE_MODULE', 'PREFIX', 'source_architectures', 'check_source', 'source_model_args', 'momentum_name',
            'source_name', 'chain_lengths', 'family_table']
 
 SOURCE_MODULE = 'resnet'  # the timm module whose architectures are the family
-PREFIX = 'momentum_'
 _BUILDER = '_create_resnet'  # the function timm.models.resnet's entry points build with
 
 # the attention and anti-aliasing modules the family's blocks hold draw no random numbers in training
@@ -38,7 +37,7 @@ register_deterministic(SEModule, EcaModule, BlurPool2d)
 def source_architectures() -> List[str]:
     """timm's ResNet-family architectures, in timm's order: those of ``timm.models.resnet`` that build with its
     ``_create_resnet``."""
-    return [name for name in list_models(module=SOURCE_MODULE) if _BUILDER in model_entrypoint(name).__code__.co_names]
+    return architectures_built_by(SOURCE_MODULE, _BUILDER)
 
 
 def check_source(source: str) -> str:
@@ -50,46 +49,13 @@ def check_source(source: str) -> str:
     raise ValueError(f'{source!r} is not in timm\'s ResNet family (timm.list_models(module={SOURCE_MODULE!r}))')
 
 
-def momentum_name(source: str) -> str:
-    """The momentum architecture of a timm ResNet-family architecture: resnet50d -> momentum_resnet50d."""
-    return PREFIX + source
-
-
-def source_name(momentum: str) -> str:
-    """The timm architecture a drop-in momentum architecture comes from: momentum_resnet50d -> resnet50d."""
-    if not momentum.startswith(PREFIX):
-        raise ValueError(f'{momentum!r} is not a momentum architecture (they start with {PREFIX!r})')
-    return momentum[len(PREFIX):]
-
-
-@functools.lru_cache(maxsize=None)
-def _recorded_args(source: str) -> Tuple[Tuple[str, Any], ...]:
-    try:
-        entrypoint = model_entrypoint(source)
-    except (KeyError, RuntimeError):  # timm raises KeyError for a name it does not know
-        raise ValueError(f'{source!r} is not a timm architecture') from None
-    code = entrypoint.__code__
-    if _BUILDER not in code.co_names:
-        raise ValueError(f'{source!r} is not in timm\'s ResNet family: its entry point ({entrypoint.__module__}) '
-                         f'does not build a timm.models.resnet.ResNet with {_BUILDER}')
-    recorded: Dict[str, Any] = {}
-
-    def record(variant: str, pretrained: bool = False, **kwargs: Any) -> None:
-        recorded.update(kwargs)
-
-    # the entry point's own code, reading its names from its own module, except the builder
-    probe = types.FunctionType(code, {**entrypoint.__globals__, _BUILDER: record}, code.co_name,
-                               entrypoint.__defaults__, entrypoint.__closure__)
-    probe(pretrained=False)
-    if 'layers' not in recorded:
-        raise ValueError(f'{source!r}: its entry point passed no layers to {_BUILDER}')
-    return tuple(recorded.items())
-
-
 def source_model_args(source: str) -> Dict[str, Any]:
     """The arguments timm's entry point for ``source`` builds its ResNet with (block, layers, stem_type,
     block_args, ...), plus ``pruned=True`` for the pruned architectures; ValueError for one outside the family."""
-    return dict(_recorded_args(source))
+    args = builder_args(source, _BUILDER, 'ResNet')
+    if 'layers' not in args:
+        raise ValueError(f'{source!r}: its entry point passed no layers to {_BUILDER}')
+    return args
 
 
 def chain_lengths(source: str) -> List[int]:
@@ -116,29 +82,20 @@ def _create(name: str, source: str, pretrained: bool, **kwargs: Any) -> Momentum
 
 
 def _pretrained_cfgs(source: str) -> Dict[str, Dict[str, Any]]:
-    """One momentum tag per pretrained timm tag of ``source``, default tag first, pointing at the source's
-    weights (an architecture without weights gets its default cfg, untrained)."""
-    default = get_pretrained_cfg(source)
-    tags = [default.tag] + sorted(name.split('.', 1)[1] for name in list_pretrained(f'{source}.*')
-                                  if name.split('.', 1)[1] != default.tag)
+    """One momentum tag per pretrained timm tag of ``source`` (``derive.momentum_cfgs``), with what loading
+    its weights at the faithful gamma does."""
     gammas, _ = resolve_gamma('auto', chain_lengths(source))
     exact = all(g == 0.0 for g in gammas)
-    cfgs = {}
-    for tag in tags:
-        cfg = get_pretrained_cfg(f'{source}.{tag}' if tag else source).to_dict()
-        cfg.pop('architecture', None)
-        cfg.pop('tag', None)
-        cfg['paper_ids'] = ', '.join(filter(None, [cfg.get('paper_ids'), PAPER]))
-        if cfg.get('hf_hub_id') or cfg.get('url'):
-            cfg['notes'] = (
-                f'Weights of {source}.{tag} (hf_hub_id {cfg.get("hf_hub_id")}) loaded unchanged into the drop-in '
+
+    def note(tag: str, cfg: Dict[str, Any]) -> str:
+        return (f'Weights of {source}.{tag} (hf_hub_id {cfg.get("hf_hub_id")}) loaded unchanged into the drop-in '
                 f'Momentum ResNet at the faithful per-stage gamma (gamma=\'auto\': {tuple(gammas)} for layer1-4). ' +
                 ('Every chain stores its inputs at gamma 0, so the network computes its source\'s function.'
                  if exact else
                  'Chains at gamma > 0 do not compute their source\'s function exactly; the drift on these '
                  'ImageNet weights has not been measured (benchmarks/fidelity measures it on Fashion-MNIST).'))
-        cfgs[f'{momentum_name(source)}.{tag}' if tag else momentum_name(source)] = cfg
-    return cfgs
+
+    return momentum_cfgs(source, note)
 
 
 def _entrypoint(source: str) -> Callable[..., MomentumResNet]:
