@@ -44,13 +44,16 @@ def autocast(device: str, amp: Optional[str]) -> contextlib.AbstractContextManag
     return torch.autocast(device, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
 
 
-def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
+def saved_tensor_bytes(model: nn.Module, x: torch.Tensor, parameters: bool = True) -> int:
     """Bytes autograd keeps for backward during one training forward of ``model`` on ``x``.
 
-    Counts unique storages, so aliases count once. Checkpointed regions hide their inputs from these
+    Counts unique storages, so aliases count once; ``parameters=False`` leaves out the model's parameters,
+    which autograd keeps by reference (activations only). Checkpointed regions hide their inputs from these
     hooks; compare checkpointing by peak memory instead.
     """
     seen: Dict[int, int] = {}
+    if not parameters:
+        skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -59,6 +62,8 @@ def saved_tensor_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x).logsumexp(-1).sum()
+    if not parameters:
+        return sum(size for ptr, size in seen.items() if ptr not in skip)
     return sum(seen.values())
 
 

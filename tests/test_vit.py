@@ -1,0 +1,220 @@
+"""Momentum Vision Transformers: timm's ViT with its blocks as one momentum chain (issue 23).
+
+Small ViTs (32x32 images, 8x8 patches, 16 tokens and a class token, depth <= 8) keep these fast on CPU.
+"""
+import copy
+from unittest import mock
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from timm_momentum import RECORD_KEYS, source_state_dict
+from timm_momentum.core import chain
+from timm_momentum.core.chain import faithful_gamma
+from timm_momentum.core.models import MomentumBlocks, MomentumVisionTransformer, vit_family
+from timm_momentum.tools.memory import saved_tensor_bytes
+
+from conftest import relative_error
+
+SOURCE = 'vit_tiny_patch16_224'
+NAME = 'momentum_' + SOURCE
+SMALL = dict(img_size=32, patch_size=8, num_classes=5)
+
+
+def _pair(depth: int = 4, **kwargs):
+    """A small timm ViT and its momentum ViT with the same weights."""
+    source = timm.create_model(SOURCE, depth=depth, **SMALL, **{k: v for k, v in kwargs.items()
+                                                                if k not in ('gamma', 'block_fn', 'memory_efficient')})
+    model = timm.create_model(NAME, depth=depth, **SMALL, **kwargs)
+    model.load_state_dict(source.state_dict(), strict=False)
+    return source, model
+
+
+def _grads(model: torch.nn.Module, x: torch.Tensor, seed: int = 0):
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads
+
+
+def test_the_family_is_timms_block_based_vits():
+    sources = vit_family.source_architectures()
+    assert SOURCE in sources and 'vit_base_patch16_384' in sources and len(sources) > 100
+    assert all(NAME.replace(SOURCE, s) in timm.list_models('momentum_*') for s in sources)
+    tags = timm.list_pretrained(NAME + '.*')
+    assert tags and all(t.startswith(NAME + '.') for t in tags)
+    assert len(tags) == len(timm.list_pretrained(SOURCE + '.*'))
+
+
+@pytest.mark.parametrize('source, why', [('vit_base_patch16_rpn_224', 'ResPostBlock'),
+                                         ('vit_small_patch16_18x2_224', 'ParallelThingsBlock'),
+                                         ('resnet50', 'does not build with _create_vision_transformer'),
+                                         ('no_such_vit', 'not a timm architecture')])
+def test_an_architecture_outside_the_family_is_refused_by_name(source, why):
+    with pytest.raises(ValueError, match=why):
+        vit_family.check_source(source)
+
+
+@pytest.mark.parametrize('block_fn', ['dropin', 'split'])
+def test_gamma_zero_is_the_source_vit_with_its_keys_loaded_strictly(block_fn):
+    source = timm.create_model(SOURCE, depth=3, **SMALL).eval()
+    model = timm.create_model(NAME, depth=3, gamma=0.0, block_fn=block_fn, **SMALL).eval()
+    assert isinstance(model, MomentumVisionTransformer) and isinstance(model, VisionTransformer)
+    assert isinstance(model.blocks, MomentumBlocks)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= set(RECORD_KEYS)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        if block_fn == 'dropin':
+            assert torch.equal(model(x), source(x))
+        else:
+            assert relative_error(model(x), source(x)) < 1e-6
+    assert source_state_dict(model.state_dict()).keys() == source.state_dict().keys()
+    timm.create_model(SOURCE, depth=3, **SMALL).load_state_dict(source_state_dict(model.state_dict()), strict=True)
+
+
+def test_the_record_travels_with_the_state_dict_and_bad_values_are_named():
+    model = timm.create_model(NAME, depth=2, gamma=0.5, block_fn='split', **SMALL)
+    fresh = timm.create_model(NAME, depth=2, **SMALL)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.blocks.gamma == 0.5 and fresh.blocks.block_fn == 'split'
+    state = model.state_dict()
+    state['momentum_block_fn'] = torch.tensor(list(b'paper'), dtype=torch.uint8)  # a ResNet block function
+    with pytest.raises(RuntimeError, match="block function must be the ASCII bytes of one of \\['dropin', 'split'\\]"):
+        fresh.load_state_dict(state)
+    state = model.state_dict()
+    state['momentum_gamma'] = torch.tensor([1.5], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match='gamma for blocks'):
+        fresh.load_state_dict(state)
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="block_fn must be one of \\['dropin', 'split'\\]"):
+        timm.create_model(NAME, depth=2, block_fn='paper', **SMALL)
+    with pytest.raises(ValueError, match='gamma'):
+        timm.create_model(NAME, depth=2, gamma=1.0, **SMALL)
+    with pytest.raises(TypeError, match='memory_efficient must be True or False'):
+        timm.create_model(NAME, depth=2, memory_efficient='yes', **SMALL)
+    model = timm.create_model(NAME, depth=2, **SMALL)
+    with pytest.raises(ValueError, match='block_fn must be one of'):
+        model.set_momentum(gamma=0.5, block_fn='paper', memory_efficient=True)
+    assert model.blocks.gamma == 0.9 and not model.blocks.memory_efficient  # nothing changed
+
+
+def test_pretrained_loads_the_source_weights_strictly_at_the_faithful_gamma(tmp_path):
+    source = timm.create_model(SOURCE, **SMALL)
+    path = tmp_path / 'vit.pth'
+    torch.save(source.state_dict(), path)
+    model = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+    assert model.gamma_policy == 'auto' and model.blocks.gamma == faithful_gamma(12) == 0.63
+    # every tensor unchanged but the classifier, which timm leaves new for another number of classes
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items() if k != 'head.weight')
+    split = timm.create_model(NAME, pretrained=True, block_fn='split', pretrained_cfg_overlay=dict(file=str(path)),
+                              **SMALL)
+    assert split.blocks.gamma == faithful_gamma(24)
+
+
+@pytest.mark.parametrize('block_fn', ['dropin', 'split'])
+def test_memory_efficient_gradients_are_exact_with_dropout_and_drop_path(block_fn, standard_matches_memory_efficient):
+    kwargs = dict(gamma=0.9, block_fn=block_fn, drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1)
+    _, standard = _pair(depth=4, **kwargs)
+    efficient = copy.deepcopy(standard)
+    efficient.set_momentum(memory_efficient=True)
+    x = torch.randn(3, 3, 32, 32)
+    out_s, gx_s, gp_s = _grads(standard.train(), x)
+    out_e, gx_e, gp_e = _grads(efficient.train(), x)
+    assert torch.equal(out_s, out_e)  # the same dropout and drop-path masks, replayed in the recompute
+    assert relative_error(gx_e, gx_s) < 1e-5
+    assert max(relative_error(a, b) for a, b in zip(gp_e, gp_s)) < 1e-5
+    _, _, gp_other = _grads(efficient, x, seed=1)  # and the masks are random: another seed, other gradients
+    assert max(relative_error(a, b) for a, b in zip(gp_other, gp_s)) > 1e-3
+
+
+def _activation_bytes(name: str, x: torch.Tensor, **kwargs) -> int:
+    """Bytes saved for backward, less the parameters that autograd keeps by reference."""
+    return saved_tensor_bytes(timm.create_model(name, **SMALL, **kwargs).train(), x, parameters=False)
+
+
+def test_stored_bytes_are_flat_in_depth():
+    x = torch.randn(2, 3, 32, 32)
+    # (a chain of 2 stores its two float32 inputs, cheaper than the float64 state a longer one carries)
+    saved = {depth: _activation_bytes(NAME, x, depth=depth, memory_efficient=True) for depth in (4, 12)}
+    plain = _activation_bytes(SOURCE, x, depth=12)
+    standard = _activation_bytes(NAME, x, depth=12)
+    assert saved[12] <= 1.05 * saved[4]
+    assert saved[12] < 0.05 * plain
+    assert plain <= standard <= 1.3 * plain
+
+
+def test_eval_and_no_grad_run_the_plain_loop():
+    model = timm.create_model(NAME, depth=3, memory_efficient=True, **SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    with mock.patch.object(chain._InvertibleMomentum, 'apply', wraps=chain._InvertibleMomentum.apply) as apply:
+        with torch.no_grad():
+            model.train()(x)
+        model.eval()(x)
+        assert apply.call_count == 0
+        model.train()(x).sum().backward()
+        assert apply.call_count == 1
+
+
+def test_meta_device_and_torchscript():
+    with torch.device('meta'):
+        model = timm.create_model(NAME, depth=2, memory_efficient=True, **SMALL)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    x = torch.randn(2, 3, 32, 32)
+    for block_fn in ('dropin', 'split'):
+        model = timm.create_model(NAME, depth=2, block_fn=block_fn, **SMALL).eval()
+        with torch.no_grad():
+            assert torch.equal(torch.jit.script(model)(x), model(x))
+
+
+def test_forward_intermediates_features_only_and_pruning():
+    model = timm.create_model(NAME, depth=4, block_fn='split', **SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, indices=[1, 3])
+        assert torch.equal(final, model.forward_features(x))
+        assert [tuple(y.shape) for y in intermediates] == [(2, 192, 4, 4)] * 2
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        assert torch.equal(early[0], intermediates[0])
+        features = timm.create_model(NAME, depth=4, features_only=True, out_indices=(1, 3), block_fn='split', **SMALL)
+        features.model.load_state_dict(model.state_dict(), strict=False)
+        assert all(torch.equal(a, b) for a, b in zip(features.eval()(x), intermediates))
+    model.prune_intermediate_layers(indices=[1], prune_head=True)
+    assert len(model.blocks) == 2 and isinstance(model.blocks, MomentumBlocks)
+    assert (model.blocks.gamma, model.blocks.block_fn) == (0.9, 'split')
+
+
+def test_fx_feature_extraction_keeps_the_memory_efficient_backward():
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model(NAME, depth=3, memory_efficient=True, **SMALL).train()
+    train_nodes, _ = get_graph_node_names(model)
+    assert 'blocks' in train_nodes and not any(n.startswith('blocks.') for n in train_nodes)  # one leaf call
+    extractor = create_feature_extractor(model, return_nodes={'norm': 'features', 'head': 'logits'})
+    x = torch.randn(2, 3, 32, 32)
+    with mock.patch.object(chain._InvertibleMomentum, 'apply', wraps=chain._InvertibleMomentum.apply) as apply:
+        out = extractor(x)
+        out['logits'].square().mean().backward()
+        assert apply.call_count == 1
+    traced = [p.grad for p in extractor.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    assert max(relative_error(a, p.grad) for a, p in zip(traced, model.parameters())) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_torch_compile_trains_with_the_eager_gradients(memory_efficient):
+    model = timm.create_model(NAME, depth=2, memory_efficient=memory_efficient, **SMALL).train()
+    compiled = torch.compile(copy.deepcopy(model), backend='aot_eager', fullgraph=False)
+    x = torch.randn(2, 3, 32, 32)
+    _, _, eager = _grads(model, x)
+    _, _, graph = _grads(compiled, x)
+    assert max(relative_error(a, b) for a, b in zip(graph, eager)) < 1e-5
