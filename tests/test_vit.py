@@ -17,6 +17,7 @@ from timm_momentum.core.models import MomentumBlocks, MomentumVisionTransformer,
 from timm_momentum.tools.memory import saved_tensor_bytes
 
 from conftest import relative_error
+from test_loading import hub_cache  # noqa: F401  (a fixture)
 
 SOURCE = 'vit_tiny_patch16_224'
 NAME = 'momentum_' + SOURCE
@@ -218,3 +219,82 @@ def test_torch_compile_trains_with_the_eager_gradients(memory_efficient):
     _, _, eager = _grads(model, x)
     _, _, graph = _grads(compiled, x)
     assert max(relative_error(a, b) for a, b in zip(graph, eager)) < 1e-5
+
+
+def test_a_timm_vit_tag_loads_from_the_hub_and_converts_at_the_faithful_gamma(hub_cache, tmp_path):
+    """pretrained=True on a mirrored tag reads the source's Hub repo (a hand-built offline cache), and the converter
+    takes the same tag, writes a folder timm and transformers load, and says what it did."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageClassification
+
+    from test_loading import _add_repo
+    from timm_momentum.tools.convert import convert
+
+    tag = 'vit_tiny_patch16_224.augreg_in21k_ft_in1k'
+    source = timm.create_model(SOURCE).eval()
+    state = source.state_dict()
+    _add_repo(hub_cache, timm.models.get_pretrained_cfg(tag).hf_hub_id,
+              {'model.safetensors': lambda p: save_file(state, p)})
+    model = timm.create_model('momentum_' + tag, pretrained=True).eval()
+    assert model.gamma_policy == 'auto' and model.blocks.gamma == 0.63
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    result = convert(tag, tmp_path / 'out')
+    assert result.arch == NAME and result.model_args['gamma'] == [0.63]
+    assert result.verify['equivalence']['passed'] and result.verify['drift_at_gamma']['against'] == \
+        f'the source ViT, run as timm {SOURCE}'
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert 'Momentum Vision Transformer' in card and 'momentum-vit' in card and 'source ResNet' not in card
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())['architecture'] == NAME
+    loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
+    wrapped = AutoModelForImageClassification.from_pretrained(tmp_path / 'out').eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(wrapped(pixel_values=x).logits, model(x))
+
+
+def test_a_vit_file_without_metadata_converts_by_its_keys_and_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    from timm_momentum.tools.convert import convert
+
+    source = timm.create_model('vit_small_patch16_224', img_size=32, num_classes=7).eval()
+    save_file(source.state_dict(), tmp_path / 'vit.safetensors')
+    result = convert(str(tmp_path / 'vit.safetensors'), tmp_path / 'out', gamma=0.0)
+    assert result.arch == 'momentum_vit_small_patch16_224'  # not flexivit_small: its grid has no class token
+    assert result.model_args == {'num_classes': 7, 'img_size': 32, 'block_fn': 'dropin', 'gamma': [0.0]}
+    loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_the_converter_refuses_a_vit_outside_the_family_by_name(tmp_path):
+    from timm_momentum.tools.convert import ConversionError, convert
+
+    with pytest.raises(ConversionError, match='vit_base_patch16_rpn_224.*ResPostBlock'):
+        convert('vit_base_patch16_rpn_224', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_a_momentum_vit_fine_tunes_memory_efficiently_and_its_export_loads_in_timm_and_transformers(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from timm_momentum.tools.finetune import DEFAULTS, train
+
+    result = train(dict(DEFAULTS, model=NAME, dataset='sklearn/digits', classes=[0, 1, 2], img_size=32,
+                        batch_size=32, epochs=1, train_limit=96, val_limit=64, opt='adamw', lr=1e-3, gamma=0.9,
+                        progress=False, plots=False, checkpoints=False, workers=0, output=str(tmp_path / 'run')))
+    assert result['metrics']['epoch'] == 0
+    final = tmp_path / 'run' / 'final'
+    model = timm.create_model(f'local-dir:{final}', pretrained=True).eval()
+    assert isinstance(model, MomentumVisionTransformer) and model.pretrained_cfg['architecture'] == NAME
+    assert model.momentum_cfg['gamma'] == [0.9] and model.num_classes == 3
+    assert model.pretrained_cfg['input_size'] == (3, 32, 32)
+    wrapped = AutoModelForImageClassification.from_pretrained(final).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(wrapped(pixel_values=x).logits, model(x))

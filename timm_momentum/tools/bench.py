@@ -22,6 +22,7 @@ from .files import atomic_write
 from .memory import (MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
                      peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
 from ..core.config import standard_matching_memory_efficient
+from ..core.models import vit_family
 from ..core.models.momentum_resnet import resnet_state_dict
 
 __all__ = ['Config', 'CONFIGS', 'ARMS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
@@ -87,6 +88,17 @@ def _model_name(momentum_name: str, family: str) -> str:
     return momentum_name if family == 'momentum' else momentum_name.replace('momentum_', '')
 
 
+def network_family(name: str) -> str:
+    """'vit' for a Momentum ViT of timm's Block-based ViTs (momentum_vit_base_patch16_224, ...), else 'resnet'."""
+    return 'vit' if name.startswith('momentum_') and name[len('momentum_'):] in vit_family.SOURCES else 'resnet'
+
+
+def _model_kwargs(name: str, img_size: int) -> Dict[str, Any]:
+    """What every configuration of ``name`` is built with: a ViT at the run's resolution (its position embedding
+    is made for one), a ResNet with its last BatchNorm weights non-zero (so that gradients compare)."""
+    return {'img_size': img_size} if network_family(name) == 'vit' else {'zero_init_last': False}
+
+
 def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequence[str],
               arms: Optional[Sequence[str]] = None, repeats: int = 1, steps: int = 1) -> None:
     import timm
@@ -94,11 +106,12 @@ def _validate(models: List[str], device: str, amp: Optional[str], compiled: Sequ
     if not models:
         raise ValueError('no models given: bench takes e.g. momentum_resnet50,momentum_resnet101')
     for name in models:
-        if not re.fullmatch(r'momentum_resnet(18|34|50|101|152)', name):
+        if not re.fullmatch(r'momentum_resnet(18|34|50|101|152)', name) and network_family(name) != 'vit':
             known = name in timm.list_models('momentum_*')
             raise ValueError(f'{"" if known else "unknown model "}{name!r}: bench takes the plain-depth drop-in '
                              f'models, momentum_resnet18/34/50/101/152 (the official momentumnet package it '
-                             f'compares with has only those depths)')
+                             f'compares with has only those depths), and the Momentum ViTs '
+                             f'(momentum_vit_small_patch16_224, momentum_vit_base_patch16_224, ...)')
     if device not in ('cpu', 'cuda'):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
@@ -122,14 +135,16 @@ def _reason(error: BaseException) -> str:
 
 
 def _build_all(momentum_name: str, configs: Sequence[Config], device: str,
-               compile_backend: str) -> Dict[str, nn.Module]:
-    """Every configuration of one depth, all with the same weights (compiled ones wrapped, not yet compiled)."""
+               compile_backend: str, img_size: int = 224) -> Dict[str, nn.Module]:
+    """Every configuration of one model, all with the same weights (compiled ones wrapped, not yet compiled)."""
     torch.manual_seed(0)
-    source = build_model(_model_name(momentum_name, 'resnet'), 'plain', zero_init_last=False)
+    kwargs = _model_kwargs(momentum_name, img_size)
+    source = build_model(_model_name(momentum_name, 'resnet'), 'plain', **kwargs)
     state = source.state_dict()
     models = {}
     for config in configs:
-        model = build_model(_model_name(momentum_name, config.family), config.mode)
+        model = build_model(_model_name(momentum_name, config.family), config.mode,
+                            **(kwargs if 'img_size' in kwargs else {}))
         model_state = resnet_state_dict(model.state_dict())  # the record: the model's own settings, kept
         if set(model_state) == set(state):
             model.load_state_dict(state)
@@ -328,7 +343,10 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
     configs = _configs(amp, compiled, arms)
     rows = []
     for name in models:
-        depth_rows = _measure_depth(name, configs, batch_size, img_size, device, amp, time_batch_size, warmup,
+        # the official package and the stored transitions are the ResNets' alone
+        mine = configs if network_family(name) == 'resnet' else \
+            [c for c in configs if c.mode not in ('official', 'memory_efficient_stored_transitions')]
+        depth_rows = _measure_depth(name, mine, batch_size, img_size, device, amp, time_batch_size, warmup,
                                     steps, measure_peak, compile_backend, log, repeats)
         if device == 'cuda' and max_batch and (max_batch_models is None or name in max_batch_models):
             _search_largest_batches(depth_rows, img_size, amp, max_batch_limit, max_batch_seconds, log)
@@ -377,7 +395,7 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
                    amp: Optional[str], time_batch_size: int, warmup: int, steps: int, measure_peak: bool,
                    compile_backend: str, log: Callable[[str], None], repeats: int = 1) -> List[Dict[str, Any]]:
     """The rows of one depth: gradients, interleaved timing, saved bytes and peak memory of each configuration."""
-    instances = _build_all(name, configs, device, compile_backend)
+    instances = _build_all(name, configs, device, compile_backend, img_size)
     failures: Dict[str, str] = {}
     compile_info: Dict[str, Dict[str, int]] = {}
 
@@ -413,7 +431,9 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
     rows = []
     for config in configs:
         label, model = config.label, instances[config.label]
-        row: Dict[str, Any] = {'model': name, 'depth': int(name.split('resnet')[-1]), 'config': label,
+        family = network_family(name)
+        depth = int(name.split('resnet')[-1]) if family == 'resnet' else len(instances['resnet'].blocks)
+        row: Dict[str, Any] = {'model': name, 'family': family, 'depth': depth, 'config': label,
                                'arch': _model_name(name, config.family), 'mode': config.mode,
                                'compiled': compile_backend if config.compiled else None}
         with autocast(device, amp):  # at the timing batch: the official package's stores are huge
@@ -456,7 +476,7 @@ def _peak(name: str, config: Config, model: nn.Module, batch_size: int, img_size
             warm_up_compiled(model, x, target, None, amp)
         model.zero_grad(set_to_none=True)
         return cuda_step_peak(model, x, target, torch.optim.SGD(model.parameters(), lr=1e-3), amp)
-    kwargs = {} if config.mode == 'official' else {'zero_init_last': False}
+    kwargs = {} if config.mode == 'official' else _model_kwargs(name, img_size)
     return peak_step_memory(_model_name(name, config.family), config.mode, batch_size, img_size, device,
                             model_kwargs=kwargs, amp=amp, compile_backend=compile_backend if config.compiled else None,
                             after_warmup=True)
@@ -472,8 +492,12 @@ class _Judgement:
     """The targets judged so far over one run's successful rows, and the groups of targets not judged."""
 
     def __init__(self, rows: List[Dict[str, Any]]) -> None:
-        self.by = {(r['depth'], r['config']): r for r in rows if 'failed' not in r}
-        self.depths = sorted({r['depth'] for r in rows})
+        resnets = [r for r in rows if r.get('family', 'resnet') == 'resnet']
+        self.by = {(r['depth'], r['config']): r for r in resnets if 'failed' not in r}
+        self.depths = sorted({r['depth'] for r in resnets})
+        # the ViTs, by (model, configuration)
+        self.vit = {(r['model'], r['config']): r for r in rows if r.get('family') == 'vit' and 'failed' not in r}
+        self.vit_models = list(dict.fromkeys(r['model'] for r in rows if r.get('family') == 'vit'))
         self.targets: List[Dict[str, Any]] = []
         self.not_judged: List[str] = []
 
@@ -501,12 +525,47 @@ def check_targets(rows: List[Dict[str, Any]], command_args: Dict[str, Any]) -> T
         per-repeat ratios, ``spread``) and one line per group of targets this run could not judge, saying why.
     """
     judgement = _Judgement(rows)
-    _judge_peak_memory(judgement, command_args)
-    _judge_saved_bytes(judgement)
-    _judge_step_time(judgement, command_args)
-    if command_args['device'] == 'cuda':
-        _judge_largest_batch(judgement, command_args)
+    if judgement.depths:
+        _judge_peak_memory(judgement, command_args)
+        _judge_saved_bytes(judgement)
+        _judge_step_time(judgement, command_args)
+        if command_args['device'] == 'cuda':
+            _judge_largest_batch(judgement, command_args)
+    if judgement.vit_models:
+        _judge_vit(judgement, command_args)
     return judgement.targets, judgement.not_judged
+
+
+VIT_PEAK_TARGET = ('momentum_vit_base_patch16_224', 384)  # issue 23: ViT-B/16 at 384², peak <= 0.5x plain
+VIT_TIME_SIZES = (224, 384)  # issue 23: ViT step time against checkpointing, at the sizes ViTs are trained at
+
+
+def _judge_vit(judgement: _Judgement, args: Dict[str, Any]) -> None:
+    """The ViT targets (issue 23): at every ViT and size, peak below timm checkpointing's; ViT-B/16 at 384² (the
+    224 or 384 architecture), peak <= 0.5x plain; on cpu fp32, step time <= 1.05x checkpointing."""
+    by, size = judgement.vit, args['img_size']
+    for name in judgement.vit_models:
+        short = name[len('momentum_'):]
+        efficient, plain, ckpt = (by.get((name, c)) for c in (_EFFICIENT, 'resnet', 'resnet+checkpointing'))
+        if efficient is None or plain is None:
+            continue
+        if args.get('measure_peak', True) and ckpt is not None:
+            judgement.add(f'peak memory {short} at {size}²: memory-efficient / timm checkpointing (< 1)',
+                          efficient['peak_bytes'] / ckpt['peak_bytes'], 1.0)
+        if args.get('measure_peak', True) and size == VIT_PEAK_TARGET[1] and \
+                name.rsplit('_', 1)[0] == VIT_PEAK_TARGET[0].rsplit('_', 1)[0]:
+            judgement.add(f'peak memory {short} at {size}²: memory-efficient / plain (<= 0.5)',
+                          efficient['peak_bytes'] / plain['peak_bytes'], 0.5)
+        if ckpt is None:
+            continue
+        if args['device'] != 'cpu' or args['amp'] or size not in VIT_TIME_SIZES:
+            judgement.not_judged.append(f'{short} step time: set for cpu fp32 at 224² and 384² (this run: '
+                                        f'{args["device"]} {args["amp"] or "fp32"} at {size}²); ratios are '
+                                        f'reported, not judged')
+            continue
+        ratios = _paired_ratios(efficient, ckpt)
+        judgement.add(f'step time {short} at {size}²: memory-efficient / timm checkpointing (<= 1.05)',
+                      statistics.median(ratios), 1.05, spread=[min(ratios), max(ratios)])
 
 
 def _judge_peak_memory(judgement: _Judgement, args: Dict[str, Any]) -> None:
@@ -595,8 +654,9 @@ def _judge_largest_batch(judgement: _Judgement, args: Dict[str, Any]) -> None:
 def describe_run(results: Dict[str, Any]) -> str:
     """One line naming a bench run: models, device and precision, sizes, versions and date."""
     args, env = results['command_args'], results['environment']
-    depths = '/'.join(m.replace('momentum_resnet', '') for m in args['models'])
-    return (f'bench r{depths}, {args["device"]} {args["amp"] or "fp32"}, peak at batch {args["batch_size"]}, '
+    depths = '/'.join(m.replace('momentum_resnet', 'r') if network_family(m) == 'resnet' else m[len('momentum_'):]
+                      for m in args['models'])
+    return (f'bench {depths}, {args["device"]} {args["amp"] or "fp32"}, peak at batch {args["batch_size"]}, '
             f'time at batch {args["time_batch_size"]}, {args["img_size"]}² ({args["steps"]} steps x '
             f'{args.get("repeats", 1)} repeats); torch {env["torch"]}, '
             f'{env["date"]}')
@@ -605,7 +665,13 @@ def describe_run(results: Dict[str, Any]) -> str:
 def format_table(results: Dict[str, Any]) -> str:
     """A plain-text table of the results and the targets."""
     cuda = results['command_args']['device'] == 'cuda'
-    header = (f'{"depth":>5}  {"configuration":<46} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} '
+    label = {id(r): str(r['depth']) if r.get('family', 'resnet') == 'resnet' else r['model'][len('momentum_'):]
+             for r in results['rows']}
+    width = max([5] + [len(v) for v in label.values()])
+    # a ViT's plain and checkpointed configurations are timm's ViT, not a ResNet
+    config = {id(r): r['config'].replace('resnet', 'vit', 1) if r.get('family') == 'vit' else r['config']
+              for r in results['rows']}
+    header = (f'{"depth" if width == 5 else "model":>{width}}  {"configuration":<46} {"saved MiB":>10} {"peak MiB":>9} {"time x":>7} '
               f'{"range":>11} {"grad err":>9}')
     if cuda:
         header += f' {"max batch":>9} {"img/s":>8}'
@@ -613,10 +679,10 @@ def format_table(results: Dict[str, Any]) -> str:
     notes = []
     for r in results['rows']:
         if 'failed' in r:
-            lines.append(f'{r["depth"]:>5}  {r["config"]:<46} failed: {r["failed"]}')
+            lines.append(f'{label[id(r)]:>{width}}  {config[id(r)]:<46} failed: {r["failed"]}')
             continue
         err = f'{r["grad_rel_error"]:.1e}' if 'grad_rel_error' in r else '-'
-        line = (f'{r["depth"]:>5}  {r["config"]:<46} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
+        line = (f'{label[id(r)]:>{width}}  {config[id(r)]:<46} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
                 f'{r["time_ratio"]:7.2f} {r["time_ratio_min"]:5.2f}-{r["time_ratio_max"]:<5.2f} {err:>9}')
         if cuda and 'max_batch' in r:
             line += f' {r["max_batch"]:>9} {r["throughput_img_s"]:8.1f}'
@@ -641,7 +707,10 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results['rows'] if 'failed' not in r]
+    rows = [r for r in results['rows'] if 'failed' not in r and r.get('family', 'resnet') == 'resnet']
+    if not rows:
+        raise ValueError('--plot draws the ResNet depths against each other; this run measured none (the table '
+                         'and the JSON have the ViT rows)')
     labels = list(dict.fromkeys(r['config'] for r in rows))
     depths = sorted({r['depth'] for r in rows})
     colors = {label: plt.get_cmap('tab10')(i % 10) for i, label in enumerate(labels)}
@@ -695,6 +764,11 @@ def plot_results(results: Dict[str, Any], path: str) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``timm-momentum bench`` with its parsed arguments (``timm_momentum_cli``); the exit code."""
+    models = [m.strip() for m in args.models.split(',') if m.strip()]
+    if args.plot and models and all(network_family(m) == 'vit' for m in models):
+        print('error: --plot draws the ResNet depths against each other; these are all ViTs (the table and --out '
+              'have their rows)', file=sys.stderr)
+        return 2
     if args.plot:  # before the measurements, which take minutes
         try:
             import matplotlib  # noqa: F401
@@ -704,7 +778,7 @@ def run_cli(args: argparse.Namespace) -> int:
             return 2
     try:
         results = run_benchmark(
-            [m.strip() for m in args.models.split(',') if m.strip()], args.batch_size, args.img_size,
+            models, args.batch_size, args.img_size,
             args.device, args.amp, args.time_batch_size, args.warmup, args.steps,
             max_batch=not args.no_max_batch, measure_peak=not args.no_peak,
             compiled=[k.strip() for k in (args.compile or '').split(',') if k.strip()],

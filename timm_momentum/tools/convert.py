@@ -1,7 +1,8 @@
-"""Convert pretrained ResNet checkpoints into Momentum ResNet model repos that timm loads.
+"""Convert pretrained ResNet and Vision Transformer checkpoints into momentum model repos that timm loads.
 
-Sources: a timm model name or tag, an ``hf-hub:`` repo, a local ``.safetensors``/``.pth``/``.bin``
-file (timm or torchvision ResNet keys, or a timm ``train.py`` checkpoint), a momentum model's own weights
+Sources: a timm model name or tag (timm's ResNet family or its Block-based ViTs), an ``hf-hub:`` repo, a local
+``.safetensors``/``.pth``/``.bin`` file (timm or torchvision ResNet keys, timm ViT keys, or a timm ``train.py``
+checkpoint), a momentum model's own weights
 (they record the gamma they were trained at), or a checkpoint of the official ``momentumnet`` package in
 either of its layouts. The output folder holds ``config.json``, ``model.safetensors``, a model card
 ``README.md`` and ``verify.json``; it is built in a temporary folder and renamed into place.
@@ -35,6 +36,8 @@ from .heal import HELD_OUT_SPLITS, distill, load_images, recalibrate_batchnorm
 from ..core.chain import PAPER_GAMMA
 from ..core.models.momentum_resnet import (BLOCK_FN_KEY, GAMMA_KEY, RECORD_KEYS, GammaSpec, parse_gamma, read_record,
                               resnet_state_dict)
+from ..core.models import vit_family
+from ..core.models.momentum_vit import MomentumVisionTransformer
 from ..core.models.resnet_family import (check_source, momentum_name, source_architectures, source_model_args,
                                          source_name)
 
@@ -333,11 +336,11 @@ def load_source(source: str) -> SourceCheckpoint:
         return _load_hub(source[len('hf-hub:'):], source)
     name = source[len('timm/'):] if source.startswith('timm/') else source
     if name.split('.')[0] not in timm.list_models():
-        raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet-family name')
+        raise ConversionError(f'{source}: not a file, an hf-hub: repo or a timm ResNet-family or ViT name')
     try:
-        check_source(name.split('.')[0])
+        check_family_source(name.split('.')[0])
     except ValueError as e:
-        raise ConversionError(f'{source}: {e}; the converter takes timm\'s ResNet family') from None
+        raise ConversionError(f'{source}: {e}') from None
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # a tag timm does not know: 'Invalid pretrained tag (bogus) for resnet18.'
@@ -351,6 +354,25 @@ def load_source(source: str) -> SourceCheckpoint:
     return checkpoint
 
 
+def check_family_source(source: str) -> str:
+    """``source`` if it is an architecture of timm's ResNet family or of its Block-based ViTs; else ValueError
+    naming why (the family's own reason where the name is in timm's resnet or vision_transformer module)."""
+    import timm
+
+    if source in timm.list_models(module=vit_family.SOURCE_MODULE):
+        return vit_family.check_source(source)
+    try:
+        return check_source(source)
+    except ValueError as e:
+        raise ValueError(f'{e}; the converter takes timm\'s ResNet family and its Block-based Vision '
+                         f'Transformers') from None
+
+
+def is_vit_state(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict has a timm Vision Transformer's keys (a patch embedding and blocks)."""
+    return 'patch_embed.proj.weight' in state and any(k.startswith('blocks.') for k in state)
+
+
 def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin',
                        architecture: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
     """The momentum architecture and model kwargs that match a timm-layout ResNet state dict.
@@ -359,8 +381,11 @@ def infer_architecture(state: Dict[str, torch.Tensor], block_fn: str = 'dropin',
     the drop-in block function then takes its momentum model. Without one, the state dict's keys and shapes pick
     the family architecture that has exactly those (``family_architecture``); one that none has exactly is
     described by its depth, stem and downsampling (``momentum_resnet<depth>`` with those options), and one with
-    the CIFAR stem or the paper's block function is a ``momentum_mresnet``.
+    the CIFAR stem or the paper's block function is a ``momentum_mresnet``. A timm ViT state dict takes
+    ``vit_architecture``.
     """
+    if is_vit_state(state):
+        return vit_architecture(state, architecture)
     if 'conv1.weight' not in state and 'conv1.0.weight' not in state:
         raise ConversionError('unsupported architecture: no ResNet stem (conv1.weight or conv1.0.weight)')
     if 'fc.weight' not in state:
@@ -392,10 +417,75 @@ def _named_architecture(architecture: str) -> str:
     if architecture in timm.list_models('momentum_*'):
         return architecture
     try:
-        return momentum_name(check_source(architecture))
+        return momentum_name(check_family_source(architecture))
     except ValueError as e:
         raise ConversionError(f'unsupported architecture {architecture!r} (named by the source\'s config): {e}') \
             from None
+
+
+def _vit_grid_args(source: str, state: Dict[str, torch.Tensor], args: Dict[str, Any]) -> Dict[str, Any]:
+    """``args`` with the ``img_size`` that ``state``'s position embedding was made for, where it is not the
+    source's default."""
+    import timm
+
+    if 'pos_embed' not in state:
+        return args
+    default = timm.create_model(source, **args, device='meta')
+    prefix = default.pos_embed.shape[1] - default.patch_embed.num_patches  # tokens with a position embedding
+    patches = int(state['pos_embed'].shape[1]) - prefix
+    grid = math.isqrt(max(patches, 0))
+    if grid * grid != patches or grid == 0:
+        raise ConversionError(f'pos_embed has {state["pos_embed"].shape[1]} positions, which is no square grid of '
+                              f'patches after {prefix} prefix tokens for {source}')
+    if patches == default.patch_embed.num_patches:
+        return args
+    return {**args, 'img_size': grid * default.patch_embed.patch_size[0]}
+
+
+def vit_architecture(state: Dict[str, torch.Tensor], architecture: Optional[str] = None
+                     ) -> Tuple[str, Dict[str, Any]]:
+    """The Momentum ViT and model kwargs (num_classes, in_chans, img_size) of a timm ViT state dict.
+
+    ``architecture`` (the source's metadata) names it; without one, the Block-based timm ViT whose state dict has
+    ``state``'s keys and shapes (the position embedding's grid aside, which sets img_size) is taken, and two that
+    differ raise ConversionError naming both.
+    """
+    proj = state['patch_embed.proj.weight']
+    args: Dict[str, Any] = {'num_classes': int(state['head.weight'].shape[0]) if 'head.weight' in state else 0}
+    if int(proj.shape[1]) != 3:
+        args['in_chans'] = int(proj.shape[1])
+    if architecture:
+        arch = _named_architecture(architecture)
+        return arch, _vit_grid_args(source_name(arch), state, args)
+    depth = len({int(k.split('.')[1]) for k in state if k.startswith('blocks.')})
+    shapes = sorted((k, tuple(v.shape)) for k, v in state.items() if k != 'pos_embed')
+    matches = []
+    for source in vit_family.source_architectures():
+        model_args = vit_family.source_model_args(source)
+        if int(model_args.get('depth', 12)) != depth or int(model_args.get('embed_dim', 768)) != proj.shape[0] \
+                or int(model_args.get('patch_size', 16)) != proj.shape[-1]:
+            continue
+        if sorted(kv for kv in _family_shapes(source, args['num_classes'], args.get('in_chans', 3))
+                  if kv[0] != 'pos_embed') == shapes:
+            try:  # and a position embedding for a square grid after its prefix tokens (with a class token or not)
+                matches.append((source, _vit_grid_args(source, state, args)))
+            except ConversionError:
+                pass
+    if not matches:
+        raise ConversionError(f'unsupported architecture: a ViT of depth {depth}, width {proj.shape[0]} and patch '
+                              f'{proj.shape[-1]} whose keys and shapes match no Block-based timm ViT; name it with '
+                              f'arch')
+    # ViTs that differ only in resolution (vit_base_patch16_224, _384) have the same weights but the position
+    # embedding: the first in timm's order is taken, and img_size follows the position embedding
+    if len({_without_resolution(m) for m, _ in matches}) > 1:
+        names = ', '.join(m for m, _ in matches[:6])
+        raise ConversionError(f'the checkpoint matches several timm ViTs ({names}) by its keys and shapes; name one '
+                              f'with arch')
+    return momentum_name(matches[0][0]), matches[0][1]
+
+
+def _without_resolution(source: str) -> Tuple[Tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in vit_family.source_model_args(source).items() if k != 'img_size'))
 
 
 @functools.lru_cache(maxsize=256)
@@ -550,7 +640,7 @@ def _source_network(checkpoint: SourceCheckpoint, state: Dict[str, torch.Tensor]
     import timm
 
     if checkpoint.layout == 'timm' and plain is not None:
-        return plain, f'the source ResNet, run as timm {_plain_arch(arch)}'
+        return plain, f'the source {_family_words(network_kind(arch))[1]}, run as timm {_plain_arch(arch)}'
     if checkpoint.layout == 'timm':
         network = timm.create_model(arch, **{**model_args, 'gamma': 0.0, 'block_fn': 'dropin'})
         what = 'the source ResNet with the CIFAR stem (timm has no plain model for it: the drop-in momentum model at gamma 0)'
@@ -621,21 +711,43 @@ def _card_text(value: Any) -> str:
     return html.escape(' '.join(str(value).split())).replace('`', "'")
 
 
-def _gamma_sentence(gammas: List[float], policy: Optional[str], block_fn: str) -> str:
+def network_kind(arch: str) -> str:
+    """'vit' for a Momentum Vision Transformer architecture, else 'resnet'."""
+    from timm.models import is_model
+
+    if is_model(arch) and arch.startswith('momentum_') and \
+            source_name(arch).split('.')[0] in vit_family.SOURCES:
+        return 'vit'
+    return 'resnet'
+
+
+def _family_words(kind: str) -> Tuple[str, str, str, str]:
+    """(the family, the source network, the chains, the chain sentence of the card) for people."""
+    if kind == 'vit':
+        return ('Momentum Vision Transformer', 'ViT', 'for the one chain (blocks)',
+                'The transformer blocks run as one momentum chain (f(x) = block(x) − x per block, or attention and '
+                'MLP as two steps with the split block function):')
+    return ('Momentum ResNet', 'ResNet', 'per stage (layer1–layer4)',
+            'Each ResNet stage keeps its first block; the remaining blocks follow')
+
+
+def _gamma_sentence(gammas: List[float], policy: Optional[str], block_fn: str, kind: str = 'resnet') -> str:
     """What the config's gamma is and what it means for the source's function."""
+    _, source_kind, chains, _ = _family_words(kind)
     if policy:
-        text = (f'The config sets γ per stage (layer1–layer4) to {_format_gamma(gammas)}, chosen by the faithful '
+        text = (f'The config sets γ {chains} to {_format_gamma(gammas)}, chosen by the faithful '
                 f'policy `{policy}`: γ = 0 where a chain stores its inputs, else the smallest γ at which the chain '
                 f'still inverts exactly in training (γ^−N ≤ 2^8) while storing no more than at γ = 0.9 (a few per cent '
                 f'more where γ = 0 keeps a 5-block chain\'s inputs).')
     else:
-        text = f'The config sets γ = {_format_gamma(gammas)}' + (' per stage (layer1–layer4).' if len(set(gammas)) > 1
-                                                                  else '.')
-    if block_fn != 'dropin':
+        text = f'The config sets γ = {_format_gamma(gammas)}' + (f' {chains}.' if len(set(gammas)) > 1 else '.')
+    if block_fn == 'paper':
         return text + ' With the paper block function the network is not its source ResNet at any γ.'
     if all(g == 0.0 for g in gammas):
-        return text + ' At γ = 0 in every stage the network computes its source ResNet\'s function.'
-    return text + (' Stages at γ > 0 do not compute their source\'s function; the drift below says how far the '
+        where = 'in every stage ' if kind == 'resnet' else ''
+        return text + f' At γ = 0 {where}the network computes its source {source_kind}\'s function.'
+    chain = 'Stages' if kind == 'resnet' else 'Chains'
+    return text + (f' {chain} at γ > 0 do not compute their source\'s function; the drift below says how far the '
                    'network is from it.')
 
 
@@ -655,15 +767,18 @@ def _model_card(arch: str, checkpoint: SourceCheckpoint, gammas: List[float], po
             steps.append(f"distilled from the source for {healing['distill_steps']} steps on {images}")
         weights = 'The weights are the source\'s, healed: ' + '; then '.join(steps) + '.'
     drift = report['drift_at_gamma']
+    kind = network_kind(arch)
+    family, source_kind, _, chains = _family_words(kind)
     front_matter = {'library_name': 'timm', 'license': checkpoint.license(), 'pipeline_tag': 'image-classification',
-                    'tags': ['image-classification', 'timm', 'timm-momentum', 'momentum-resnet', 'invertible'],
+                    'tags': ['image-classification', 'timm', 'timm-momentum', f'momentum-{kind}', 'invertible'],
                     **({'datasets': datasets} if datasets else {})}
     values = {
         'front_matter': '---\n' + yaml.dump(front_matter, Dumper=_CardDumper, sort_keys=False, allow_unicode=True) + '---',
         'model_name': arch, 'source': _card_text(checkpoint.source), 'source_layout': checkpoint.layout,
         'source_sha256': checkpoint.sha256, 'gamma': _format_gamma(gammas), 'license': checkpoint.license(),
         'datasets': ', '.join(datasets) if datasets else 'unknown (the source\'s metadata names none)',
-        'weights': weights + ' ' + _gamma_sentence(gammas, policy, block_fn),
+        'weights': weights + ' ' + _gamma_sentence(gammas, policy, block_fn, kind),
+        'family': family, 'source_kind': source_kind, 'chains': chains,
         'equivalence': json.dumps(report.get('equivalence')), 'against': _card_text(drift['against']),
         'drift_when': 'after healing' if healing else 'as converted', 'drift_input': _card_text(drift['input']),
         'drift': json.dumps({k: v for k, v in drift.items() if k not in ('against', 'input', 'after_healing')}),
@@ -873,7 +988,8 @@ def _momentum_model(checkpoint: SourceCheckpoint, arch: Optional[str], gamma: Op
                               f'(timm.list_models("momentum_*"), {len(timm.list_models("momentum_*"))} of them)')
     block_fn = 'paper' if 'mresnet' in arch and model_args.get('block_fn') != 'dropin' else 'dropin'
     model_args = {**model_args, 'block_fn': block_fn}
-    gamma, source_gammas = _conversion_gammas(checkpoint, block_fn, gamma, source_gamma)
+    num_chains = 1 if network_kind(arch) == 'vit' else 4
+    gamma, source_gammas = _conversion_gammas(checkpoint, block_fn, gamma, source_gamma, num_chains)
     try:
         model = timm.create_model(arch, **model_args, gamma=gamma)
     except ValueError as e:
@@ -919,8 +1035,8 @@ def _provenance(checkpoint: SourceCheckpoint, gammas: List[float], policy: Optio
 
 
 def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optional[GammaSpec],
-                       source_gamma: Optional[GammaSpec]) -> Tuple[GammaSpec, List[float]]:
-    """The gamma to convert at and the gamma the source computes at (per stage), defaults filled in."""
+                       source_gamma: Optional[GammaSpec], num_chains: int = 4) -> Tuple[GammaSpec, List[float]]:
+    """The gamma to convert at and the gamma the source computes at (per chain), defaults filled in."""
     official = checkpoint.layout != 'timm'
     if source_gamma is not None and not official:
         raise ConversionError(f'source_gamma: {checkpoint.source} is a {checkpoint.layout}-layout ResNet, which has '
@@ -943,7 +1059,7 @@ def _conversion_gammas(checkpoint: SourceCheckpoint, block_fn: str, gamma: Optio
             raise ConversionError(f'source_gamma: one number or one per stage (4), got {len(stages)} values')
         return (stages if gamma is None else gamma), stages
     default = 'auto' if block_fn == 'dropin' else PAPER_GAMMA
-    return (default if gamma is None else gamma), [0.0] * 4
+    return (default if gamma is None else gamma), [0.0] * num_chains
 
 
 def _stage_values(spec: Any) -> Any:
@@ -955,6 +1071,8 @@ def _input_size(model: nn.Module, checkpoint: SourceCheckpoint, model_args: Dict
                 img_size: Optional[int]) -> Tuple[int, ...]:
     """(channels, height, width) of the converted model's input: the source cfg's, or ``img_size`` square."""
     size = tuple({**model.pretrained_cfg, **checkpoint.pretrained_cfg}.get('input_size', (3, 224, 224)))
+    if img_size is None and 'img_size' in model_args:  # a ViT's position embedding says its resolution
+        img_size = int(model_args['img_size'])
     return (model_args.get('in_chans', 3),) + ((img_size, img_size) if img_size is not None else tuple(size[1:]))
 
 
@@ -969,8 +1087,9 @@ def _converted_cfg(model: nn.Module, checkpoint: SourceCheckpoint, input_size: T
     cfg['num_classes'] = model.num_classes
     cfg['license'] = checkpoint.license()  # the weights' license, not the momentum model's default
     chosen = f' (the faithful policy {policy!r})' if policy else ''
+    per = 'chain' if isinstance(model, MomentumVisionTransformer) else 'stage'
     cfg['notes'] = (f'Converted by timm-momentum {__version__} from {checkpoint.source} at gamma '
-                    f'{_format_gamma(gammas)} per stage{chosen}; verify.json gives the drift from the source.')
+                    f'{_format_gamma(gammas)} per {per}{chosen}; verify.json gives the drift from the source.')
     cfg['input_size'] = list(input_size)
     if img_size is not None:  # the source's test-time recommendations were for its own size
         for key in ('test_input_size', 'test_crop_pct', 'pool_size'):

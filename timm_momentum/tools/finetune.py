@@ -35,7 +35,8 @@ from .loop import Distillation, Teacher, evaluate, train_one_epoch, validate
 from .loop import is_distributed as _is_distributed
 from .loop import rank as _rank
 from .memory import vm_hwm_bytes
-from ..core.models.momentum_resnet import RECORD_KEYS, MomentumResNet, parse_gamma, resnet_state_dict
+from ..core.models import vit_family
+from ..core.models.momentum_model import RECORD_KEYS, MomentumModel, parse_gamma, source_state_dict
 
 __all__ = ['DEFAULTS', 'RESUME_FIXED', 'load_config', 'validate_config', 'describe_config', 'describe_result',
            'load_initial_checkpoint', 'load_resume_state', 'resume_run', 'compare_resume_config', 'checkpoint_checksum',
@@ -453,18 +454,26 @@ def _amp_dtype(cfg: Dict[str, Any], device: torch.device) -> Optional[torch.dtyp
     return torch.float16 if amp == 'fp16' else torch.bfloat16
 
 
+def _is_vit_name(name: str) -> bool:
+    """Whether a timm name (tag aside) is a ViT of the momentum family or its timm source."""
+    arch = name.split('.')[0]
+    return arch in vit_family.SOURCES or (arch.startswith('momentum_') and arch[len('momentum_'):] in vit_family.SOURCES)
+
+
 def _build_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
     """The model ``cfg`` names, with its gamma and memory mode set."""
     import timm
 
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=cfg['in_chans'], drop_rate=cfg['drop'],
                                   drop_path_rate=cfg['drop_path'])
+    if cfg['img_size'] and _is_vit_name(cfg['model']):  # a ViT's position embedding is made for one resolution
+        kwargs['img_size'] = cfg['img_size']  # (timm resamples pretrained position embeddings to it)
     try:
         model = timm.create_model(cfg['model'], pretrained=cfg['pretrained'] and not cfg['initial_checkpoint'], **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"cannot build {cfg['model']}: {e}") from None
     # Asked of the model, not its name: local-dir: and hf-hub: names do not say they hold a momentum net.
-    if isinstance(model, MomentumResNet):
+    if isinstance(model, MomentumModel):
         try:
             model.set_momentum(gamma=cfg['gamma'], memory_efficient=cfg['memory_efficient'])
         except ValueError as e:
@@ -493,7 +502,7 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
     except Exception as e:
         raise ConfigError(f'initial_checkpoint {path}: cannot read it as a weights-only checkpoint '
                           f'(corrupt, truncated, or it holds code): {load_failure(e)}') from None
-    expected = resnet_state_dict(model.state_dict())  # a plain ResNet's checkpoint records no momentum settings
+    expected = source_state_dict(model.state_dict())  # a plain network's checkpoint records no momentum settings
     classifier = model.pretrained_cfg.get('classifier') or 'fc'
     head = [k for k in expected if k.startswith(f'{classifier}.')]
     head_differs = any(k in state and state[k].shape != expected[k].shape for k in head)
@@ -963,7 +972,7 @@ def _build_model_to_train(cfg: Dict[str, Any], num_classes: int,
                           device: torch.device) -> Tuple[Dict[str, Any], nn.Module]:
     """The model on ``device``, and ``cfg`` with the per-stage gamma it trains at (a momentum model's)."""
     model = _build_model(cfg, num_classes).to(device)
-    if isinstance(model, MomentumResNet):  # args.yaml and checkpoints record the gamma the run trains at
+    if isinstance(model, MomentumModel):  # args.yaml and checkpoints record the gamma the run trains at
         cfg = dict(cfg, gamma=list(model.momentum_cfg['gamma']))
         if _rank() == 0:
             policy = f' (policy {model.gamma_policy})' if model.gamma_policy else ''
@@ -1032,7 +1041,7 @@ def _build_teacher(cfg: Dict[str, Any], model: nn.Module, num_classes: int) -> T
                               'but the model starts from random weights (pretrained: false, no initial_checkpoint): '
                               'name a teacher with distill_from')
         teacher = copy.deepcopy(model)
-        if isinstance(teacher, MomentumResNet):  # no gradients flow through a teacher: nothing to store
+        if isinstance(teacher, MomentumModel):  # no gradients flow through a teacher: nothing to store
             teacher.set_momentum(gamma=0.0, memory_efficient=False)
         return teacher, f"{cfg['model']}'s starting weights at gamma 0" + (
             ' (its source ResNet)' if getattr(teacher, 'momentum_cfg', {}).get('block_fn') == 'dropin' else '')
@@ -1046,7 +1055,7 @@ def _build_teacher(cfg: Dict[str, Any], model: nn.Module, num_classes: int) -> T
     except Exception as e:  # an unknown name, a folder that is not a model, weights that cannot be found offline
         raise ConfigError(f'distill_from: cannot load the teacher {_clipped(name)} as a checkpoint file or a timm '
                           f'model with pretrained weights: {first_line(e)}') from None
-    if isinstance(teacher, MomentumResNet):
+    if isinstance(teacher, MomentumModel):
         teacher.set_momentum(memory_efficient=False)
     return teacher, name
 
@@ -1060,7 +1069,7 @@ def _load_teacher_weights(teacher: nn.Module, path: str) -> None:
     except Exception as e:
         raise ConfigError(f'distill_from {path}: cannot load it into {type(teacher).__name__} '
                           f'({teacher.pretrained_cfg.get("architecture")}): {load_failure(e)}') from None
-    if isinstance(teacher, MomentumResNet) and not set(RECORD_KEYS) & set(state):
+    if isinstance(teacher, MomentumModel) and not set(RECORD_KEYS) & set(state):
         teacher.set_momentum(gamma=0.0)
 
 

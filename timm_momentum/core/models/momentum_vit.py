@@ -185,8 +185,8 @@ class MomentumBlocks(nn.Sequential):
     def forward_positions(self, x: torch.Tensor, take_indices: List[int], stop: int,
                           attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
                           ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Run the first ``stop`` blocks (all for -1) in plain arithmetic (autograd stores what it needs), and return the
-        position after the last and after each block in ``take_indices`` (for ``forward_intermediates``).
+        """Run the first ``stop`` blocks (all for -1) in plain arithmetic (autograd stores what it needs), and return
+        the position after the last and after each block in ``take_indices`` (for ``forward_intermediates``).
 
         The same arithmetic as the chain's training forward; the branches are spelled out again here because
         TorchScript cannot pass a module to a function.
