@@ -80,3 +80,25 @@ def test_forward_hooks_on_chain_blocks_fire_once_more_in_the_memory_efficient_ba
     blocks[3].register_forward_hook(lambda module, args, output: fired.append(torch.is_grad_enabled()))
     momentum_chain(torch.randn(2, 4, 8, 8), blocks, 0.9, memory_efficient=memory_efficient).sum().backward()
     assert len(fired) == calls
+
+
+@pytest.mark.parametrize('count, gamma', [(6, 0.9), (20, 0.3)])  # one span; two spans (a state stored mid-chain)
+def test_the_backward_frees_the_saved_states_it_has_finished_with(count, gamma, standard_matches_memory_efficient):
+    # every float64 state the chain saved (its final x and v, and the exact states at span ends) has no bytes left
+    # once the backward is done with it, so the recomputes at the chain's start do not hold them
+    assert plan_chain(gamma, count).span == (count if count == 6 else 13)
+    blocks = _blocks(count).train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = momentum_chain(x, blocks, gamma, memory_efficient=True)
+    states = [t for t in saved if t.dtype == torch.float64 and t.shape == x.shape]
+    assert len(states) == (2 if count == 6 else 4) and all(t.untyped_storage().nbytes() > 0 for t in states)
+    out.square().sum().backward()
+    assert all(t.untyped_storage().nbytes() == 0 for t in states)
+    grads = [x.grad] + [p.grad for p in blocks.parameters()]
+    x.grad = None
+    blocks.zero_grad(set_to_none=True)
+    momentum_chain(x, blocks, gamma, memory_efficient=False).square().sum().backward()
+    for got, expected in zip(grads, [x.grad] + [p.grad for p in blocks.parameters()]):
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()  # exact up to the inverse's rounding

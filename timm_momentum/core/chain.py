@@ -508,13 +508,19 @@ def _backward_by_inverse(ctx, grad_out: torch.Tensor, x_state: torch.Tensor, v_s
     adjoint = _Adjoint(grad_out, spec.gamma)
     param_grads, gaps = [], []
     x_in = None
+    check = grad_out.device.type != 'meta'  # meta tensors have shapes, not values to check
     for n in reversed(range(len(spec.blocks))):
         if n + 1 in span_ends:
             exact_x, exact_v = span_ends[n + 1]
             gaps += [_gap(x_state, exact_x), _gap(v_state, exact_v)]
+            _release(x_state, v_state)
             x_state, v_state, x_in = exact_x, exact_v, None
         if x_in is None:  # the chain's last block, or a span's end
             x_in = previous_position(x_state, v_state, ctx.in_dtype)
+        if n == 0:  # x_state is the rebuilt chain input: check it, then the state's bytes are not needed
+            if check:
+                gaps.append(_gap(_sketch(x_state, signs), input_sketch))
+            _release(x_state, v_state)
         out, grads = _pull_back(ctx, n, x_in, adjoint)
         param_grads.append(grads)
         branch_input = x_in if dropin else None
@@ -523,10 +529,22 @@ def _backward_by_inverse(ctx, grad_out: torch.Tensor, x_state: torch.Tensor, v_s
         elif n > 0:  # a span's start: the stored state takes over, v_{n-1} only feeds the check
             previous_velocity(x_state, v_state, out, branch_input, spec.gamma)
         del out  # not alive at the next block's recompute, where the step's memory peaks
-    if grad_out.device.type != 'meta':  # meta tensors have shapes, not values to check
-        gaps.append(_gap(_sketch(x_state, signs), input_sketch))
+    if check:
         _report_reconstruction(torch.stack(gaps).max(), ctx.work_dtype, spec.gamma, len(spec.blocks))
     return adjoint.grad_x, [g for block_grads in reversed(param_grads) for g in block_grads]
+
+
+def _release(*states: torch.Tensor) -> None:
+    """Free the bytes of saved states the backward has finished with, before the recomputes that follow, where
+    the step's memory peaks (the parameter gradients are all there by the chain's first block). Autograd keeps
+    a saved tensor until the node's backward returns; a state rebuilt in place can never be read again (a second
+    backward fails on its version), so its storage is emptied. Only a state that owns its storage exactly is
+    freed: one a saved-tensor hook packed into a shared buffer is left alone."""
+    for state in states:
+        storage = state.untyped_storage()
+        if (state.device.type != 'meta' and state.is_contiguous() and state.storage_offset() == 0
+                and storage.nbytes() == state.numel() * state.element_size()):
+            storage.resize_(0)
 
 
 def _pull_back(ctx, n: int, x_in: torch.Tensor, adjoint: '_Adjoint'
