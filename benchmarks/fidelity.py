@@ -60,7 +60,7 @@ def train_plain(model: str, folder: Path, epochs: int, described: Dict[str, Any]
     if (folder / 'final' / 'model.safetensors').is_file() and summary_path.is_file():
         return {**json.loads(summary_path.read_text()), **described}
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = train(dict(DEFAULTS, model=model, output=str(folder), epochs=epochs, **UPSTREAM_RECIPE, **overrides))
+    result = train(dict(DEFAULTS, model=model, output=str(folder), epochs=epochs, **{**UPSTREAM_RECIPE, **overrides}))
     summary = {'model': model, **described, 'test_top1': result['metrics']['val_acc'], 'epochs': epochs,
                'wall_s': time.perf_counter() - started, 'cpu_s': time.process_time() - cpu_started,
                'threads': torch.get_num_threads()}

@@ -17,10 +17,12 @@ from timm_momentum.tools.errors import ConversionError
 
 def check_entry(entry: dict, manifest: str) -> None:
     """ConversionError naming what is wrong with a manifest entry: keys, a source that is not a pretrained tag of
-    timm's ResNet family (or a file or hf-hub: repo), or a name that is not that tag's momentum model."""
+    timm's ResNet family or its Block-based ViTs (or a file or hf-hub: repo), or a name that is not that tag's
+    momentum model."""
     import timm
 
-    from timm_momentum.core.models.resnet_family import momentum_name, source_architectures
+    from timm_momentum.core.models import resnet_family, vit_family
+    from timm_momentum.core.models.derive import momentum_name
 
     if not isinstance(entry, dict) or {'source', 'name'} - set(entry):
         raise ConversionError(f'{manifest}: entry {entry} needs source and name')
@@ -28,8 +30,10 @@ def check_entry(entry: dict, manifest: str) -> None:
     tag = source[len('timm/'):] if source.startswith('timm/') else None
     if tag is None:
         return  # a file or an hf-hub: repo: the converter reads its architecture
-    if tag.split('.')[0] not in source_architectures() or tag not in timm.list_pretrained(tag):
-        raise ConversionError(f'{manifest}: {source} is not a pretrained tag of timm\'s ResNet family')
+    family = resnet_family.source_architectures() + vit_family.SOURCES
+    if tag.split('.')[0] not in family or tag not in timm.list_pretrained(tag):
+        raise ConversionError(f'{manifest}: {source} is not a pretrained tag of timm\'s ResNet family or its '
+                              f'Block-based ViTs')
     if name != momentum_name(tag):
         raise ConversionError(f'{manifest}: {source} converts to {momentum_name(tag)}, not {name}')
 

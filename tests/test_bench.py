@@ -295,3 +295,28 @@ def test_a_family_model_is_refused_by_bench_with_the_reason():
 
     with pytest.raises(ValueError, match="'momentum_resnet50d': bench takes the plain-depth drop-in models"):
         run_benchmark(['momentum_resnet50d'])
+
+
+def test_vit_rows_are_judged_by_model_against_timms_vit():
+    """A ViT's rows are keyed by model, not depth (ViT-S and ViT-B are both 12 blocks deep): peak below
+    checkpointing at every size, <= 0.5x plain at ViT-B/384, step time <= 1.05x checkpointing on cpu fp32."""
+    def rows(model, plain, ckpt, eff, t_ckpt, t_eff):
+        base = {'model': model, 'family': 'vit', 'depth': 12, 'saved_bytes': 1, 'param_bytes': 1, 'compiled': None,
+                'step_seconds': 1.0, 'time_ratio_min': 1.0, 'time_ratio_max': 1.0}
+        return [dict(base, config='resnet', peak_bytes=plain, time_ratio=1.0, time_ratios=[1.0]),
+                dict(base, config='resnet+checkpointing', peak_bytes=ckpt, time_ratio=t_ckpt, time_ratios=[t_ckpt]),
+                dict(base, config='momentum memory-efficient', peak_bytes=eff, time_ratio=t_eff, time_ratios=[t_eff])]
+
+    args = dict(models=['momentum_vit_small_patch16_224', 'momentum_vit_base_patch16_224'], batch_size=16,
+                img_size=384, device='cpu', amp=None, time_batch_size=4, measure_peak=True)
+    judged, _ = check_targets(rows('momentum_vit_small_patch16_224', 100, 30, 20, 1.2, 1.3)
+                              + rows('momentum_vit_base_patch16_224', 100, 30, 40, 1.2, 1.25), args)
+    targets = {t['target'].rsplit(' (', 1)[0]: t for t in judged}
+    assert targets['peak memory vit_small_patch16_224 at 384²: memory-efficient / timm checkpointing']['pass']
+    assert not targets['peak memory vit_base_patch16_224 at 384²: memory-efficient / timm checkpointing']['pass']
+    assert targets['peak memory vit_base_patch16_224 at 384²: memory-efficient / plain']['value'] == 0.4
+    assert 'peak memory vit_small_patch16_224 at 384²: memory-efficient / plain' not in targets  # ViT-B's alone
+    assert not targets['step time vit_small_patch16_224 at 384²: memory-efficient / timm checkpointing']['pass']
+    assert targets['step time vit_base_patch16_224 at 384²: memory-efficient / timm checkpointing']['value'] == \
+        pytest.approx(1.25 / 1.2)
+    assert not any('depth' in t['target'] for t in judged)  # no ResNet rows, no ResNet targets

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from timm_momentum.core.models.resnet_family import source_architectures
+from timm_momentum.core.models import resnet_family, vit_family
 from timm_momentum.tools.errors import ConversionError
 from timm_momentum.tools.models import BEGIN, END, families_markdown, family_of, generated_files, readme_with_table
 
@@ -28,12 +28,13 @@ def test_the_tables_name_every_architecture_and_tag():
     models = (ROOT / 'MODELS.md').read_text()
     readme = (ROOT / 'README.md').read_text()
     table = readme[readme.index(BEGIN):readme.index(END)]
-    for source in source_architectures():
+    sources = resnet_family.source_architectures() + vit_family.SOURCES
+    for source in sources:
         assert f'`momentum_{source}`' in models and family_of(source) != 'other'
         assert f' {source},' in table or f' {source} |' in table
     entries = yaml.safe_load((ROOT / 'convert' / 'zoo.yaml').read_text())['models']
-    tags = [t for s in source_architectures() for t in timm.list_pretrained(f'{s}.*')]
-    assert sorted(e['source'] for e in entries) == sorted(f'timm/{t}' for t in tags) and len(tags) >= 150
+    tags = [t for s in sources for t in timm.list_pretrained(f'{s}.*')]
+    assert sorted(e['source'] for e in entries) == sorted(f'timm/{t}' for t in tags) and len(tags) >= 450
     for entry in entries:
         check_entry(entry, 'zoo.yaml')
 
@@ -45,7 +46,9 @@ def test_a_readme_without_the_markers_is_refused():
 
 @pytest.mark.parametrize('entry, message', [
     ({'source': 'timm/resnet50d.ra2_in1k'}, 'needs source and name'),
-    ({'source': 'timm/vit_base_patch16_224.augreg_in21k', 'name': 'x'}, "not a pretrained tag of timm's ResNet family"),
+    ({'source': 'timm/vit_base_patch16_rpn_224.sw_in1k', 'name': 'x'}, "not a pretrained tag of timm's ResNet family"),
+    ({'source': 'timm/vit_base_patch16_224.augreg_in21k', 'name': 'x'},
+     'converts to momentum_vit_base_patch16_224.augreg_in21k, not x'),
     ({'source': 'timm/resnet50d.nope', 'name': 'momentum_resnet50d.nope'}, 'not a pretrained tag'),
     ({'source': 'timm/resnet50d.ra2_in1k', 'name': 'momentum_resnet50.ra2_in1k'},
      'converts to momentum_resnet50d.ra2_in1k, not momentum_resnet50.ra2_in1k'),

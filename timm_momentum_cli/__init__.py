@@ -99,7 +99,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _add_models(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser('models', help="the momentum models of timm's ResNet family, as README tables them")
+    parser = subparsers.add_parser('models', help="the momentum models of timm's ResNet family and ViTs, as README tables them")
     parser.add_argument('--write', action='store_true',
                         help="rewrite README.md's models table, MODELS.md and convert/zoo.yaml from timm's registry")
     parser.add_argument('--repo', default=None, help='the checkout to write in (default: the one this package is in)')
