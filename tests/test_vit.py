@@ -298,3 +298,60 @@ def test_a_momentum_vit_fine_tunes_memory_efficiently_and_its_export_loads_in_ti
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(wrapped(pixel_values=x).logits, model(x))
+
+
+# What timm's train.py and validate.py do with a ViT: train.py creates the model by name with --model-kwargs and
+# saves a checkpoint as its CheckpointSaver does; validate.py creates it by name alone and loads that checkpoint
+# with timm's load_checkpoint. Both run through timm_momentum.tools.run, as README says to run timm's scripts.
+VIT_TRAIN_SCRIPT = '''
+import argparse, sys
+import timm, torch
+from timm.models import load_checkpoint
+from timm.utils import ParseKwargs
+
+parser = argparse.ArgumentParser()
+parser.add_argument('--model')
+parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+parser.add_argument('--output')
+parser.add_argument('--validate', action='store_true')
+args = parser.parse_args()
+torch.manual_seed(0)
+x, y = torch.randn(2, 3, 160, 160), torch.randint(0, 3, (2,))
+if args.validate:
+    model = timm.create_model(args.model, num_classes=3)
+    load_checkpoint(model, args.output)
+    with torch.no_grad():
+        torch.save({'cfg': model.momentum_cfg, 'logits': model.eval()(x)}, args.output + '.val')
+    sys.exit(0)
+model = timm.create_model(args.model, num_classes=3, **args.model_kwargs).train()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+for _ in range(2):
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+torch.save({'epoch': 0, 'arch': args.model, 'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'version': 2, 'args': args, 'metric': 0.5}, args.output)
+with torch.no_grad():
+    torch.save({'logits': model.eval()(x)}, args.output + '.train')
+'''
+
+
+def test_a_train_py_checkpoint_of_a_momentum_vit_validates_at_its_trained_settings(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / 'train_like.py'
+    script.write_text(VIT_TRAIN_SCRIPT)
+    checkpoint = tmp_path / 'model_best.pth.tar'
+
+    def run(*args):
+        done = subprocess.run([sys.executable, '-m', 'timm_momentum.tools.run', str(script), '--model',
+                               'momentum_test_vit', '--output', str(checkpoint), *args], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+
+    run('--model-kwargs', 'memory_efficient=True', 'gamma=0.7', 'block_fn=split')
+    run('--validate')
+    result = torch.load(str(checkpoint) + '.val')
+    assert result['cfg']['gamma'] == [0.7] and result['cfg']['block_fn'] == 'split'  # not the defaults 0.9, dropin
+    torch.testing.assert_close(result['logits'], torch.load(str(checkpoint) + '.train')['logits'], rtol=0, atol=1e-6)
