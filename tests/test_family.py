@@ -91,12 +91,19 @@ def test_every_architecture_builds_with_timms_keys_and_is_its_source_at_gamma_ze
 def test_memory_efficient_gradients_match_standard_backprop(source, standard_matches_memory_efficient):
     """On the sample, at gamma 0.9 (every chain of two or more blocks inverts), the memory-efficient backward's
     gradients are standard backprop's, and each BatchNorm's statistics are updated once, from the same batch.
-    (64x64: at 32x32 layer4 normalises over 2 values per channel, which amplifies rounding without bound.)"""
+    (64x64: at 32x32 layer4 normalises over 2 values per channel, which amplifies rounding without bound.)
+
+    In float64, where a rebuilt block input is the forward's to about 1e-16. In float32 it is the forward's to an
+    ulp or two, and a ReLU whose input lies that close to 0 takes the other side in the recompute: the gradient
+    through that one element is then 0 instead of whole. Which sample hits such a tie depends on the machine's
+    arithmetic (wide_resnet50_2 did on 2 threads of an AMD EPYC, 1.7e-2, and not on 1 thread), so a float32
+    bound would test the machine, not the backward; the fp32 errors are measured in benchmarks/fidelity*.py."""
     torch.manual_seed(0)
     standard = timm.create_model(momentum_name(source), num_classes=5, gamma=0.9, zero_init_last=False).train()
+    standard.double()
     efficient = copy.deepcopy(standard)
     efficient.set_momentum(memory_efficient=True)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     grads, outputs = [], []
     for net in (standard, efficient):
         inputs = x.clone().requires_grad_(True)
@@ -105,7 +112,7 @@ def test_memory_efficient_gradients_match_standard_backprop(source, standard_mat
         grads.append([inputs.grad] + [p.grad for p in net.parameters()])
     assert torch.equal(*outputs)  # the two modes run the same arithmetic forward
     errors = [relative_error(e, s) for e, s in zip(grads[1], grads[0])]
-    assert max(errors) <= 1e-5, f'{source}: worst relative gradient error {max(errors):.2e}'
+    assert max(errors) <= 1e-10, f'{source}: worst relative gradient error {max(errors):.2e}'
     for buf_s, buf_e in zip(standard.buffers(), efficient.buffers()):
         assert torch.equal(buf_s, buf_e)
 
