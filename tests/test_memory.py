@@ -50,10 +50,16 @@ def test_peak_step_memory_rejects_bad_mode_and_amp_before_starting_a_subprocess(
 
 
 def test_peak_rss_resets_after_a_warm_up():
+    import mmap
+
     reset_peak_rss()  # this process's earlier peak (other tests) would hide the 64 MiB below
     before = vm_hwm_bytes()
-    block = torch.ones(64 * MiB, dtype=torch.uint8)  # touched, so resident
-    del block
+    # fresh pages from the kernel, written so they are resident: a tensor could reuse pages the allocator kept
+    # resident from earlier tests, which raise no peak (CI saw that once)
+    block = mmap.mmap(-1, 64 * MiB)
+    for offset in range(0, 64 * MiB, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
     assert vm_hwm_bytes() >= before + 60 * MiB
     reset_peak_rss()
     assert vm_hwm_bytes() < before + 60 * MiB  # what compiling a model leaves behind is not a step's peak
