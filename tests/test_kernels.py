@@ -91,15 +91,17 @@ def test_compiled_inverse_and_adjoint_steps_match_the_eager_ones(fused):
         return state_x, state_v, first_input, next_input
 
     def adjoint():
-        grad_x, block_grad = out.float().clone(), x_in.clone()
+        grad_x, block_grad, direct = out.float().clone(), x_in.clone(), (x_in * 3).clone()
         kernels.adjoint_update(grad_x, x_in * 2, block_grad, 0.9, dropin=True, last=False)
-        position_grad = kernels.standard_backward(grad_x, block_grad, 0.9, dropin=True)
-        return (grad_x, block_grad) + tuple(position_grad)
+        with torch.no_grad():
+            step = kernels.standard_adjoint(grad_x, direct, block_grad, 0.9, dropin=True)
+        return (grad_x, block_grad, direct) + tuple(step)
 
     for step in (inverse, adjoint):
         eager, compiled = _both(step)
         assert all(_close(a, b) for a, b in zip(eager, compiled))
-    assert {'_position', '_velocity', '_velocity_and_position', '_adjoint', '_standard'} <= kernels.compiled_kernels()
+    assert {'_position', '_velocity', '_velocity_and_position', '_adjoint', '_standard_adjoint'} <= \
+        kernels.compiled_kernels()
 
 
 @pytest.mark.slow
@@ -120,7 +122,7 @@ def test_compiled_kernels_train_as_the_eager_ones(fused, standard_matches_memory
             out.square().sum().backward()
             outs[enabled, memory_efficient] = out.detach()
             grads[enabled, memory_efficient] = torch.cat([p.grad.flatten() for p in trained.parameters()])
-    assert {'_forward', '_velocity_and_position', '_adjoint', '_standard'} <= kernels.compiled_kernels()
+    assert {'_forward', '_velocity_and_position', '_adjoint', '_standard_adjoint'} <= kernels.compiled_kernels()
     for enabled in (False, True):
         assert torch.equal(outs[enabled, False], outs[enabled, True])
     for key in grads:
@@ -128,40 +130,79 @@ def test_compiled_kernels_train_as_the_eager_ones(fused, standard_matches_memory
     assert (outs[True, False] - outs[False, False]).abs().max().item() <= 1e-5
 
 
-def _standard_step(x, v, out, block_input):
-    """``kernels.next_state`` on a copy of v (None before the first block): (x_n, v_n, the copy it was given)."""
-    given = None if v is None else v.clone()
-    next_x, next_v = kernels.next_state(x, given, out, block_input, 0.9)
-    return next_x, next_v, given
+def _positions(seed):
+    """x_{n-2}, x_{n-1} and a block's output, float32."""
+    torch.manual_seed(seed)
+    return torch.randn(2, 8, 5, 7) * 3, torch.randn(2, 8, 5, 7) * 3, torch.randn(2, 8, 5, 7)
 
 
-def test_standard_step_updates_the_velocity_in_place_and_keeps_its_inputs():
-    """Standard mode's step: the rule from block(x) with the drop-in's subtraction folded into the velocity; v in
-    its own storage (a new tensor only before the first block); x and block(x) untouched, x_n a tensor of its own."""
-    x, v, out, _ = _state((2, 8, 5, 7), torch.float32, torch.float32, seed=3)
-    inputs = x.clone(), out.clone()
+def test_position_form_step_is_the_rule_and_keeps_its_inputs():
+    """Standard mode's forward step: ``forward_step`` with v_{n-1} = x_{n-1} - x_{n-2} (v = 0 before the first block),
+    for the drop-in f from block(x) and for a direct f; x_n a new tensor, its inputs untouched."""
+    previous, x, out = _positions(seed=3)
+    inputs = previous.clone(), x.clone(), out.clone()
     for first in (True, False):
-        for block_input in (x, None):
-            next_x, next_v, given = _standard_step(x, None if first else v, out, block_input)
-            f = out if block_input is None else out - block_input
-            expected_x, expected_v = kernels.forward_step(x, None if first else v, f, 0.9, inplace=False)
-            assert _close(next_v, expected_v) and _close(next_x, expected_x)
-            if not first:
-                assert next_v.data_ptr() == given.data_ptr()  # updated in place, not a new tensor
-            assert next_x.data_ptr() not in (x.data_ptr(), out.data_ptr(), next_v.data_ptr())
-            assert torch.equal(x, inputs[0]) and torch.equal(out, inputs[1])
+        for dropin in (True, False):
+            before = None if first else previous
+            next_x = kernels.next_position(x, before, out, 0.9, dropin)
+            velocity = None if first else (x.double() - previous.double())
+            f = out.double() - x.double() if dropin else out.double()
+            expected, _ = kernels.forward_step(x.double(), velocity, f, 0.9, inplace=False)
+            assert _close(next_x, expected.float())
+            assert next_x.data_ptr() not in (x.data_ptr(), out.data_ptr(), previous.data_ptr())
+            assert all(torch.equal(a, b) for a, b in zip((previous, x, out), inputs))
+
+
+def _adjoint_reference(grad_x, direct, block_grad, gamma, dropin):
+    """The adjoint of (x, v) -> (x + v', v') with v' = gamma v + (1 - gamma) f, in float64 and out of place."""
+    total = grad_x.double() + (0 if direct is None else direct.double())
+    g = total if block_grad is None else total + gamma / (1 - gamma) * block_grad.double()  # dL/dv_n
+    return (1 - gamma) * g, total - (1 - gamma) * g if dropin else total
+
+
+def test_standard_adjoint_updates_the_direct_part_in_place_and_keeps_the_gradients_it_reads():
+    """Standard mode's backward step: (1 - gamma) g_n in a new tensor and the direct part of dL/dx_{n-1} in the
+    direct part's own storage (a new tensor only at the chain's last block); autograd's gradient of x_n and the
+    block after's output gradient untouched. Recorded by autograd (a double backward), nothing changes in place."""
+    grad_x, direct, block_grad = _positions(seed=5)
+    inputs = grad_x.clone(), block_grad.clone()
+    for last in (True, False):
+        for dropin in (True, False):
+            given = None if last else direct.clone()
+            with torch.no_grad():
+                new_block_grad, new_direct = kernels.standard_adjoint(
+                    grad_x, given, None if last else block_grad, 0.9, dropin)
+            expected = _adjoint_reference(grad_x, None if last else direct, None if last else block_grad, 0.9, dropin)
+            assert _close(new_block_grad, expected[0].float()) and _close(new_direct, expected[1].float())
+            assert new_block_grad.data_ptr() not in (grad_x.data_ptr(), block_grad.data_ptr(), new_direct.data_ptr())
+            if last:
+                assert new_direct.data_ptr() != grad_x.data_ptr()  # later steps update it in place
+            else:
+                assert new_direct.data_ptr() == given.data_ptr()  # updated in place, not a new tensor
+            assert torch.equal(grad_x, inputs[0]) and torch.equal(block_grad, inputs[1])
+    recorded = direct.clone().requires_grad_(True)
+    with torch.enable_grad():
+        _, new_direct = kernels.standard_adjoint(grad_x, recorded * 1, block_grad, 0.9, True)
+    assert new_direct.grad_fn is not None and recorded._version == 0
 
 
 @pytest.mark.slow
-def test_compiled_standard_step_matches_the_eager_one(fused):
-    x, v, out, _ = _state((2, 8, 5, 7), torch.float32, torch.float32, seed=4)
+def test_compiled_standard_steps_match_the_eager_ones(fused):
+    previous, x, out = _positions(seed=4)
     for first in (True, False):
-        for block_input in (x, None):
-            eager, compiled = _both(lambda: _standard_step(x, None if first else v, out, block_input))
-            assert '_next' in kernels.compiled_kernels()
+        for dropin in (True, False):
+            eager, compiled = _both(lambda: kernels.next_position(x, None if first else previous, out, 0.9, dropin))
+            assert _close(eager, compiled)
+
+            def adjoint():
+                direct = None if first else previous.clone()
+                with torch.no_grad():
+                    return kernels.standard_adjoint(out, direct, None if first else x, 0.9, dropin) + (direct,)
+            eager, compiled = _both(adjoint)
             assert _close(eager[0], compiled[0]) and _close(eager[1], compiled[1])
             if not first:
-                assert _close(compiled[2], compiled[1])  # the compiled kernel wrote v back into its storage
+                assert compiled[1].data_ptr() == compiled[2].data_ptr()  # the compiled kernel wrote in place
+    assert {'position_form_step', '_standard_adjoint'} <= kernels.compiled_kernels()
 
 
 def test_a_failed_compile_warns_once_and_runs_eagerly():

@@ -41,8 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import (set_standard_matches_memory_efficient, set_strict_check, standard_matches_memory_efficient,
                      strict_check_enabled)
-from .kernels import (adjoint_update, forward_step, forward_update, next_state, previous_position, previous_velocity,
-                      previous_velocity_and_position, standard_backward)
+from .kernels import (adjoint_update, forward_step, forward_update, next_position, previous_position,
+                      previous_velocity, previous_velocity_and_position, standard_adjoint)
 
 __all__ = [
     'BlockFn', 'ChainPlan', 'PAPER_GAMMA', 'dropin_fn', 'validate_gamma', 'plan_chain', 'plan_bytes', 'min_safe_gamma',
@@ -679,6 +679,10 @@ def momentum_chain(
         return x
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for block in blocks for p in block.parameters()))
+    if gamma == 0.0 and block_fn is dropin_fn and not (needs_grad and (memory_efficient or
+                                                        standard_matches_memory_efficient())):
+        # v_n = f_n and x_n = x_{n-1} + f_n = block(x_{n-1}): the plain blocks, bit for bit, nothing else to do
+        return _plain_chain(x, blocks, grad_checkpointing and needs_grad)
     if not needs_grad:  # eval and no_grad: the plain forward, in the input's dtype
         return _autograd_chain(x, blocks, gamma, block_fn, False, x.dtype)
     if memory_efficient:
@@ -709,6 +713,13 @@ def _run_block(fn: BlockFn, block: nn.Module, x: torch.Tensor, grad_checkpointin
     return fn(block, x)
 
 
+def _plain_chain(x: torch.Tensor, blocks: Sequence[nn.Module], grad_checkpointing: bool) -> torch.Tensor:
+    """The drop-in chain at gamma = 0: its blocks one after another, as the source network runs them."""
+    for block in blocks:
+        x = _run_block(_block_output, block, x, grad_checkpointing)
+    return x
+
+
 def _autograd_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, block_fn: BlockFn,
                     grad_checkpointing: bool, carrier: torch.dtype) -> torch.Tensor:
     """The chain as plain tensor ops (``forward_step`` out of place), with the state in ``carrier``; autograd,
@@ -722,20 +733,19 @@ def _autograd_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, 
 
 def _stepped_chain(x: torch.Tensor, blocks: Sequence[nn.Module], gamma: float, block_fn: BlockFn,
                    grad_checkpointing: bool) -> torch.Tensor:
-    """The chain in standard backprop with one ``_MomentumStep`` per block: its state is updated in place
-    outside autograd, and each block's backward is ``standard_backward``, one pass."""
+    """The chain in standard backprop with one ``_MomentumStep`` per block, whose forward and backward are each a
+    few element-wise passes outside autograd (``kernels.next_position``, ``kernels.standard_adjoint``)."""
     dropin = block_fn is dropin_fn  # the step subtracts the drop-in f's input itself, in the update's pass
     step_fn = _block_output if dropin else block_fn
-    carrier = standard_carrier(x, gamma, len(blocks))
-    # a state in the input's dtype is the position itself, stepped into a new tensor with the subtraction folded in
-    # (next_state); a wider one, or any one that must match the memory-efficient forward bitwise, is updated in
-    # place by that forward's own forward_update
-    copied = carrier != x.dtype or standard_matches_memory_efficient()
-    state = _CarrierState(x.detach().to(carrier, copy=True) if copied else None)
-    position, token = x, None
+    # positions alone (the velocity is the last step), or, where it must match the memory-efficient forward
+    # bitwise, that forward's own state (x, v) in its dtype, updated in place by its own forward_update
+    matched = standard_matches_memory_efficient()
+    state = _StepState(x.detach().to(standard_carrier(x, gamma, len(blocks)), copy=True) if matched else None)
+    position, block_token, direct_token = x, None, None
     for block in blocks:
         out = _run_block(step_fn, block, position, grad_checkpointing)
-        position, token = _MomentumStep.apply(out, position, token, state, gamma, dropin)
+        position, block_token, direct_token = _MomentumStep.apply(
+            out, position, block_token, direct_token, state, gamma, dropin)
     return position
 
 
@@ -744,56 +754,56 @@ def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block(x)
 
 
-class _CarrierState:
-    """A chain's state (x, v) for ``_MomentumStep``, with v = 0 at the start; x is None where the state is carried
-    in the blocks' own dtype, so that the position is x."""
+class _StepState:
+    """What a chain's steps pass forward outside autograd: the position before the last (x_{n-2}), or, where
+    standard mode matches the memory-efficient forward, that forward's state (x, v) in its own dtype."""
 
     def __init__(self, x: Optional[torch.Tensor]) -> None:
+        self.previous: Optional[torch.Tensor] = None
         self.x = x
         self.v: Optional[torch.Tensor] = None
 
 
 class _MomentumStep(torch.autograd.Function):
-    """One block's update in standard backprop, with the adjoint of the memory-efficient backward.
+    """One block's update in standard backprop, as a few element-wise passes with nothing saved (the rule is linear).
 
-    Autograd sees the position x_n rounded to the input dtype (the next block's input and the chain's output)
-    and a velocity token, a zero-stride stand-in for v_n whose gradient carries (1 - gamma) dL/dv_n. The state is
-    updated outside autograd (``kernels.next_state``; a wider state in place, by the memory-efficient forward's own
-    ``kernels.forward_update``) and needs nothing saved, since the rule is linear. So each block's backward is one pass in the input
-    dtype (``kernels.standard_backward``). For the drop-in f the step takes block(x) and subtracts x itself.
+    Forward: x_n from block n's output, x_{n-1} and x_{n-2} (``kernels.next_position``), a new tensor, the next
+    block's input; or, matching the memory-efficient forward, that forward's ``kernels.forward_update`` of its state.
+    For the drop-in f the step takes block(x) and subtracts x itself.
+
+    Backward (``kernels.standard_adjoint``): two zero-stride tokens stand for the state between steps, and their
+    gradients carry the adjoint from block n + 1 to block n outside autograd's sums: (1 - gamma) g_{n+1}, and the
+    direct part of dL/dx_n (through the rule, not through block n + 1), a tensor of the chain's own that each step
+    updates in place. Only the chain's first step hands the direct part to autograd, for the chain's input.
     """
 
     generate_vmap_rule = True  # torch.func transforms (grad, vmap, ...) work as through the plain ops
 
     @staticmethod
-    def forward(out: torch.Tensor, position: torch.Tensor, token: Optional[torch.Tensor], state: _CarrierState,
-                gamma: float, dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(out: torch.Tensor, position: torch.Tensor, block_token: Optional[torch.Tensor],
+                direct_token: Optional[torch.Tensor], state: _StepState, gamma: float, dropin: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if state.x is None:
-            position, state.v = next_state(position, state.v, out, position if dropin else None, gamma)
+            next_x = next_position(position, state.previous, out, gamma, dropin)
+            state.previous = position
         else:
-            state.v, position = forward_update(state.x, state.v, out, position if dropin else None, gamma,
-                                               position.dtype)
-        return position, position.new_zeros(()).expand(position.shape)
+            state.v, next_x = forward_update(state.x, state.v, out, position if dropin else None, gamma,
+                                                     position.dtype)
+        shape = next_x.shape
+        return next_x, position.new_zeros(()).expand(shape), position.new_zeros(()).expand(shape)
 
     @staticmethod
-    def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-        out, _, token, _, gamma, dropin = inputs
+    def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, ...]) -> None:
+        out, _, block_token, _, _, gamma, dropin = inputs
         ctx.set_materialize_grads(False)
-        ctx.gamma, ctx.out_dtype, ctx.first, ctx.dropin = gamma, out.dtype, token is None, dropin
+        ctx.gamma, ctx.out_dtype, ctx.first, ctx.dropin = gamma, out.dtype, block_token is None, dropin
 
     @staticmethod
-    def backward(ctx, grad_position: Optional[torch.Tensor], grad_token: Optional[torch.Tensor]
-                 ) -> Tuple[Optional[torch.Tensor], ...]:
-        # (1 - gamma) g_n = (1 - gamma) dL/dx_n + gamma (1 - gamma) g_{n+1}; dL/dx_{n-1} gets dL/dx_n, less
-        # (1 - gamma) g_n where f = block(x) - x
-        if grad_position is None and grad_token is None:
-            return None, None, None, None, None, None
-        if grad_token is None:
-            block_grad = grad_position * (1.0 - ctx.gamma)
-            grad_before = grad_position - block_grad if ctx.dropin else grad_position
-        elif grad_position is None:
-            block_grad = grad_token * ctx.gamma
-            grad_before = -block_grad if ctx.dropin else None
-        else:
-            block_grad, grad_before = standard_backward(grad_position, grad_token, ctx.gamma, ctx.dropin)
-        return block_grad.to(ctx.out_dtype), grad_before, None if ctx.first else block_grad, None, None, None
+    def backward(ctx, grad_position: Optional[torch.Tensor], grad_block: Optional[torch.Tensor],
+                 grad_direct: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+        if grad_position is None and grad_direct is None:  # then no step after this one had a gradient either
+            return None, None, None, None, None, None, None
+        block_grad, direct = standard_adjoint(grad_position, grad_direct, grad_block, ctx.gamma, ctx.dropin)
+        if ctx.first:  # dL/dx_0 = J^T (from block 1, through autograd) + the direct part
+            return block_grad.to(ctx.out_dtype), direct, None, None, None, None, None
+        return block_grad.to(ctx.out_dtype), None, block_grad, direct, None, None, None

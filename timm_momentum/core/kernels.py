@@ -1,17 +1,18 @@
 """The momentum rule, written once, and the element-wise steps of a chain built on it, eager or compiled.
 
-The rule (Sander et al., ICML 2021, eq. 3), its inverse and its adjoint are the four functions ``forward_step``
-(its halves ``velocity_step`` and ``position_step``), ``inverse_position``, ``inverse_velocity`` and
-``adjoint_step``; every path of the package computes with them: the standard and memory-efficient chains
-(``chain``), eager or compiled, and the models' plain forward.
+The rule (Sander et al., ICML 2021, eq. 3), its inverse and its adjoint are the functions ``forward_step`` (its
+halves ``velocity_step`` and ``position_step``), ``inverse_position``, ``inverse_velocity`` and ``adjoint_step``;
+``position_form_step`` is ``forward_step`` with the velocity left implicit (v_{n-1} = x_{n-1} - x_{n-2}), for a
+chain that keeps its positions anyway and never inverts. Every path of the package computes with them: the standard
+and memory-efficient chains (``chain``), eager or compiled, and the models' plain forward.
 
-The steps below apply them in place on a chain's state (x, v), so a chain allocates nothing per block but the
-next block's input (and, in the memory-efficient chain, f). Eagerly a step is a few kernels, one per operation.
-``set_fused(True)`` (or ``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel instead (inductor, dynamic
-shapes, built once per process and cached on disk by torch), about half the bytes moved. It is off by default
-(``benchmarks/RESULTS.md`` has the timings; ``benchmarks/gpu_check.sh`` times it on CUDA). Compiled steps may round
-the last bit differently from the eager ones. Where compiling fails, a warning says so once and the eager steps run;
-``compiled_kernels()`` names the steps that did run compiled.
+The steps below apply them to a chain's state, in place where the state is the chain's own, so a chain allocates
+nothing per block but the next block's input (and, in the memory-efficient chain, f). Eagerly a step is a few
+kernels, one per operation. ``set_fused(True)`` (or ``TIMM_MOMENTUM_FUSED=1``) runs each step as one compiled kernel
+instead (inductor, dynamic shapes, built once per process and cached on disk by torch), fewer bytes moved. It is off
+by default (``benchmarks/RESULTS.md`` has the timings; ``benchmarks/gpu_check.sh`` times it on CUDA). Compiled steps
+may round the last bit differently from the eager ones. Where compiling fails, a warning says so once and the eager
+steps run; ``compiled_kernels()`` names the steps that did run compiled.
 """
 import contextlib
 import warnings
@@ -21,9 +22,10 @@ import torch
 
 from .config import fused_enabled, set_fused
 
-__all__ = ['forward_step', 'velocity_step', 'position_step', 'inverse_position', 'inverse_velocity', 'adjoint_step',
-           'set_fused', 'fused_enabled', 'compiled_kernels', 'forward_update', 'next_state', 'previous_position',
-           'previous_velocity', 'previous_velocity_and_position', 'adjoint_update', 'standard_backward']
+__all__ = ['forward_step', 'velocity_step', 'position_step', 'position_form_step', 'inverse_position',
+           'inverse_velocity', 'adjoint_step', 'set_fused', 'fused_enabled', 'compiled_kernels', 'forward_update',
+           'next_position', 'previous_position', 'previous_velocity', 'previous_velocity_and_position',
+           'adjoint_update', 'standard_adjoint']
 
 _COMPILED: Dict[Callable, Callable] = {}
 _RAN_COMPILED: Set[str] = set()
@@ -65,6 +67,27 @@ def velocity_step(v: Optional[torch.Tensor], f: torch.Tensor, gamma: float, inpl
 def position_step(x: torch.Tensor, v: torch.Tensor, inplace: bool) -> torch.Tensor:
     """The rule's second half: x <- x + v, in x's storage with ``inplace``, else a new tensor."""
     return x.add_(v) if inplace else x + v
+
+
+def position_form_step(x: torch.Tensor, previous: Optional[torch.Tensor], f: torch.Tensor, gamma: float,
+                       dropin: bool) -> torch.Tensor:
+    """``forward_step`` on positions alone, with the velocity left implicit: v_{n-1} = x_{n-1} - x_{n-2}, so
+
+        x_n = x_{n-1} + gamma (x_{n-1} - x_{n-2}) + (1 - gamma) f_n = lerp(x_{n-2}, x_{n-1}, 1 + gamma) + (1 - gamma) f_n
+
+    and for the drop-in f_n = block(x_{n-1}) - x_{n-1}, passed as ``f`` = block(x_{n-1}) with ``dropin``,
+    x_n = lerp(lerp(x_{n-2}, x_{n-1}, 2), block(x_{n-1}), 1 - gamma). ``previous`` = x_{n-2}, None before the
+    first block (v = 0: x_1 = x_0 + (1 - gamma) f_1). Returns x_n in a new tensor: two passes, one new tensor, for a
+    chain whose positions are kept anyway (standard backprop saves each as the next block's input) and which never
+    inverts. Equal to ``forward_step`` but for rounding.
+    """
+    weight = 1.0 - gamma
+    f = f.to(x.dtype)
+    if previous is None:
+        return torch.lerp(x, f, weight) if dropin else torch.add(x, f, alpha=weight)
+    if dropin:
+        return torch.lerp(previous, x, 2.0).lerp_(f, weight)
+    return torch.lerp(previous, x, 1.0 + gamma).add_(f, alpha=weight)
 
 
 def inverse_position(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -210,20 +233,11 @@ def forward_update(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch
     return _call(_forward, x, velocity, out, block_input, gamma, next_dtype)
 
 
-def _next(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor, block_input: Optional[torch.Tensor],
-          gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    # the velocity in its own storage (nothing else holds it), the position new: x_{n-1} stays the block's input
-    velocity = velocity_step(velocity, out, gamma, velocity is not None, block_input)
-    return position_step(x, velocity, False), velocity
-
-
-def next_state(x: torch.Tensor, velocity: Optional[torch.Tensor], out: torch.Tensor,
-               block_input: Optional[torch.Tensor], gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``forward_step`` from a block's output (arguments as in ``forward_update``), for a state carried in the
-    blocks' own dtype: v is updated in place (a new tensor before the first block), and x_n, the next block's input
-    as it is, is a new tensor. No tensor is made for the drop-in f. Returns (x_n, v_n).
-    """
-    return _call(_next, x, velocity, out, block_input, gamma)
+def next_position(x: torch.Tensor, previous: Optional[torch.Tensor], out: torch.Tensor, gamma: float,
+                  dropin: bool) -> torch.Tensor:
+    """``position_form_step`` from a block's output (block(x) for the drop-in f): x_n in a new tensor, x and
+    ``previous`` untouched."""
+    return _call(position_form_step, x, previous, out, gamma, dropin)
 
 
 def _position(x: torch.Tensor, velocity: torch.Tensor, next_dtype: torch.dtype) -> torch.Tensor:
@@ -278,14 +292,39 @@ def adjoint_update(grad_x: torch.Tensor, grad_in: Optional[torch.Tensor], block_
     _call(_adjoint, grad_x, grad_in, block_grad, gamma, dropin, last)
 
 
-def _standard(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: float,
-              dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    block_grad = adjoint_step(grad_position, grad_velocity, gamma, inplace=False)
-    return block_grad, grad_position - block_grad if dropin else grad_position
+def _standard_adjoint(grad_x: Optional[torch.Tensor], direct: Optional[torch.Tensor],
+                      block_grad: Optional[torch.Tensor], gamma: float, dropin: bool, inplace: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    # dL/dx_n = what reached x_n through later blocks + its direct part, summed in the direct part's storage
+    if direct is None:
+        total = grad_x
+    elif grad_x is None:
+        total = direct
+    else:
+        total = direct.add_(grad_x) if inplace else direct + grad_x
+    block_grad = total * (1.0 - gamma) if block_grad is None else adjoint_step(total, block_grad, gamma, False)
+    if dropin:
+        return block_grad, total.sub_(block_grad) if inplace and direct is not None else total - block_grad
+    return block_grad, total.clone() if inplace and direct is None else total
 
 
-def standard_backward(grad_position: torch.Tensor, grad_velocity: torch.Tensor, gamma: float,
-                      dropin: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One block's backward in standard backprop: ``adjoint_step`` from dL/dx_n and (1 - gamma) g_{n+1}, and the
-    gradient reaching x_{n-1} past the block (less (1 - gamma) g_n for the drop-in identity)."""
-    return _call(_standard, grad_position, grad_velocity, gamma, dropin)
+def standard_adjoint(grad_x: Optional[torch.Tensor], direct: Optional[torch.Tensor],
+                     block_grad: Optional[torch.Tensor], gamma: float, dropin: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One block's backward in standard backprop: ``adjoint_step`` with dL/dx_n split in two parts.
+
+    Args:
+        grad_x: What reached x_n through the later blocks (autograd's gradient of x_n; not changed), or None.
+        direct: The direct part of dL/dx_n, through the rule of the block after (None for the chain's last block);
+            a tensor of the chain's own, which is updated in place and returned.
+        block_grad: (1 - gamma) g_{n+1}, the block after's output gradient; None for the chain's last block.
+        gamma: The momentum.
+        dropin: Whether f = block(x) - x, whose identity takes (1 - gamma) g_n off the direct part.
+
+    Returns:
+        (1 - gamma) g_n, block n's output gradient, in a new tensor; and the direct part of dL/dx_{n-1}: dL/dx_n,
+        less (1 - gamma) g_n for the drop-in f. Where autograd records the backward (a double backward) or a
+        functorch transform runs, nothing is updated in place.
+    """
+    inplace = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+    return _call(_standard_adjoint, grad_x, direct, block_grad, gamma, dropin, inplace)
