@@ -162,6 +162,18 @@ def test_a_failing_configuration_is_a_row_not_a_crash(two_configs, monkeypatch, 
     plot_results(results, str(tmp_path / 'bench.png'))  # failed rows are left out of the figure
 
 
+def test_one_process_timing_steps_every_configuration_here(two_configs, monkeypatch):
+    def apart(*args, **kwargs):
+        raise AssertionError('timed in processes of their own')
+
+    monkeypatch.setattr(bench, 'time_steps_apart', apart)
+    results = run_benchmark(['momentum_resnet18'], batch_size=2, img_size=32, time_batch_size=2, warmup=0, steps=1,
+                            measure_peak=False, timing_processes=False)
+    assert results['command_args']['timing'] == 'one process'
+    assert all('failed' not in r and r['step_seconds'] > 0 for r in results['rows'])
+    assert '(1 steps x 1 repeats, one process)' in format_table(results).splitlines()[0]
+
+
 def test_repeats_report_each_ratio_and_their_range(tmp_path):
     results = run_benchmark(['momentum_resnet18'], batch_size=2, img_size=32, time_batch_size=2, warmup=1, steps=1,
                             measure_peak=False, repeats=3, arms=['checkpointing', 'standard', 'memory-efficient'])
@@ -178,25 +190,9 @@ def test_repeats_report_each_ratio_and_their_range(tmp_path):
         assert row['time_ratio'] == sorted(ratios)[1]  # the median of 3
         assert (row['time_ratio_min'], row['time_ratio_max']) == (min(ratios), max(ratios))
         assert row['step_seconds'] == sorted(row['repeat_step_seconds'])[1]
-    assert '(1 steps x 3 repeats)' in format_table(results).splitlines()[0]
+    assert results['command_args']['timing'] == 'a process per configuration'  # on CPU, by default
+    assert '(1 steps x 3 repeats, a process per configuration)' in format_table(results).splitlines()[0]
     plot_results(results, str(tmp_path / 'bench.png'))
-
-
-def test_timing_interleaves_configurations_and_rotates_their_order(monkeypatch):
-    order = []
-
-    def fake_timer(models, x, target, amp):
-        def step(label):
-            order.append(label)
-            return {'a': 1.0, 'b': 2.0, 'c': 3.0}[label] * len(order)  # later steps are slower: a drifting machine
-        return step
-
-    monkeypatch.setattr(bench, '_step_timer', fake_timer)
-    medians = bench._time_steps(dict.fromkeys('abc'), None, None, None, warmup=1, steps=2, repeats=2)
-    assert order == list('abc' 'bca' 'cab' 'abc' 'bca')  # warm-up round, then 2 repeats of 2 rounds
-    # each repeat's median is of its own rounds: repeat 0 has a at steps 6 and 8, b at 4 and 9 (x 2), c at 5 and 7
-    # (x 3); repeat 1 a at 10 and 15, b at 11 and 13, c at 12 and 14
-    assert medians == {'a': [7.0, 12.5], 'b': [13.0, 24.0], 'c': [18.0, 39.0]}
 
 
 def test_step_time_targets_carry_the_range_over_repeats():

@@ -189,6 +189,9 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
                         f'(default: none compiled)')
     parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend of --compile')
     parser.add_argument('--no-peak', action='store_true', help='skip peak memory (one subprocess per row on CPU)')
+    parser.add_argument('--one-process', action='store_true',
+                        help='on CPU, time every configuration in this one process instead of each in a process of '
+                             'its own (they then share one heap, and the largest pays page faults for it)')
     parser.add_argument('--no-max-batch', action='store_true', help='on CUDA, skip the largest-batch search')
     parser.add_argument('--max-batch-models', default=None,
                         help='comma-separated models whose largest batch is searched (default: all)')

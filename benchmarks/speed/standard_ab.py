@@ -1,40 +1,75 @@
-"""Interleaved A/B of standard mode's training step (one-off measurement for issue 25; not a shipped command).
+"""Interleaved A/B of standard mode's training step against plain resnet (a measurement for issue 25, not a shipped
+command).
 
-Three configurations with the same weights (``zero_init_last=False``), stepped in rotating order each round:
-resnet{depth} plain; momentum_resnet{depth} in standard mode with the step of 2026-12-02 (``old``: f = block(x) - x
-and v each a new tensor, ``forward_step`` out of place); and the same model with today's ``kernels._next``
-(``new``: v updated in place, the subtraction folded into it). One step is ``model(x).sum().backward()`` at batch 4,
-224². Prints, per configuration, the median CPU seconds (user + sys of this process) and wall seconds per step,
-and each momentum configuration's ratio to plain: the ratio of the medians, and the median, quartiles and range of
-the per-round ratios::
+Configurations with the same weights (``zero_init_last=False``), stepped in rotating order each round
+(``timm_momentum.tools.timing``, as ``timm-momentum bench`` times them):
 
-    PYTHONPATH=$PWD python benchmarks/speed/standard_ab.py --depth 101 --rounds 15 --threads 1
+* ``plain``: timm's resnet{depth};
+* ``plain again``: a second, identical resnet{depth}, the control: its ratio to ``plain`` is what two equal
+  configurations read on this machine, so the momentum ratio means something only outside that spread;
+* ``momentum``: momentum_resnet{depth} in standard mode, with this tree's core;
+* ``momentum before`` (with ``--before DIR``): the same model run by an older core, ``DIR/timm_momentum/core`` of
+  another checkout (``git worktree add /tmp/before <commit>``), loaded beside this one.
+
+One step is SGD on the cross-entropy of a batch of 4 at 224². By default each configuration steps in a process of
+its own; ``--one-process`` steps them all in this one (then they share one heap). Prints per configuration the
+median wall seconds and minor page faults per step, and its ratio to ``plain``: the ratio of the medians, and the
+median, quartiles and range of the per-round ratios::
+
+    PYTHONPATH=$PWD python benchmarks/speed/standard_ab.py --depth 101 --rounds 100 --threads 2
 
 ``--alloc`` instead times ``a - b`` on a layer3-sized tensor (4×1024×14×14) into fresh memory that is kept, into
-memory freed at once, and in place. ``--profile N`` instead profiles N steps each of plain and the new momentum step
-(``torch.profiler``) and prints the ops whose summed self CPU time differs most between the two.
+memory freed at once, and in place.
 """
 import argparse
-import resource
+import functools
+import importlib
 import statistics
+import sys
 import time
-from collections import defaultdict
+import types
+from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn as nn
 import timm
 
 import timm_momentum  # noqa: F401  (registers the models)
-from timm_momentum.core import kernels
+from timm_momentum.core.models import momentum_resnet
+from timm_momentum.tools.timing import time_steps, time_steps_apart
 
 
-def old_next(x, v, out, block_input, gamma):
-    """The standard step before 2026-12-03: f and v new tensors."""
-    return kernels.forward_step(x, v, out if block_input is None else out - block_input, gamma, inplace=False)
+def load_core(checkout: str):
+    """The chain module of ``checkout``'s ``timm_momentum/core``, as a package of its own beside this tree's (its
+    ``__init__``, which registers models with timm, is not run)."""
+    package = types.ModuleType('core_before')
+    package.__path__ = [str(Path(checkout) / 'timm_momentum' / 'core')]
+    sys.modules['core_before'] = package
+    return importlib.import_module('core_before.chain')
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+class Before(nn.Module):
+    """A momentum model whose stages run an older core's ``momentum_chain``."""
+
+    def __init__(self, model: nn.Module, checkout: str) -> None:
+        super().__init__()
+        self.model, self.chain = model, load_core(checkout).momentum_chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with mock.patch.object(momentum_resnet, 'momentum_chain', self.chain):
+            return self.model(x)
+
+
+def build(depth: int, momentum: bool, checkout: str = '') -> nn.Module:
+    """resnet{depth}, or momentum_resnet{depth} with its weights (run by ``checkout``'s core, where given)."""
+    torch.manual_seed(0)
+    plain = timm.create_model(f'resnet{depth}', zero_init_last=False)
+    if not momentum:
+        return plain.train()
+    model = timm.create_model(f'momentum_resnet{depth}', zero_init_last=False)
+    model.load_state_dict(plain.state_dict())
+    return (Before(model, checkout) if checkout else model).train()
 
 
 def time_allocations(threads: int) -> None:
@@ -57,77 +92,48 @@ def time_allocations(threads: int) -> None:
     print(f'  in place (a.sub_(b)): {per_call_ms(lambda: a.sub_(b)):.3f}')
 
 
-def profile_steps(models, x, steps: int) -> None:
-    from torch.profiler import profile
-
-    totals = {name: defaultdict(float) for name in models}
-    for _ in range(steps):
-        for name, model in models.items():
-            model.zero_grad(set_to_none=True)
-            with profile() as prof:
-                model(x).sum().backward()
-            for event in prof.key_averages():
-                totals[name][event.key] += event.self_cpu_time_total / 1000 / steps
-    plain, momentum = totals['plain'], totals['new']
-    print(f'self CPU ms per step, mean of {steps} profiled steps: plain {sum(plain.values()):.1f}, '
-          f'momentum {sum(momentum.values()):.1f}')
-    for key in sorted(set(plain) | set(momentum), key=lambda k: -abs(momentum[k] - plain[k]))[:20]:
-        print(f'  {key[:60]:60s} plain {plain[key]:8.1f}  momentum {momentum[key]:8.1f}  '
-              f'{momentum[key] - plain[key]:+8.1f}')
+def report(times, faults, args) -> None:
+    where = 'one process' if args.one_process else 'a process per configuration'
+    print(f'resnet{args.depth}, batch 4, 224², {args.threads} thread(s), {args.rounds} interleaved rounds, {where}')
+    plain = statistics.median(times['plain'])
+    for name, seconds in times.items():
+        wall = statistics.median(seconds)
+        line = f'  {name:16s} wall {wall:.4f} s, {statistics.median(faults[name][2:]):6.0f} page faults'
+        if name != 'plain':
+            ratios = sorted(mine / theirs for mine, theirs in zip(seconds, times['plain']))
+            quartiles = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            line += (f'; / plain: ratio of medians {wall / plain:.4f}, per-round median {statistics.median(ratios):.4f},'
+                     f' IQR {quartiles[0]:.3f}-{quartiles[1]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}')
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--depth', type=int, default=101)
-    parser.add_argument('--rounds', type=int, default=15)
-    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--rounds', type=int, default=60)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--before', default='', help='a checkout whose core runs the "momentum before" configuration')
+    parser.add_argument('--one-process', action='store_true', help='step every configuration in this process')
     parser.add_argument('--alloc', action='store_true', help='time a - b into fresh, freed and its own memory')
-    parser.add_argument('--profile', type=int, default=0, metavar='N', help='profile N steps of plain and new')
     args = parser.parse_args()
     if args.alloc:
         time_allocations(args.threads)
         return
     torch.set_num_threads(args.threads)
-    new_next = kernels._next
-    plain = timm.create_model(f'resnet{args.depth}', zero_init_last=False)
-    momentum = timm.create_model(f'momentum_resnet{args.depth}', zero_init_last=False)
-    momentum.load_state_dict(plain.state_dict())
-    x = torch.randn(4, 3, 224, 224)
-
-    def step(model, name):
-        kernels._next = old_next if name == 'old' else new_next
-        model.zero_grad(set_to_none=True)
-        cpu, wall = _cpu(), time.perf_counter()
-        model(x).sum().backward()
-        return _cpu() - cpu, time.perf_counter() - wall
-
-    configs = [('plain', plain.train()), ('old', momentum.train()), ('new', momentum)]
-    for name, model in configs:  # warm-up: two steps each
-        step(model, name)
-        step(model, name)
-    if args.profile:
-        kernels._next = new_next
-        profile_steps({'plain': plain, 'new': momentum}, x, args.profile)
-        return
-    times = {name: [] for name, _ in configs}
-    for round_ in range(args.rounds):
-        shift = round_ % len(configs)
-        for name, model in configs[shift:] + configs[:shift]:
-            times[name].append(step(model, name))
-    kernels._next = new_next
-    print(f'resnet{args.depth}, batch 4, 224², {args.threads} thread(s), {args.rounds} interleaved rounds')
-    for index, what in ((0, 'cpu s'), (1, 'wall s')):
-        medians = {name: statistics.median(t[index] for t in ts) for name, ts in times.items()}
-        print(what, {name: round(m, 4) for name, m in medians.items()})
-        for name in ('old', 'new'):
-            ratios = sorted(b[index] / a[index] for a, b in zip(times['plain'], times[name]))
-            quartiles = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            print(f'  {what} {name}/plain: ratio of medians {medians[name] / medians["plain"]:.4f}; per-round median '
-                  f'{statistics.median(ratios):.4f}, IQR {quartiles[0]:.3f}-{quartiles[1]:.3f}, '
-                  f'range {ratios[0]:.3f}-{ratios[-1]:.3f}')
-        ratios = [b[index] / a[index] for a, b in zip(times['old'], times['new'])]
-        print(f'  {what} new/old per-round median {statistics.median(ratios):.4f}, '
-              f'range {min(ratios):.3f}-{max(ratios):.3f}')
+    builders = {'plain': functools.partial(build, args.depth, False),
+                'plain again': functools.partial(build, args.depth, False),
+                'momentum': functools.partial(build, args.depth, True)}
+    if args.before:
+        builders['momentum before'] = functools.partial(build, args.depth, True, args.before)
+    torch.manual_seed(1)
+    x, target = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))
+    faults = {}
+    if args.one_process:
+        models = {name: make() for name, make in builders.items()}
+        times = time_steps(models, x, target, None, warmup=2, steps=1, repeats=args.rounds, faults=faults)
+    else:
+        times = time_steps_apart(builders, x, target, None, warmup=2, steps=1, repeats=args.rounds, faults=faults)
+    report(times, faults, args)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ models (measured as in benchmarks/MEASURE.md).
 """
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -21,12 +22,13 @@ import torch.nn as nn
 from .files import atomic_write
 from .memory import (MiB, autocast, build_model, check_amp, compile_model, cuda_step_peak,
                      peak_step_memory, saved_tensor_bytes, train_step, warm_up_compiled)
+from .timing import time_steps, time_steps_apart
 from ..core.config import standard_matching_memory_efficient
 from ..core.models import vit_family
 from ..core.models.momentum_resnet import resnet_state_dict
 
 __all__ = ['Config', 'CONFIGS', 'ARMS', 'COMPILED_CONFIGS', 'run_benchmark', 'format_table', 'plot_results',
-           'check_targets', 'largest_batch']
+           'check_targets', 'largest_batch', 'build_configuration']
 
 
 class Config(NamedTuple):
@@ -134,6 +136,12 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + '...'
 
 
+def build_configuration(momentum_name: str, config: Config, compile_backend: str, img_size: int) -> nn.Module:
+    """One configuration of ``momentum_name`` on the CPU, with the weights ``_build_all`` gives every configuration:
+    what a timing process builds."""
+    return _build_all(momentum_name, [config], 'cpu', compile_backend, img_size)[config.label]
+
+
 def _build_all(momentum_name: str, configs: Sequence[Config], device: str,
                compile_backend: str, img_size: int = 224) -> Dict[str, nn.Module]:
     """Every configuration of one model, all with the same weights (compiled ones wrapped, not yet compiled)."""
@@ -187,52 +195,6 @@ def _gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: Opt
     return grads
 
 
-def _step_timer(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tensor,
-                amp: Optional[str]) -> Callable[[str], float]:
-    """A function that trains the named configuration for one step and returns the seconds it took."""
-    device = x.device.type
-    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
-
-    def step(label: str) -> float:
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast(device, amp):
-            train_step(models[label], x, target, optimizers[label])
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    return step
-
-
-def _time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tensor, amp: Optional[str],
-                warmup: int, steps: int, failures: Optional[Dict[str, str]] = None,
-                repeats: int = 1) -> Dict[str, List[float]]:
-    """Each configuration's median step time in each of ``repeats`` blocks of ``steps`` rounds, after ``warmup``.
-
-    A round times one step of every configuration (A B C A B C ...), starting one configuration later each round.
-    With ``failures``, a configuration whose step raises is dropped and its reason recorded there.
-    """
-    step = _step_timer(models, x, target, amp)
-    times: Dict[str, List[List[float]]] = {k: [[] for _ in range(repeats)] for k in models}
-    live = list(models)
-    for round_ in range(warmup + steps * repeats):
-        start = round_ % len(live) if live else 0
-        for label in live[start:] + live[:start]:
-            try:
-                seconds = step(label)
-            except Exception as e:
-                if failures is None:
-                    raise
-                failures[label] = f'timing: {_reason(e)}'
-                live.remove(label)
-                continue
-            if round_ >= warmup:
-                times[label][(round_ - warmup) // steps].append(seconds)
-    return {k: [statistics.median(block) for block in times[k]] for k in live}
-
-
 def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit: int = 8192,
                   seconds: float = 120.0) -> Dict[str, Any]:
     """Largest batch whose training step fits on the GPU, and the throughput at it.
@@ -284,7 +246,7 @@ def largest_batch(name: str, mode: str, img_size: int, amp: Optional[str], limit
             break
         try:
             x, t = _batch(low, img_size, 'cuda')
-            step_seconds = _time_steps({'m': model}, x, t, amp, warmup=1, steps=3)['m'][0]
+            step_seconds = time_steps({'m': model}, x, t, amp, warmup=1, steps=3)['m'][0]
             result.update(throughput_batch=low, throughput_img_s=low / step_seconds)
             break
         except torch.cuda.OutOfMemoryError:
@@ -304,7 +266,7 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
                   compile_backend: str = 'inductor', max_batch_models: Optional[Sequence[str]] = None,
                   max_batch_limit: int = 8192, max_batch_seconds: float = 120.0,
                   log: Callable[[str], None] = lambda line: None, repeats: int = 1,
-                  arms: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                  arms: Optional[Sequence[str]] = None, timing_processes: bool = True) -> Dict[str, Any]:
     """Measure every configuration at every depth.
 
     A configuration whose measurement raises becomes a row with ``failed`` (the stage and the error)
@@ -331,6 +293,8 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
         repeats: Blocks of ``steps`` interleaved rounds; each gives every configuration a ratio to plain resnet,
             and rows report the median ratio and its range over the repeats.
         arms: Keys of ARMS, the eager configurations measured beside plain resnet (default: all).
+        timing_processes: On CPU, time each configuration in a process of its own (``timing.time_steps_apart``:
+            none then steps on heap another one's steps left mapped); False times them all in this process.
 
     Returns:
         A JSON-ready dict with the environment, one row per (model, configuration), the targets judged
@@ -347,14 +311,16 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
         mine = configs if network_family(name) == 'resnet' else \
             [c for c in configs if c.mode not in ('official', 'memory_efficient_stored_transitions')]
         depth_rows = _measure_depth(name, mine, batch_size, img_size, device, amp, time_batch_size, warmup,
-                                    steps, measure_peak, compile_backend, log, repeats)
+                                    steps, measure_peak, compile_backend, log, repeats, timing_processes)
         if device == 'cuda' and max_batch and (max_batch_models is None or name in max_batch_models):
             _search_largest_batches(depth_rows, img_size, amp, max_batch_limit, max_batch_seconds, log)
         rows += depth_rows
     command_args = dict(models=models, batch_size=batch_size, img_size=img_size, device=device, amp=amp,
                         time_batch_size=time_batch_size, warmup=warmup, steps=steps, repeats=repeats,
                         arms=list(ARMS) if arms is None else list(arms), compiled=list(compiled),
-                        compile_backend=compile_backend if compiled else None, measure_peak=measure_peak)
+                        compile_backend=compile_backend if compiled else None, measure_peak=measure_peak,
+                        timing='a process per configuration' if device == 'cpu' and timing_processes
+                        else 'one process')
     targets, not_judged = check_targets(rows, command_args)
     return {'command_args': command_args, 'environment': _environment(device), 'rows': rows, 'targets': targets,
             'targets_not_judged': not_judged}
@@ -393,8 +359,10 @@ def _environment(device: str) -> Dict[str, Any]:
 
 def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_size: int, device: str,
                    amp: Optional[str], time_batch_size: int, warmup: int, steps: int, measure_peak: bool,
-                   compile_backend: str, log: Callable[[str], None], repeats: int = 1) -> List[Dict[str, Any]]:
-    """The rows of one depth: gradients, interleaved timing, saved bytes and peak memory of each configuration."""
+                   compile_backend: str, log: Callable[[str], None], repeats: int = 1,
+                   timing_processes: bool = True) -> List[Dict[str, Any]]:
+    """The rows of one depth: gradients, interleaved timing (on CPU each configuration in a process of its own,
+    unless ``timing_processes`` is False), saved bytes and peak memory of each configuration."""
     instances = _build_all(name, configs, device, compile_backend, img_size)
     failures: Dict[str, str] = {}
     compile_info: Dict[str, Dict[str, int]] = {}
@@ -423,8 +391,13 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
                                                  lambda: warm_up_compiled(model, x, target, None, amp))
         grads[config.label] = attempt(config.label, 'gradients', lambda: _gradients(model, x, target, amp))
     started = time.perf_counter()
-    seconds = _time_steps({k: m for k, m in instances.items() if k not in failures}, x, target, amp,
-                          warmup, steps, failures, repeats)
+    timed = [c for c in configs if c.label not in failures]
+    if device == 'cpu' and timing_processes:
+        builders = {c.label: functools.partial(build_configuration, name, c, compile_backend, img_size) for c in timed}
+        seconds = time_steps_apart(builders, x, target, amp, warmup, steps, failures, repeats, reason=_reason)
+    else:
+        seconds = time_steps({c.label: instances[c.label] for c in timed}, x, target, amp, warmup, steps, failures,
+                             repeats, reason=_reason)
     log(f'{name}: timing {time.perf_counter() - started:.1f} s')
     if 'resnet' in failures:  # every ratio is against it
         raise RuntimeError(f'plain resnet failed: {failures["resnet"]}')
@@ -658,7 +631,7 @@ def describe_run(results: Dict[str, Any]) -> str:
                       for m in args['models'])
     return (f'bench {depths}, {args["device"]} {args["amp"] or "fp32"}, peak at batch {args["batch_size"]}, '
             f'time at batch {args["time_batch_size"]}, {args["img_size"]}² ({args["steps"]} steps x '
-            f'{args.get("repeats", 1)} repeats); torch {env["torch"]}, '
+            f'{args.get("repeats", 1)} repeats, {args.get("timing", "one process")}); torch {env["torch"]}, '
             f'{env["date"]}')
 
 
@@ -787,7 +760,7 @@ def run_cli(args: argparse.Namespace) -> int:
             arms=[k.strip() for k in args.arms.split(',') if k.strip()] if args.arms else None,
             max_batch_models=[m.strip() for m in args.max_batch_models.split(',')] if args.max_batch_models else None,
             max_batch_limit=args.max_batch_limit, max_batch_seconds=args.max_batch_seconds,
-            log=lambda line: print(line, file=sys.stderr, flush=True))
+            log=lambda line: print(line, file=sys.stderr, flush=True), timing_processes=not args.one_process)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
