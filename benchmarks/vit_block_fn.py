@@ -6,7 +6,7 @@ choice of the default block function).
 On CPU (fp32), in one process: timm's ViT plain and with ``set_grad_checkpointing()``, and the Momentum ViT in
 memory-efficient mode with the drop-in block function (f(x) = block(x) - x, one chain step per block) and the split
 one (attention and MLP as two steps), all from the same weights. Rounds time one SGD step of each (A B C D, then
-B C D A, ...), after a warm-up round; each repeat's median per configuration, then its ratio to plain and to
+B C D A, ...; ``timm_momentum.tools.timing.time_steps``), after a warm-up round; each repeat's median per configuration, then its ratio to plain and to
 checkpointing in the same repeat. The peak memory of the same configurations is ``vit_peak_profile.py``'s.
 """
 import argparse
@@ -14,9 +14,7 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List
 
 import torch
 
@@ -32,7 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument('--steps', type=int, default=5, help='timed rounds per repeat')
     parser.add_argument('--repeats', type=int, default=2)
     args = parser.parse_args(argv)
-    from timm_momentum.tools.memory import build_model, train_step
+    from timm_momentum.tools.memory import build_model
+    from timm_momentum.tools.timing import time_steps
 
     torch.manual_seed(0)
     models = {'vit': build_model(args.model, 'plain', img_size=args.img_size),
@@ -43,20 +42,12 @@ def main(argv=None) -> int:
         momentum.load_state_dict(models['vit'].state_dict())
         models[f'momentum {block_fn}'] = momentum
     models['vit+checkpointing'].load_state_dict(models['vit'].state_dict())
-    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     target = torch.randint(0, 1000, (args.batch_size,))
     labels = list(models)
-    times: Dict[str, List[List[float]]] = {k: [[] for _ in range(args.repeats)] for k in labels}
     print(f'{args.model} at {args.img_size}², batch {args.batch_size}, cpu fp32, {torch.get_num_threads()} threads, '
           f'load {os.getloadavg()[0]:.1f}', flush=True)
-    for round_ in range(1 + args.steps * args.repeats):
-        for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
-            start = time.perf_counter()
-            train_step(models[label], x, target, optimizers[label])
-            if round_:
-                times[label][(round_ - 1) // args.steps].append(time.perf_counter() - start)
-    medians = {k: [statistics.median(block) for block in times[k]] for k in labels}
+    medians = time_steps(models, x, target, None, warmup=1, steps=args.steps, repeats=args.repeats)
     rows = []
     print(f'{"configuration":<20} {"step s":>7} {"× plain":>8} {"× checkpointing":>16}   (per repeat)')
     for label in labels:

@@ -27,6 +27,7 @@ def test_every_configuration_is_measured(results):
     for row in rows:
         assert 'failed' not in row
         assert row['saved_bytes'] > 0 and row['step_seconds'] > 0 and row['param_bytes'] > 0
+        assert row['page_faults'] >= 0  # on CPU each row counts the pages its timed steps mapped anew
     by = {r['config']: r for r in rows}
     assert by['resnet']['time_ratio'] == 1.0
     assert by['momentum memory-efficient']['saved_bytes'] < 0.2 * by['momentum']['saved_bytes']
@@ -52,7 +53,7 @@ def test_small_run_judges_no_size_bound_target(results):
 def test_table_and_plot(results, tmp_path):
     table = format_table(results)
     assert table.splitlines()[0].startswith('bench r50, cpu fp32, peak at batch 2, time at batch 2, 32²')
-    assert 'momentum memory-efficient' in table and 'peak MiB' in table
+    assert 'momentum memory-efficient' in table and 'peak MiB' in table and ' faults' in table.splitlines()[1]
     plot = tmp_path / 'bench.png'
     plot_results(results, str(plot))
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -392,12 +392,13 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
         grads[config.label] = attempt(config.label, 'gradients', lambda: _gradients(model, x, target, amp))
     started = time.perf_counter()
     timed = [c for c in configs if c.label not in failures]
+    faults: Dict[str, List[int]] = {}
     if device == 'cpu' and timing_processes:
         builders = {c.label: functools.partial(build_configuration, name, c, compile_backend, img_size) for c in timed}
-        seconds = time_steps_apart(builders, x, target, amp, warmup, steps, failures, repeats, reason=_reason)
+        seconds = time_steps_apart(builders, x, target, amp, warmup, steps, failures, repeats, faults, _reason)
     else:
         seconds = time_steps({c.label: instances[c.label] for c in timed}, x, target, amp, warmup, steps, failures,
-                             repeats, reason=_reason)
+                             repeats, _reason, faults)
     log(f'{name}: timing {time.perf_counter() - started:.1f} s')
     if 'resnet' in failures:  # every ratio is against it
         raise RuntimeError(f'plain resnet failed: {failures["resnet"]}')
@@ -419,6 +420,8 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
         row.update(saved_bytes=saved, peak_bytes=peak,
                    param_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
                    **_timing(seconds[label], seconds['resnet']), **compile_info.get(label, {}))
+        if device == 'cpu':  # minor page faults per timed step: the heap a step maps anew
+            row.update(page_faults=statistics.median(faults[label][warmup:]))
         reference = _GRAD_REFERENCE.get(label)
         if reference and grads.get(reference) is not None:
             diff = (grads[label] - grads[reference]).norm() / grads[reference].norm()
@@ -648,6 +651,8 @@ def format_table(results: Dict[str, Any]) -> str:
               f'{"range":>11} {"grad err":>9}')
     if cuda:
         header += f' {"max batch":>9} {"img/s":>8}'
+    elif any('page_faults' in r for r in results['rows']):
+        header += f' {"faults":>7}'
     lines = [describe_run(results), header]
     notes = []
     for r in results['rows']:
@@ -657,6 +662,8 @@ def format_table(results: Dict[str, Any]) -> str:
         err = f'{r["grad_rel_error"]:.1e}' if 'grad_rel_error' in r else '-'
         line = (f'{label[id(r)]:>{width}}  {config[id(r)]:<46} {r["saved_bytes"] / MiB:10.1f} {r["peak_bytes"] / MiB:9.0f} '
                 f'{r["time_ratio"]:7.2f} {r["time_ratio_min"]:5.2f}-{r["time_ratio_max"]:<5.2f} {err:>9}')
+        if 'page_faults' in r:
+            line += f' {r["page_faults"]:7.0f}'
         if cuda and 'max_batch' in r:
             line += f' {r["max_batch"]:>9} {r["throughput_img_s"]:8.1f}'
             if r['max_batch_search'] != 'converged':
