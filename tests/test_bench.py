@@ -191,8 +191,8 @@ def test_repeats_report_each_ratio_and_their_range(tmp_path):
         assert row['time_ratio'] == sorted(ratios)[1]  # the median of 3
         assert (row['time_ratio_min'], row['time_ratio_max']) == (min(ratios), max(ratios))
         assert row['step_seconds'] == sorted(row['repeat_step_seconds'])[1]
-    assert results['command_args']['timing'] == 'a process per configuration'  # on CPU, by default
-    assert '(1 steps x 3 repeats, a process per configuration)' in format_table(results).splitlines()[0]
+    assert results['command_args']['timing'] == 'fresh processes per configuration and repeat'  # on CPU, by default
+    assert '(1 steps x 3 repeats, fresh processes per configuration and repeat)' in format_table(results).splitlines()[0]
     plot_results(results, str(tmp_path / 'bench.png'))
 
 

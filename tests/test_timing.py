@@ -48,23 +48,35 @@ def _broken() -> nn.Module:
     raise RuntimeError('no such model')
 
 
-def test_each_configuration_steps_in_a_process_of_its_own(tmp_path):
+def test_each_configuration_steps_in_a_process_of_its_own_fresh_for_each_repeat(tmp_path):
     builders = {name: functools.partial(_recorder, str(tmp_path / name)) for name in ('a', 'b')}
     x, target = torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
     faults = {}
     medians = timing.time_steps_apart(builders, x, target, None, warmup=1, steps=2, repeats=2, faults=faults)
     assert set(medians) == {'a', 'b'} and all(len(m) == 2 and min(m) > 0 for m in medians.values())
-    pids = {name: set((tmp_path / name).read_text().split()) for name in builders}
-    assert all(len(p) == 1 for p in pids.values())  # every step of a configuration in one process ...
-    assert pids['a'] != pids['b'] and str(os.getpid()) not in pids['a'] | pids['b']  # ... each its own, not this one
-    assert [len(f) for f in faults.values()] == [5, 5] and all(n >= 0 for f in faults.values() for n in f)
+    pids = {name: (tmp_path / name).read_text().split() for name in builders}
+    # per repeat: the warm-up step and 2 timed steps of a configuration in one process, a fresh one each repeat ...
+    runs = {name: [p[:3], p[3:]] for name, p in pids.items()}
+    assert all(len(p) == 6 and len(set(r[0])) == 1 and len(set(r[1])) == 1 and r[0][0] != r[1][0]
+               for p, r in zip(pids.values(), runs.values()))
+    # ... each configuration's its own, none of them this process
+    assert not set(pids['a']) & set(pids['b']) and str(os.getpid()) not in set(pids['a']) | set(pids['b'])
+    assert [len(f) for f in faults.values()] == [4, 4] and all(n >= 0 for f in faults.values() for n in f)
+
+
+def test_faults_in_one_process_count_the_timed_steps(monkeypatch):
+    monkeypatch.setattr(timing, 'step_timer', lambda models, x, target, amp: lambda label: 1.0)
+    faults = {}
+    timing.time_steps(dict.fromkeys('ab'), None, None, None, warmup=2, steps=3, repeats=2, faults=faults)
+    assert [len(f) for f in faults.values()] == [6, 6]
 
 
 def test_a_configuration_that_fails_to_build_is_recorded_and_the_rest_timed(tmp_path):
     builders = {'good': functools.partial(_recorder, str(tmp_path / 'good')), 'bad': _broken}
     x, target = torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
     failures = {}
-    medians = timing.time_steps_apart(builders, x, target, None, warmup=0, steps=1, failures=failures)
-    assert list(medians) == ['good'] and failures == {'bad': 'timing: RuntimeError: no such model'}
+    medians = timing.time_steps_apart(builders, x, target, None, warmup=0, steps=1, repeats=2, failures=failures)
+    assert list(medians) == ['good'] and len(medians['good']) == 2  # the failed one not built again
+    assert failures == {'bad': 'timing: RuntimeError: no such model'}
     with pytest.raises(RuntimeError, match='bad: RuntimeError: no such model'):
         timing.time_steps_apart(builders, x, target, None, warmup=0, steps=1)

@@ -178,8 +178,9 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--warmup', type=int, default=1, help='warm-up steps per configuration before timing')
     parser.add_argument('--steps', type=int, default=3, help='timed steps per configuration (median reported)')
     parser.add_argument('--repeats', type=int, default=1,
-                        help='blocks of --steps interleaved rounds; rows report the median ratio to plain resnet and '
-                             'its min-max over the repeats')
+                        help='blocks of --steps interleaved rounds, each after --warmup rounds in fresh processes on '
+                             'CPU (a compiled row compiles again, from torch\'s cache); rows report the median ratio '
+                             'to plain resnet and its min-max over the repeats')
     parser.add_argument('--arms', default=None,
                         help='comma-separated eager configurations beside plain resnet, from checkpointing, standard, '
                              'memory-efficient, transitions-stored, official (default: all)')
@@ -191,7 +192,8 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--no-peak', action='store_true', help='skip peak memory (one subprocess per row on CPU)')
     parser.add_argument('--one-process', action='store_true',
                         help='on CPU, time every configuration in this one process instead of each in a process of '
-                             'its own (they then share one heap, and the largest pays page faults for it)')
+                             'its own, fresh for each repeat (they then share one heap, and the largest pays page '
+                             'faults for it)')
     parser.add_argument('--no-max-batch', action='store_true', help='on CUDA, skip the largest-batch search')
     parser.add_argument('--max-batch-models', default=None,
                         help='comma-separated models whose largest batch is searched (default: all)')

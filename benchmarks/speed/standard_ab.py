@@ -1,22 +1,24 @@
-"""Interleaved A/B of standard mode's training step against plain resnet (a measurement for issue 25, not a shipped
-command).
+"""Interleaved A/B of a momentum mode's training step against its timm baseline (a measurement for issue 25, not a
+shipped command).
 
 Configurations with the same weights (``zero_init_last=False``), stepped in rotating order each round
 (``timm_momentum.tools.timing``, as ``timm-momentum bench`` times them):
 
-* ``plain``: timm's resnet{depth};
-* ``plain again``: a second, identical resnet{depth}, the control: its ratio to ``plain`` is what two equal
+* ``plain``: timm's resnet{depth} (with ``--memory-efficient``: with ``set_grad_checkpointing()``);
+* ``plain again``: a second, identical baseline, the control: its ratio to ``plain`` is what two equal
   configurations read on this machine, so the momentum ratio means something only outside that spread;
-* ``momentum``: momentum_resnet{depth} in standard mode, with this tree's core;
+* ``momentum``: momentum_resnet{depth} in standard mode (with ``--memory-efficient``: memory-efficient mode), with
+  this tree's core;
 * ``momentum before`` (with ``--before DIR``): the same model run by an older core, ``DIR/timm_momentum/core`` of
   another checkout (``git worktree add /tmp/before <commit>``), loaded beside this one.
 
 One step is SGD on the cross-entropy of a batch of 4 at 224². By default each configuration steps in a process of
-its own; ``--one-process`` steps them all in this one (then they share one heap). Prints per configuration the
-median wall seconds and minor page faults per step, and its ratio to ``plain``: the ratio of the medians, and the
-median, quartiles and range of the per-round ratios::
+its own, fresh for each repeat of ``--steps`` rounds; ``--one-process`` steps them all in this one (then they share
+one heap). Prints per configuration the median wall seconds and minor page faults per step, and its ratio to
+``plain``: the ratio of the medians, and the median, quartiles and range of the per-repeat ratios::
 
-    PYTHONPATH=$PWD python benchmarks/speed/standard_ab.py --depth 101 --rounds 100 --threads 2
+    PYTHONPATH=$PWD python benchmarks/speed/standard_ab.py --depth 101 --steps 10 --repeats 10 --threads 2
+    PYTHONPATH=$PWD python benchmarks/speed/standard_ab.py --depth 101 --memory-efficient
 
 ``--alloc`` instead times ``a - b`` on a layer3-sized tensor (4×1024×14×14) into fresh memory that is kept, into
 memory freed at once, and in place.
@@ -37,6 +39,7 @@ import timm
 
 import timm_momentum  # noqa: F401  (registers the models)
 from timm_momentum.core.models import momentum_resnet
+from timm_momentum.tools.memory import build_model
 from timm_momentum.tools.timing import time_steps, time_steps_apart
 
 
@@ -61,13 +64,16 @@ class Before(nn.Module):
             return self.model(x)
 
 
-def build(depth: int, momentum: bool, checkout: str = '') -> nn.Module:
-    """resnet{depth}, or momentum_resnet{depth} with its weights (run by ``checkout``'s core, where given)."""
+def build(depth: int, momentum: bool, memory_efficient: bool, checkout: str = '') -> nn.Module:
+    """resnet{depth}, or momentum_resnet{depth} with its weights (run by ``checkout``'s core, where given); with
+    ``memory_efficient``, the one checkpointed and the other memory-efficient."""
     torch.manual_seed(0)
     plain = timm.create_model(f'resnet{depth}', zero_init_last=False)
     if not momentum:
+        plain.set_grad_checkpointing(memory_efficient)
         return plain.train()
-    model = timm.create_model(f'momentum_resnet{depth}', zero_init_last=False)
+    model = build_model(f'momentum_resnet{depth}', 'memory_efficient' if memory_efficient else 'plain',
+                        zero_init_last=False)
     model.load_state_dict(plain.state_dict())
     return (Before(model, checkout) if checkout else model).train()
 
@@ -94,15 +100,17 @@ def time_allocations(threads: int) -> None:
 
 def report(times, faults, args) -> None:
     where = 'one process' if args.one_process else 'a process per configuration'
-    print(f'resnet{args.depth}, batch 4, 224², {args.threads} thread(s), {args.rounds} interleaved rounds, {where}')
+    mode = 'memory-efficient against checkpointing' if args.memory_efficient else 'standard against plain'
+    print(f'resnet{args.depth}, {mode}, batch 4, 224², {args.threads} thread(s), {args.steps} interleaved rounds x '
+          f'{args.repeats} repeats, {where}')
     plain = statistics.median(times['plain'])
     for name, seconds in times.items():
         wall = statistics.median(seconds)
-        line = f'  {name:16s} wall {wall:.4f} s, {statistics.median(faults[name][2:]):6.0f} page faults'
+        line = f'  {name:16s} wall {wall:.4f} s, {statistics.median(faults[name]):6.0f} page faults'
         if name != 'plain':
             ratios = sorted(mine / theirs for mine, theirs in zip(seconds, times['plain']))
             quartiles = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            line += (f'; / plain: ratio of medians {wall / plain:.4f}, per-round median {statistics.median(ratios):.4f},'
+            line += (f'; / plain: ratio of medians {wall / plain:.4f}, per-repeat median {statistics.median(ratios):.4f},'
                      f' IQR {quartiles[0]:.3f}-{quartiles[1]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}')
         print(line)
 
@@ -110,29 +118,32 @@ def report(times, faults, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--depth', type=int, default=101)
-    parser.add_argument('--rounds', type=int, default=60)
+    parser.add_argument('--steps', type=int, default=10, help='timed rounds per repeat')
+    parser.add_argument('--repeats', type=int, default=6, help='blocks of --steps rounds, each with its own median')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--before', default='', help='a checkout whose core runs the "momentum before" configuration')
     parser.add_argument('--one-process', action='store_true', help='step every configuration in this process')
+    parser.add_argument('--memory-efficient', action='store_true',
+                        help='memory-efficient momentum against checkpointed resnet (default: standard against plain)')
     parser.add_argument('--alloc', action='store_true', help='time a - b into fresh, freed and its own memory')
     args = parser.parse_args()
     if args.alloc:
         time_allocations(args.threads)
         return
     torch.set_num_threads(args.threads)
-    builders = {'plain': functools.partial(build, args.depth, False),
-                'plain again': functools.partial(build, args.depth, False),
-                'momentum': functools.partial(build, args.depth, True)}
+    builders = {'plain': functools.partial(build, args.depth, False, args.memory_efficient),
+                'plain again': functools.partial(build, args.depth, False, args.memory_efficient),
+                'momentum': functools.partial(build, args.depth, True, args.memory_efficient)}
     if args.before:
-        builders['momentum before'] = functools.partial(build, args.depth, True, args.before)
+        builders['momentum before'] = functools.partial(build, args.depth, True, args.memory_efficient, args.before)
     torch.manual_seed(1)
     x, target = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))
     faults = {}
     if args.one_process:
         models = {name: make() for name, make in builders.items()}
-        times = time_steps(models, x, target, None, warmup=2, steps=1, repeats=args.rounds, faults=faults)
+        times = time_steps(models, x, target, None, 2, args.steps, repeats=args.repeats, faults=faults)
     else:
-        times = time_steps_apart(builders, x, target, None, warmup=2, steps=1, repeats=args.rounds, faults=faults)
+        times = time_steps_apart(builders, x, target, None, 2, args.steps, repeats=args.repeats, faults=faults)
     report(times, faults, args)
 
 

@@ -319,7 +319,7 @@ def run_benchmark(models: List[str], batch_size: int = 16, img_size: int = 224, 
                         time_batch_size=time_batch_size, warmup=warmup, steps=steps, repeats=repeats,
                         arms=list(ARMS) if arms is None else list(arms), compiled=list(compiled),
                         compile_backend=compile_backend if compiled else None, measure_peak=measure_peak,
-                        timing='a process per configuration' if device == 'cpu' and timing_processes
+                        timing='fresh processes per configuration and repeat' if device == 'cpu' and timing_processes
                         else 'one process')
     targets, not_judged = check_targets(rows, command_args)
     return {'command_args': command_args, 'environment': _environment(device), 'rows': rows, 'targets': targets,
@@ -421,7 +421,7 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
                    param_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
                    **_timing(seconds[label], seconds['resnet']), **compile_info.get(label, {}))
         if device == 'cpu':  # minor page faults per timed step: the heap a step maps anew
-            row.update(page_faults=statistics.median(faults[label][warmup:]))
+            row.update(page_faults=statistics.median(faults[label]))
         reference = _GRAD_REFERENCE.get(label)
         if reference and grads.get(reference) is not None:
             diff = (grads[label] - grads[reference]).norm() / grads[reference].norm()

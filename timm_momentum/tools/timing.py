@@ -5,7 +5,10 @@ Why a process of its own, on CPU: configurations timed in one process share glib
 largest footprint frees its tensors, glibc returns part of the heap to the system; that configuration's next step
 takes page faults to map it again, while a smaller one fits in what stayed mapped and takes none. So the largest
 configuration pays for the heap it shares, and only it does (benchmarks/RESULTS.md has the counts). In a process of
-its own each configuration keeps the heap of its own steps, as a training run does.
+its own each configuration keeps the heap of its own steps, as a training run does. How much of the heap a process
+faults in each step still differs from one process to the next (two identical configurations read 20 000 and 42 000
+minor faults a step at resnet101), so each repeat starts fresh processes, and the median over repeats evens that
+out instead of carrying one process's luck through the whole run.
 """
 import resource
 import statistics
@@ -76,11 +79,13 @@ def time_steps(models: Dict[str, nn.Module], x: torch.Tensor, target: torch.Tens
                reason: Callable[[BaseException], str] = repr, faults: Optional[Dict[str, List[int]]] = None
                ) -> Dict[str, List[float]]:
     """``interleave`` over training steps of ``models``, all in this process; ``faults``, where given, is filled
-    with each one's minor page faults per step (warm-up included)."""
+    with each one's minor page faults per timed step."""
     step = step_timer(models, x, target, amp)
-    if faults is not None:
-        step = _counting_faults(step, faults)
-    return interleave(step, list(models), warmup, steps, repeats, failures, reason)
+    counted: Dict[str, List[int]] = {}
+    medians = interleave(_counting_faults(step, counted), list(models), warmup, steps, repeats, failures, reason)
+    if faults is not None:  # each configuration steps once per round: its first ``warmup`` steps warmed up
+        faults.update({label: counted[label][warmup:] for label in medians})
+    return medians
 
 
 def _counting_faults(step: Callable[[str], float], faults: Dict[str, List[int]]) -> Callable[[str], float]:
@@ -179,7 +184,8 @@ def time_steps_apart(builders: Dict[str, Callable[[], nn.Module]], x: torch.Tens
                      repeats: int = 1, faults: Optional[Dict[str, List[int]]] = None,
                      reason: Callable[[BaseException], str] = repr) -> Dict[str, List[float]]:
     """``interleave`` over training steps, each configuration in a process of its own (spawned, with this process's
-    thread count), stepped one at a time, so none runs on heap another one's steps left mapped.
+    thread count), stepped one at a time, so none runs on heap another one's steps left mapped. Each repeat starts
+    fresh processes and warms them up anew.
 
     Args:
         builders: Picklable functions that build each configuration's model (a compiled one is warmed up until it
@@ -191,16 +197,25 @@ def time_steps_apart(builders: Dict[str, Callable[[], nn.Module]], x: torch.Tens
         steps: Timed rounds per repeat.
         failures: Where a configuration that fails (to build, or in a step) is recorded and dropped; without it the
             error raises.
-        repeats: Blocks of ``steps`` rounds, each with its own median.
-        faults: Filled with each configuration's minor page faults per step (warm-up included), where given.
+        repeats: Blocks of ``steps`` rounds, each in fresh processes, after ``warmup`` rounds, with its own median.
+        faults: Filled with each configuration's minor page faults per timed step, where given.
         reason: Turns a step's error into the text recorded in ``failures``.
     """
-    remote = _Remote(builders, x, target, amp)
-    try:
-        live = remote.ready(failures)
-        medians = interleave(remote.step, live, warmup, steps, repeats, failures, reason)
-    finally:
-        remote.close()
+    medians: Dict[str, List[float]] = {label: [] for label in builders}
+    counted: Dict[str, List[int]] = {label: [] for label in builders}
+    for _ in range(repeats):
+        remote = _Remote({k: build for k, build in builders.items() if k in medians}, x, target, amp)
+        try:
+            live = remote.ready(failures)
+            block = interleave(remote.step, live, warmup, steps, 1, failures, reason)
+        finally:
+            remote.close()
+        for label in list(medians):
+            if label in block:
+                medians[label] += block[label]
+                counted[label] += remote.faults[label][warmup:]
+            else:  # failed in this repeat (recorded in ``failures``): dropped from the rest
+                del medians[label]
     if faults is not None:
-        faults.update(remote.faults)
+        faults.update({label: counted[label] for label in medians})
     return medians
