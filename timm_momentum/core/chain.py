@@ -22,9 +22,9 @@ precision and each recomputed block input rounds to the very value the forward u
 even the carrier, the chain also stores its state every K blocks or keeps its inputs (``check_invertible`` warns
 and names the gamma that needs no extra storage). ``faithful_gamma`` is the policy for pretrained weights: the
 smallest gamma whose inverse stays exact in practice, storing no more than at the paper's 0.9 (or a few per cent
-more to keep the source's function). Standard mode never inverts, so it carries the state in the input's dtype
-(at least float32; ``standard_carrier``): its outputs equal the memory-efficient ones up to float32 rounding of the
-state's sums. The memory-efficient backward checks its own reconstruction: it warns when rebuilt activations drift
+more to keep the source's function). Standard mode never inverts, so its state is the positions alone, in the
+input's dtype (at least float32; ``kernels.position_form_step``): its outputs equal the memory-efficient ones up to
+float32 rounding. The memory-efficient backward checks its own reconstruction: it warns when rebuilt activations drift
 past the working precision and raises when gradients would be wrong.
 """
 import contextlib
