@@ -7,8 +7,8 @@ takes page faults to map it again, while a smaller one fits in what stayed mappe
 configuration pays for the heap it shares, and only it does (benchmarks/RESULTS.md has the counts). In a process of
 its own each configuration keeps the heap of its own steps, as a training run does. How much of the heap a process
 faults in each step still differs from one process to the next (two identical configurations read 20 000 and 42 000
-minor faults a step at resnet101), so each repeat starts fresh processes, and the median over repeats evens that
-out instead of carrying one process's luck through the whole run.
+minor faults a step at resnet101), so each repeat starts fresh processes, and the median over repeats rests on
+several such draws instead of carrying one process's through the whole run.
 """
 import resource
 import statistics
