@@ -6,8 +6,9 @@ choice of the default block function).
 On CPU (fp32), in one process: timm's ViT plain and with ``set_grad_checkpointing()``, and the Momentum ViT in
 memory-efficient mode with the drop-in block function (f(x) = block(x) - x, one chain step per block) and the split
 one (attention and MLP as two steps), all from the same weights. Rounds time one SGD step of each (A B C D, then
-B C D A, ...; ``timm_momentum.tools.timing.time_steps``), after a warm-up round; each repeat's median per configuration, then its ratio to plain and to
-checkpointing in the same repeat. The peak memory of the same configurations is ``vit_peak_profile.py``'s.
+B C D A, ...; ``timm_momentum.tools.timing.time_steps``), after a warm-up round; each repeat's median per
+configuration, then its ratio to plain and to checkpointing in the same repeat. The peak memory of the same
+configurations is ``vit_peak_profile.py``'s.
 """
 import argparse
 import json

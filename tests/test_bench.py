@@ -192,7 +192,8 @@ def test_repeats_report_each_ratio_and_their_range(tmp_path):
         assert (row['time_ratio_min'], row['time_ratio_max']) == (min(ratios), max(ratios))
         assert row['step_seconds'] == sorted(row['repeat_step_seconds'])[1]
     assert results['command_args']['timing'] == 'fresh processes per configuration and repeat'  # on CPU, by default
-    assert '(1 steps x 3 repeats, fresh processes per configuration and repeat)' in format_table(results).splitlines()[0]
+    first_line = format_table(results).splitlines()[0]
+    assert '(1 steps x 3 repeats, fresh processes per configuration and repeat)' in first_line
     plot_results(results, str(tmp_path / 'bench.png'))
 
 

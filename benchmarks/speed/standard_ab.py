@@ -35,7 +35,6 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
-import timm
 
 import timm_momentum  # noqa: F401  (registers the models)
 from timm_momentum.core.models import momentum_resnet
@@ -68,10 +67,9 @@ def build(depth: int, momentum: bool, memory_efficient: bool, checkout: str = ''
     """resnet{depth}, or momentum_resnet{depth} with its weights (run by ``checkout``'s core, where given); with
     ``memory_efficient``, the one checkpointed and the other memory-efficient."""
     torch.manual_seed(0)
-    plain = timm.create_model(f'resnet{depth}', zero_init_last=False)
+    plain = build_model(f'resnet{depth}', 'checkpoint' if memory_efficient else 'plain', zero_init_last=False)
     if not momentum:
-        plain.set_grad_checkpointing(memory_efficient)
-        return plain.train()
+        return plain
     model = build_model(f'momentum_resnet{depth}', 'memory_efficient' if memory_efficient else 'plain',
                         zero_init_last=False)
     model.load_state_dict(plain.state_dict())
@@ -99,7 +97,7 @@ def time_allocations(threads: int) -> None:
 
 
 def report(times, faults, args) -> None:
-    where = 'one process' if args.one_process else 'a process per configuration'
+    where = 'one process' if args.one_process else 'fresh processes per configuration and repeat'
     mode = 'memory-efficient against checkpointing' if args.memory_efficient else 'standard against plain'
     print(f'resnet{args.depth}, {mode}, batch 4, 224², {args.threads} thread(s), {args.steps} interleaved rounds x '
           f'{args.repeats} repeats, {where}')
@@ -110,8 +108,9 @@ def report(times, faults, args) -> None:
         if name != 'plain':
             ratios = sorted(mine / theirs for mine, theirs in zip(seconds, times['plain']))
             quartiles = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            line += (f'; / plain: ratio of medians {wall / plain:.4f}, per-repeat median {statistics.median(ratios):.4f},'
-                     f' IQR {quartiles[0]:.3f}-{quartiles[1]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}')
+            line += (f'; / plain: ratio of medians {wall / plain:.4f}, '
+                     f'per-repeat median {statistics.median(ratios):.4f}, IQR {quartiles[0]:.3f}-{quartiles[1]:.3f}, '
+                     f'range {ratios[0]:.3f}-{ratios[-1]:.3f}')
         print(line)
 
 

@@ -395,10 +395,11 @@ def _measure_depth(name: str, configs: Sequence[Config], batch_size: int, img_si
     faults: Dict[str, List[int]] = {}
     if device == 'cpu' and timing_processes:
         builders = {c.label: functools.partial(build_configuration, name, c, compile_backend, img_size) for c in timed}
-        seconds = time_steps_apart(builders, x, target, amp, warmup, steps, failures, repeats, faults, _reason)
+        seconds = time_steps_apart(builders, x, target, amp, warmup, steps, failures, repeats,
+                                   faults=faults, reason=_reason)
     else:
         seconds = time_steps({c.label: instances[c.label] for c in timed}, x, target, amp, warmup, steps, failures,
-                             repeats, _reason, faults)
+                             repeats, reason=_reason, faults=faults)
     log(f'{name}: timing {time.perf_counter() - started:.1f} s')
     if 'resnet' in failures:  # every ratio is against it
         raise RuntimeError(f'plain resnet failed: {failures["resnet"]}')
